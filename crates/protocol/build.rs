@@ -1,0 +1,13 @@
+//! Generates the protobuf types with prost-build, using the protoc binary vendored by
+//! `protoc-bin-vendored` so no system protoc is needed.
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let files = ["decaton.proto", "chat.proto", "changelog.proto"].map(|f| proto_dir.join(f));
+    for f in &files {
+        println!("cargo:rerun-if-changed={}", f.display());
+    }
+    let mut config = prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    config.compile_protos(&files, &[proto_dir])?;
+    Ok(())
+}
