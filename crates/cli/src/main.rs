@@ -1,1 +1,86 @@
-fn main(){}
+//! `decaton`: the command-line tool of decaton-rs.
+//!
+//! * `decaton put` enqueues one task, exactly as a service's `TaskClient` would: the
+//!   example [`ChatOp`](decaton_protocol::ChatOp) written as JSON, or any serialized
+//!   protobuf from a file.
+//! * `decaton tail` prints a task topic as it grows: key, partition, offset, the `dt_meta`
+//!   metadata and the task, without joining a consumer group or committing anything.
+//! * `decaton dev-broker` runs an in-process Kafka mock cluster for local development.
+//! * `decaton bench` runs the benchmark harness (`decaton-bench`).
+//!
+//! Results go to stdout, one line each, so they can be piped; logs go to stderr, filtered
+//! by `RUST_LOG` (default `info`).
+
+mod dev_broker;
+mod json;
+mod options;
+mod put;
+mod tail;
+
+use std::io::IsTerminal as _;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// The `decaton` command line.
+#[derive(Debug, Parser)]
+#[command(name = "decaton", version, about = "Enqueue, inspect and benchmark decaton-rs tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Enqueue one task (a ChatOp as JSON, or raw protobuf bytes from a file).
+    Put(put::PutArgs),
+    /// Print the tasks of a topic: key, partition, offset, metadata and task.
+    Tail(tail::TailArgs),
+    /// Run an embedded Kafka mock cluster until Ctrl-C / SIGTERM.
+    DevBroker(dev_broker::DevBrokerArgs),
+    /// Run the benchmark harness.
+    Bench(decaton_bench::BenchCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        // The harness manages its own runtime; it must not start inside ours.
+        Command::Bench(cmd) => decaton_bench::run_cli(cmd),
+        command => run_async(command),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("decaton: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the subcommands that talk to Kafka on a tokio runtime.
+fn run_async(command: Command) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        match command {
+            Command::Put(args) => put::run(args).await,
+            Command::Tail(args) => tail::run(args).await,
+            Command::DevBroker(args) => dev_broker::run(args).await,
+            Command::Bench(_) => anyhow::bail!("bench runs outside the tokio runtime"),
+        }
+    })
+}
+
+/// Logs (ours and librdkafka's, through the `log` bridge) to stderr.
+fn init_logging() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Fails only if a subscriber is already installed, and then that one is used.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}

@@ -1,0 +1,55 @@
+//! What several subcommands share: how to reach Kafka and when to stop.
+
+use anyhow::Context as _;
+
+/// Connection settings for a command that talks to Kafka.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, short = 'b', env = "DECATON_BOOTSTRAP", value_name = "HOST:PORT[,HOST:PORT...]")]
+    pub bootstrap: String,
+
+    /// A librdkafka property passed through verbatim; repeat for several
+    /// (for example `-X security.protocol=ssl -X linger.ms=0`).
+    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_property)]
+    pub properties: Vec<(String, String)>,
+}
+
+/// Parses `KEY=VALUE` (the value may itself contain `=`).
+pub fn parse_property(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => Ok((key.trim().to_string(), value.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {text:?}")),
+    }
+}
+
+/// Completes on Ctrl-C, or on SIGTERM where there are Unix signals.
+pub async fn shutdown_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.context("listening for Ctrl-C")?,
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await.context("listening for Ctrl-C")?;
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn properties_split_at_the_first_equals_sign() {
+        assert_eq!(parse_property("linger.ms=0").unwrap(), ("linger.ms".into(), "0".into()));
+        assert_eq!(parse_property("sasl.jaas=a=b").unwrap(), ("sasl.jaas".into(), "a=b".into()));
+        assert_eq!(parse_property("client.id=").unwrap(), ("client.id".into(), String::new()));
+        assert!(parse_property("linger.ms").is_err());
+        assert!(parse_property("=1").is_err());
+    }
+}

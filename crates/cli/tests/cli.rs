@@ -1,0 +1,303 @@
+//! The `decaton` binary as an operator runs it, against an embedded broker: `put` tasks,
+//! `tail` them back with their metadata, survive records that are not tasks, and use
+//! `dev-broker` as the cluster.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use decaton_protocol::{now_millis, METADATA_HEADER};
+use decaton_testkit::{BrokerKind, TestBroker};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::ClientConfig;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_decaton");
+
+/// Longest any single command may take before the test gives up on it.
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+struct Finished {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// Reads a pipe to its end on a thread; the receiver gets the text once the pipe closes.
+fn collect(mut pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = pipe.read_to_string(&mut text);
+        let _ = tx.send(text);
+    });
+    rx
+}
+
+fn spawn(args: &[&str]) -> anyhow::Result<Child> {
+    Ok(Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?)
+}
+
+/// Runs `decaton args...` to completion (killing it after [`TIMEOUT`]).
+fn run(args: &[&str]) -> anyhow::Result<Finished> {
+    let mut child = spawn(args)?;
+    let stdout = collect(child.stdout.take().context("stdout")?);
+    let stderr = collect(child.stderr.take().context("stderr")?);
+    // The pipes close when the process exits.
+    let (stdout, stderr) = match (stdout.recv_timeout(TIMEOUT), stderr.recv_timeout(TIMEOUT)) {
+        (Ok(out), Ok(err)) => (out, err),
+        _ => {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("decaton {args:?} did not finish within {TIMEOUT:?}");
+        }
+    };
+    Ok(Finished { status: child.wait()?, stdout, stderr })
+}
+
+/// Runs `decaton args...` and returns its stdout, failing unless it exits successfully.
+fn run_ok(args: &[&str]) -> anyhow::Result<String> {
+    let done = run(args)?;
+    anyhow::ensure!(done.status.success(), "decaton {args:?} failed ({}): {}", done.status, done.stderr);
+    Ok(done.stdout)
+}
+
+/// `partition=P offset=O` as printed by `put`.
+fn parse_delivery(stdout: &str) -> anyhow::Result<(i64, i64)> {
+    let line = stdout.trim();
+    let rest = line.strip_prefix("partition=").with_context(|| format!("unexpected put output {line:?}"))?;
+    let (partition, offset) = rest.split_once(" offset=").with_context(|| format!("unexpected put output {line:?}"))?;
+    Ok((partition.parse()?, offset.parse()?))
+}
+
+#[test]
+fn put_then_tail_shows_both_tasks_with_their_metadata() -> anyhow::Result<()> {
+    let broker = TestBroker::start(BrokerKind::Embedded)?;
+    broker.create_topic("chat-ops", 3)?;
+    let bootstrap = broker.bootstrap_servers();
+    let before = now_millis();
+
+    let first = parse_delivery(&run_ok(&[
+        "put",
+        "--bootstrap",
+        &bootstrap,
+        "--topic",
+        "chat-ops",
+        "--key",
+        "u1",
+        "--json",
+        r#"{"user_id":"u1","op":"SEND_MESSAGE","target_id":"room-1","payload":"hello","sequence":3}"#,
+        "--application-id",
+        "talk-server",
+        "--instance-id",
+        "talk-1",
+        "--scheduled-at-ms",
+        "1900000000000",
+    ])?)?;
+    let second = parse_delivery(&run_ok(&[
+        "put",
+        "--bootstrap",
+        &bootstrap,
+        "--topic",
+        "chat-ops",
+        "--key",
+        "u2",
+        "--json",
+        r#"{"user_id":"u2","op":"op_type_add_friend","target_id":"u1","payload_hex":"ff00","sequence":7,"created_at_millis":42}"#,
+        "-X",
+        "linger.ms=0",
+    ])?)?;
+    let after = now_millis();
+
+    let out = run_ok(&[
+        "tail",
+        "--bootstrap",
+        &bootstrap,
+        "--topic",
+        "chat-ops",
+        "--from-beginning",
+        "--count",
+        "2",
+        "--format",
+        "json",
+    ])?;
+    let lines: Vec<Value> = out.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    assert_eq!(lines.len(), 2, "tail output: {out}");
+    let by_key = |key: &str| lines.iter().find(|l| l["key"] == key).with_context(|| format!("no {key} in {out}"));
+
+    let u1 = by_key("u1")?;
+    assert_eq!((u1["partition"].as_i64(), u1["offset"].as_i64()), (Some(first.0), Some(first.1)));
+    assert_eq!(u1["topic"], "chat-ops");
+    let meta = &u1["metadata"];
+    assert_eq!(meta["source_application_id"], "talk-server");
+    assert_eq!(meta["source_instance_id"], "talk-1");
+    assert_eq!(meta["retry_count"], 0);
+    assert_eq!(meta["scheduled_time_millis"], 1_900_000_000_000i64);
+    let created = meta["timestamp_millis"].as_i64().context("timestamp_millis")?;
+    assert!((before..=after).contains(&created), "timestamp {created} outside [{before}, {after}]");
+    assert_eq!(
+        u1["task"],
+        serde_json::json!({"user_id":"u1","op":"SEND_MESSAGE","target_id":"room-1","payload":"hello","sequence":3,"created_at_millis":0})
+    );
+
+    let u2 = by_key("u2")?;
+    assert_eq!((u2["partition"].as_i64(), u2["offset"].as_i64()), (Some(second.0), Some(second.1)));
+    assert_eq!(u2["metadata"]["source_application_id"], "decaton-cli");
+    assert_eq!(u2["metadata"]["scheduled_time_millis"], 0);
+    assert_ne!(u2["metadata"]["source_instance_id"], "");
+    assert_eq!(
+        u2["task"],
+        serde_json::json!({"user_id":"u2","op":"ADD_FRIEND","target_id":"u1","payload_hex":"ff00","sequence":7,"created_at_millis":42})
+    );
+    Ok(())
+}
+
+#[test]
+fn tail_reports_records_that_are_not_tasks_and_goes_on() -> anyhow::Result<()> {
+    let broker = TestBroker::start(BrokerKind::Embedded)?;
+    broker.create_topic("mixed", 1)?;
+    let bootstrap = broker.bootstrap_servers();
+
+    // 1. Raw bytes that are no ChatOp (not even valid protobuf) land unchanged.
+    let raw = tempfile::NamedTempFile::new()?;
+    std::fs::write(raw.path(), [0xff, 0x00, 0x01])?;
+    let path = raw.path().to_str().context("temp path")?;
+    run_ok(&["put", "-b", &bootstrap, "--topic", "mixed", "--key", "k", "--file", path])?;
+
+    // 2. A record whose dt_meta header is garbage, written by a plain producer.
+    let producer: BaseProducer = ClientConfig::new().set("bootstrap.servers", &bootstrap).create()?;
+    producer
+        .send(
+            BaseRecord::to("mixed")
+                .key("k")
+                .payload(&b"whatever"[..])
+                .headers(OwnedHeaders::new().insert(Header { key: METADATA_HEADER, value: Some(&[0xffu8][..]) })),
+        )
+        .map_err(|(e, _)| e)?;
+    producer.flush(TIMEOUT)?;
+
+    // 3. A good task after it.
+    run_ok(&["put", "-b", &bootstrap, "--topic", "mixed", "--key", "k", "--json", r#"{"user_id":"k","op":2}"#])?;
+
+    let out = run_ok(&["tail", "-b", &bootstrap, "--topic", "mixed", "--from-beginning", "--count", "3"])?;
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "tail output: {out}");
+    assert!(lines[0].starts_with("mixed/0@0 key=\"k\" timestamp_millis="), "{}", lines[0]);
+    assert!(lines[0].ends_with(" value_hex=ff0001"), "{}", lines[0]);
+    assert!(
+        lines[1].starts_with("mixed/0@1 key=\"k\" ERROR cannot decode task record: invalid dt_meta header"),
+        "{}",
+        lines[1]
+    );
+    assert!(lines[2].starts_with("mixed/0@2 key=\"k\" "), "{}", lines[2]);
+    assert!(lines[2].contains(r#"task={"user_id":"k","op":"READ""#), "{}", lines[2]);
+    Ok(())
+}
+
+#[test]
+fn bad_input_fails_with_a_message_and_sends_nothing() -> anyhow::Result<()> {
+    let broker = TestBroker::start(BrokerKind::Embedded)?;
+    broker.create_topic("chat-ops", 1)?;
+    let bootstrap = broker.bootstrap_servers();
+    let put = |extra: &[&str]| {
+        let mut args = vec!["put", "-b", &bootstrap, "--topic", "chat-ops", "--key", "u1"];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+
+    let done = put(&["--json", r#"{"user_id":"u1","op":"SEND_MESAGE"}"#])?;
+    assert!(!done.status.success());
+    assert!(done.stderr.contains("unknown op"), "{}", done.stderr);
+
+    let done = put(&["--json", r#"{"usr_id":"u1"}"#])?;
+    assert!(!done.status.success());
+    assert!(done.stderr.contains("unknown field `usr_id`"), "{}", done.stderr);
+
+    let done = put(&["--file", "/nonexistent/task.bin"])?;
+    assert!(!done.status.success());
+    assert!(done.stderr.contains("/nonexistent/task.bin"), "{}", done.stderr);
+
+    let done = put(&["--json", "{}", "-X", "linger.ms"])?;
+    assert!(!done.status.success());
+    assert!(done.stderr.contains("KEY=VALUE"), "{}", done.stderr);
+
+    // Nothing reached the topic: a tail from the beginning sees only this marker.
+    run_ok(&["put", "-b", &bootstrap, "--topic", "chat-ops", "--key", "marker", "--json", "{}"])?;
+    let out = run_ok(&["tail", "-b", &bootstrap, "--topic", "chat-ops", "--from-beginning", "--count", "1"])?;
+    assert!(out.starts_with("chat-ops/0@0 key=\"marker\""), "{out}");
+    Ok(())
+}
+
+/// Sends SIGTERM (through the `kill` utility; the tests link no libc).
+fn terminate(child: &Child) -> anyhow::Result<()> {
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+    anyhow::ensure!(status.success(), "kill -TERM failed");
+    Ok(())
+}
+
+#[test]
+fn dev_broker_prints_its_address_serves_and_stops_on_sigterm() -> anyhow::Result<()> {
+    let mut broker = spawn(&["dev-broker", "--topic", "chat-ops:2", "--topic", "audit"])?;
+    let stdout: ChildStdout = broker.stdout.take().context("stdout")?;
+    let stderr = collect(broker.stderr.take().context("stderr")?);
+    // First line on its own thread; the rest of stdout (EOF) tells us the process is gone.
+    let (line_tx, line_rx) = mpsc::channel();
+    let (eof_tx, eof_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut first = String::new();
+        let _ = reader.read_line(&mut first);
+        let _ = line_tx.send(first);
+        let _ = reader.read_to_string(&mut String::new());
+        let _ = eof_tx.send(());
+    });
+    let result = (|| -> anyhow::Result<()> {
+        let first = line_rx.recv_timeout(TIMEOUT).context("dev-broker printed nothing")?;
+        let bootstrap = first
+            .trim()
+            .strip_prefix("bootstrap=")
+            .with_context(|| format!("unexpected first line {first:?}"))?
+            .to_string();
+        assert!(bootstrap.starts_with("127.0.0.1:"), "{bootstrap}");
+
+        let (partition, _) = parse_delivery(&run_ok(&[
+            "put",
+            "-b",
+            &bootstrap,
+            "--topic",
+            "chat-ops",
+            "--key",
+            "u1",
+            "--json",
+            r#"{"user_id":"u1"}"#,
+        ])?)?;
+        assert!((0..2).contains(&partition));
+        run_ok(&["put", "-b", &bootstrap, "--topic", "audit", "--key", "u1", "--json", "{}"])?;
+        // The topics exist with the partition counts asked for.
+        let done = run(&["tail", "-b", &bootstrap, "--topic", "chat-ops", "--partition", "2", "--count", "1"])?;
+        assert!(done.stderr.contains("has no partition 2 (it has 2)"), "{}", done.stderr);
+        let done = run(&["tail", "-b", &bootstrap, "--topic", "audit", "--partition", "1", "--count", "1"])?;
+        assert!(done.stderr.contains("has no partition 1 (it has 1)"), "{}", done.stderr);
+
+        terminate(&broker)?;
+        eof_rx.recv_timeout(TIMEOUT).context("dev-broker did not stop on SIGTERM")?;
+        let status = broker.wait()?;
+        let log = stderr.recv_timeout(TIMEOUT).unwrap_or_default();
+        assert!(status.success(), "dev-broker exited with {status}: {log}");
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = broker.kill();
+        let _ = broker.wait();
+    }
+    result
+}
