@@ -1,1 +1,62 @@
-//! placeholder
+//! The decaton-rs processing runtime.
+//!
+//! Implement [`TaskProcessor`] for your task type, build a [`Subscription`] (one consumer
+//! group) and `run` it. Inside each partition the runtime runs tasks of different keys
+//! concurrently and tasks of one key one at a time in offset order, commits only below the
+//! lowest unfinished task (recording finished offsets above it in the commit metadata),
+//! pauses partitions that have `max_pending` uncommitted tasks, and shuts down gracefully.
+//!
+//! ```no_run
+//! use decaton_processor::{async_trait, ProcessError, ProcessingContext, ProcessorProperties,
+//!     SchedulingMode, Subscription, TaskProcessor};
+//! use decaton_protocol::ChatOp;
+//!
+//! struct Notify;
+//!
+//! #[async_trait]
+//! impl TaskProcessor<ChatOp> for Notify {
+//!     async fn process(&self, ctx: &ProcessingContext, op: ChatOp) -> Result<(), ProcessError> {
+//!         // Runs concurrently with other users' ops, after this user's previous op.
+//!         let _ = (ctx.offset(), op.user_id);
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut props = ProcessorProperties::default();
+//! props.mode = SchedulingMode::PerKey;
+//! let sub = Subscription::builder("notifier", Notify)
+//!     .bootstrap_servers("127.0.0.1:9092")
+//!     .topic("chat-ops")
+//!     .properties(props)
+//!     .build()?;
+//! let stats = sub.run().await?;
+//! # Ok(()) }
+//! ```
+
+mod config;
+mod context;
+mod metrics;
+mod offsets;
+mod partition;
+mod processor;
+mod scheduler;
+mod state;
+mod stats;
+mod subscription;
+
+pub use async_trait::async_trait;
+pub use config::{ProcessorProperties, PropertyError, SchedulingMode};
+pub use context::{Completion, ProcessingContext};
+pub use processor::{ProcessError, TaskProcessor};
+pub use stats::SubscriptionStats;
+pub use subscription::{Subscription, SubscriptionBuilder, SubscriptionError, SubscriptionHandle};
+
+/// Metric names the runtime records (Prometheus style, labels `subscription`, `topic`,
+/// `partition`).
+pub mod metric_names {
+    pub use crate::metrics::{
+        COMMITTED_OFFSET, COMPLETE_SECONDS, COMPLETIONS_LEAKED, DEFERRED_TIMEOUTS, DISCARDED, FAILED, PAUSED_PARTITIONS,
+        PENDING, PROCESSED, PROCESS_SECONDS, SKIPPED,
+    };
+}

@@ -67,6 +67,22 @@ impl BrokerKind {
         matches!(self, BrokerKind::Embedded)
     }
 
+    /// librdkafka producer settings that tests which resume consumption mid-topic (pause
+    /// and resume, restarts, rebalances) need on this broker.
+    ///
+    /// Tansu 0.6 cannot serve a fetch that starts inside a record batch: it returns only
+    /// batches whose base offset is at or after the requested offset, so a consumer
+    /// resuming at a committed offset in the middle of a batch gets nothing (or skips the
+    /// rest of that batch). Apache Kafka and the mock cluster return the whole batch and
+    /// the client skips the records before the offset. Producing one record per batch
+    /// makes every offset a batch boundary there; see docs/operations.md.
+    pub fn producer_settings(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            BrokerKind::Embedded => &[],
+            BrokerKind::TansuMemory | BrokerKind::TansuSqlite => &[("batch.num.messages", "1")],
+        }
+    }
+
     /// Short lowercase name, for logs and test names.
     pub fn name(self) -> &'static str {
         match self {

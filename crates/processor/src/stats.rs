@@ -1,0 +1,61 @@
+//! Live counters of a subscription, readable without a metrics recorder.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Counters shared by the consumer thread and the lanes.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) processed: AtomicU64,
+    pub(crate) failed: AtomicU64,
+    pub(crate) discarded: AtomicU64,
+    pub(crate) skipped: AtomicU64,
+    pub(crate) deferred_timeouts: AtomicU64,
+    pub(crate) completions_leaked: AtomicU64,
+    pub(crate) abandoned: AtomicU64,
+    pub(crate) paused_partitions: AtomicU64,
+    pub(crate) assigned_partitions: AtomicU64,
+    pub(crate) pauses: AtomicU64,
+}
+
+/// A snapshot of a subscription's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SubscriptionStats {
+    /// Tasks whose `process` returned `Ok`.
+    pub processed: u64,
+    /// Tasks whose `process` returned an error or panicked, or whose deferred completion
+    /// failed, timed out or was dropped.
+    pub failed: u64,
+    /// Records that could not be decoded, or whose key is ignored.
+    pub discarded: u64,
+    /// Records skipped because the offset map (or the state store) shows they already ran.
+    pub skipped: u64,
+    /// Deferred tasks completed as failed after `deferred_complete_timeout`.
+    pub deferred_timeouts: u64,
+    /// `Completion`s dropped without being completed.
+    pub completions_leaked: u64,
+    /// Tasks still running when their partition was revoked after `rebalance_timeout`.
+    pub abandoned: u64,
+    /// Partitions paused for backpressure right now.
+    pub paused_partitions: u64,
+    /// Partitions assigned right now.
+    pub assigned_partitions: u64,
+    /// How many times a partition was paused for backpressure.
+    pub pauses: u64,
+}
+
+impl Counters {
+    pub(crate) fn snapshot(&self) -> SubscriptionStats {
+        SubscriptionStats {
+            processed: self.processed.load(Relaxed),
+            failed: self.failed.load(Relaxed),
+            discarded: self.discarded.load(Relaxed),
+            skipped: self.skipped.load(Relaxed),
+            deferred_timeouts: self.deferred_timeouts.load(Relaxed),
+            completions_leaked: self.completions_leaked.load(Relaxed),
+            abandoned: self.abandoned.load(Relaxed),
+            paused_partitions: self.paused_partitions.load(Relaxed),
+            assigned_partitions: self.assigned_partitions.load(Relaxed),
+            pauses: self.pauses.load(Relaxed),
+        }
+    }
+}
