@@ -193,3 +193,125 @@ impl<T: Send + 'static> PartitionScheduler<T> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::offsets::OffsetTracker;
+    use crate::{ProcessError, ProcessingContext};
+    use proptest::prelude::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Records start order per key and checks that a key never runs twice at once.
+    #[derive(Default)]
+    struct Probe {
+        order: Mutex<HashMap<Vec<u8>, Vec<i64>>>,
+        running_keys: Mutex<HashMap<Vec<u8>, usize>>,
+        overlaps: AtomicUsize,
+        running: AtomicUsize,
+        max_running: AtomicUsize,
+    }
+
+    struct ProbeProcessor {
+        probe: Arc<Probe>,
+        yields: Vec<u8>,
+    }
+
+    #[async_trait::async_trait]
+    impl TaskProcessor<u64> for ProbeProcessor {
+        async fn process(&self, ctx: &ProcessingContext, _task: u64) -> Result<(), ProcessError> {
+            let key = ctx.key().map(<[u8]>::to_vec);
+            let now = self.probe.running.fetch_add(1, Ordering::SeqCst) + 1;
+            self.probe.max_running.fetch_max(now, Ordering::SeqCst);
+            if let Some(k) = &key {
+                self.probe.order.lock().entry(k.clone()).or_default().push(ctx.offset());
+                let mut r = self.probe.running_keys.lock();
+                let n = r.entry(k.clone()).or_default();
+                *n += 1;
+                if *n > 1 {
+                    self.probe.overlaps.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            // A task-dependent number of yields interleaves lanes differently per case.
+            for _ in 0..self.yields[ctx.offset() as usize % self.yields.len()] {
+                tokio::task::yield_now().await;
+            }
+            if let Some(k) = &key {
+                *self.probe.running_keys.lock().entry(k.clone()).or_default() -= 1;
+            }
+            self.probe.running.fetch_sub(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    fn run_case(mode: SchedulingMode, lanes: usize, keys: Vec<Option<u8>>, yields: Vec<u8>) -> (Arc<Probe>, Option<i64>) {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let probe = Arc::new(Probe::default());
+        let worker = Arc::new(Worker {
+            processor: Arc::new(ProbeProcessor { probe: probe.clone(), yields }),
+            subscription: Arc::from("s"),
+            counters: Arc::new(Counters::default()),
+            deferred_timeout: None,
+            hook: None,
+            _task: std::marker::PhantomData,
+        });
+        let mut props = ProcessorProperties::default();
+        props.mode = mode;
+        props.partition_concurrency = lanes;
+        let partition = Arc::new(PartitionShared::new("s", Arc::from("t"), 0, OffsetTracker::starting_at(Some(0))));
+        let handle = rt.handle().clone();
+        let mut sched = PartitionScheduler::new(&props, &worker, &handle);
+        for (offset, key) in keys.iter().enumerate() {
+            let mut core = partition.core.lock();
+            core.tracker.register(offset as i64);
+            core.dispatched += 1;
+            drop(core);
+            let unit = TaskUnit {
+                partition: partition.clone(),
+                offset: offset as i64,
+                key: key.map(|k| Arc::from(vec![k])),
+                metadata: TaskMetadata::default(),
+                task: offset as u64,
+                state: None,
+            };
+            sched.dispatch(unit, &worker, &handle);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        partition.wait_until(deadline, |c| c.dispatched == 0);
+        let position = partition.core.lock().tracker.position();
+        (probe, position)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// Whatever the keys and interleavings: every task runs once, one key's tasks run
+        /// in offset order and never overlap, bounded mode never exceeds its lanes, and the
+        /// position ends past the last offset.
+        #[test]
+        fn lanes_keep_key_order(per_key in any::<bool>(), lanes in 1usize..6,
+                                keys in proptest::collection::vec(proptest::option::weighted(0.9, 0u8..8), 1..200),
+                                yields in proptest::collection::vec(0u8..4, 1..16)) {
+            let mode = if per_key { SchedulingMode::PerKey } else { SchedulingMode::Bounded };
+            let n = keys.len();
+            let (probe, position) = run_case(mode, lanes, keys.clone(), yields);
+            prop_assert_eq!(position, Some(n as i64));
+            prop_assert_eq!(probe.overlaps.load(Ordering::SeqCst), 0);
+            if !per_key {
+                prop_assert!(probe.max_running.load(Ordering::SeqCst) <= lanes);
+            }
+            let order = probe.order.lock();
+            for (k, offsets) in order.iter() {
+                let expected: Vec<i64> = keys.iter().enumerate().filter(|(_, key)| key.map(|x| vec![x]).as_ref() == Some(k)).map(|(o, _)| o as i64).collect();
+                prop_assert_eq!(offsets, &expected);
+            }
+        }
+    }
+
+    #[test]
+    fn per_key_runs_distinct_keys_concurrently() {
+        // 64 distinct keys, each task yields a few times: many run at once.
+        let keys: Vec<Option<u8>> = (0..64).map(Some).collect();
+        let (probe, _) = run_case(SchedulingMode::PerKey, 1, keys, vec![3]);
+        assert!(probe.max_running.load(Ordering::SeqCst) > 8);
+    }
+}
