@@ -1,1 +1,100 @@
-//! placeholder
+//! Partition-local state that follows its partition, the way Kafka Streams state stores do.
+//!
+//! # The idea
+//!
+//! A processor sometimes needs memory across tasks: a counter per user, the last value
+//! seen for a key, a small join table. Keeping it in an external database couples the
+//! processor to that database's availability; keeping it in process memory loses it when
+//! the partition moves to another host. This crate keeps it **next to the partition**:
+//!
+//! * Each assigned source partition gets its own local store (sled on disk, or an
+//!   in-memory map), named after subscription, store, topic and partition.
+//! * A task reads and writes through a [`StateStore`] view that buffers its writes. When
+//!   the task finishes, its writes are applied to the local store in one atomic batch and
+//!   appended to a **changelog topic** `<subscription>-<store>-changelog`
+//!   ([`changelog_topic`]) at the same partition number as the source partition. The
+//!   changelog is log-compacted: one live record per state key.
+//! * A host that becomes the owner of a partition **restores** the store by replaying the
+//!   changelog partition — from its local checkpoint if it has a valid one, otherwise from
+//!   the beginning — before it processes any task of that partition.
+//!
+//! # At-least-once, and why a task's batch is the unit
+//!
+//! The local store is written *before* the changelog acknowledges (like Kafka Streams
+//! with at-least-once processing). A crash between the two leaves the local store ahead
+//! of the changelog, so only a clean close writes a checkpoint, and opening a store
+//! removes the checkpoint it found: after a crash there is no checkpoint and the store is
+//! rebuilt from the changelog, which is the source of truth.
+//!
+//! Every changelog record carries headers naming the task attempt (`dt_batch`) it belongs
+//! to, its position in that attempt's batch and the batch size, and the source offset of
+//! the task. A restore applies a task's writes only when it has seen the whole batch; a
+//! batch torn by a crashed writer is ignored, and the redelivered task runs again against
+//! state that has none of its first attempt's effects. The restore also reports the
+//! source offsets whose batches *are* complete, so the processor can skip redelivered
+//! tasks whose effects are already in the state: each task's effects apply exactly once
+//! to the state, even though the task itself is delivered at least once.
+//!
+//! Log compaction removes records whose key was written again later, which can make an
+//! old, complete batch look incomplete, and can let a torn record push out the valid
+//! value before it. The restore tells thinned batches from torn ones with a per-writer
+//! record sequence, marks torn batches with abort markers and writes the valid values of
+//! the keys they touched again; see `restore.rs` for the rules and their limits.
+//!
+//! # Lifecycle of one partition (what the processor runtime does)
+//!
+//! 1. [`internal::PartitionStore::open`] — reports `Fresh`, `Checkpoint { offset }` or
+//!    `Rebuilt { reason }`.
+//! 2. [`internal::restore`] from [`internal::OpenReport::restore_from`], before any task
+//!    of the partition runs; skip redelivered tasks at
+//!    [`internal::PartitionStore::applied_source_offsets`].
+//! 3. Per task: [`internal::PartitionStore::task_batch`] for the task, then
+//!    [`internal::PartitionStore::apply_and_enqueue`] and await the acknowledgement
+//!    before the task counts as done.
+//! 4. On revoke or shutdown, once every append is acknowledged:
+//!    [`internal::PartitionStore::close_clean`] with the next changelog offset. After a
+//!    failed append, drop the store instead; the next open rebuilds it.
+//!
+//! # Where things are
+//!
+//! The public surface for processors is [`StateStore`], [`StateError`], [`StateConfig`],
+//! [`Backend`] and [`changelog_topic`]. The machinery the processor runtime drives —
+//! [`internal::PartitionStore`], [`internal::ChangelogWriter`], [`internal::restore`] —
+//! lives in [`internal`].
+
+mod changelog;
+mod config;
+mod error;
+mod restore;
+mod store;
+
+pub use config::{changelog_topic, Backend, StateConfig};
+pub use error::StateError;
+
+/// The read and write view of partition-local state that one task uses.
+///
+/// Reads see the task's own writes first, then the partition's store. Writes are
+/// buffered until the task completes; the runtime then applies them atomically and
+/// appends them to the changelog. Keys and values are opaque bytes.
+pub trait StateStore: Send + Sync {
+    /// The value stored under `key`, if any.
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StateError>;
+    /// Stores `value` under `key`, replacing any previous value.
+    fn put(&self, key: &[u8], value: &[u8]) -> Result<(), StateError>;
+    /// Removes `key` (a tombstone in the changelog). Deleting a missing key is not an error.
+    fn delete(&self, key: &[u8]) -> Result<(), StateError>;
+    /// Every entry whose key starts with `prefix`, in ascending key order.
+    #[allow(clippy::type_complexity)]
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StateError>;
+}
+
+/// Machinery for the processor runtime: opening, restoring, applying and closing
+/// partition stores, and writing the changelog. Not a stable API for processors.
+#[doc(hidden)]
+pub mod internal {
+    pub use crate::changelog::{
+        create_changelog_topic, headers, ChangelogTopicInfo, ChangelogWriter, PendingAppend,
+    };
+    pub use crate::restore::{restore, RestoreReport};
+    pub use crate::store::{Mutation, OpenReport, PartitionStore, RebuildReason, TaskBatch};
+}

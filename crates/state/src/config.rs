@@ -1,0 +1,75 @@
+//! Configuration of partition-local state: where it lives and which backend holds it.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Which storage holds a partition's state locally.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// An embedded sled database per partition under [`StateConfig::state_dir`]. Survives
+    /// restarts; a clean close leaves a checkpoint so the next open replays only the
+    /// changelog's tail.
+    #[default]
+    Sled,
+    /// A sorted map in memory. Nothing on disk: every open restores the whole changelog.
+    Memory,
+}
+
+/// Configuration of a state store (`[state]` in the processor configuration).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StateConfig {
+    /// Directory that holds one sled database per (subscription, store, topic, partition).
+    pub state_dir: PathBuf,
+    /// Local storage backend.
+    pub backend: Backend,
+    /// Name of the store; part of the changelog topic name and the directory layout.
+    pub store_name: String,
+    /// Page cache size of each partition's sled database, in bytes. sled's own default
+    /// (1 GiB) is per database, too much when a host owns many partitions.
+    pub sled_cache_bytes: u64,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            state_dir: PathBuf::from("decaton-state"),
+            backend: Backend::Sled,
+            store_name: "state".to_string(),
+            sled_cache_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// The changelog topic of `store` for `subscription`: `<subscription>-<store>-changelog`.
+///
+/// It has one partition per source partition; partition `p` of the changelog holds the
+/// state of source partition `p`. A subscription that reads several source topics needs
+/// one store name per topic, because partition `p` of every topic would otherwise share
+/// one changelog partition (and compaction would merge their keys).
+pub fn changelog_topic(subscription: &str, store: &str) -> String {
+    format!("{subscription}-{store}-changelog")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changelog_topic_name() {
+        assert_eq!(changelog_topic("billing", "state"), "billing-state-changelog");
+    }
+
+    #[test]
+    fn defaults_fill_missing_fields() -> anyhow::Result<()> {
+        let cfg: StateConfig = serde_json::from_str(r#"{"state_dir": "/var/lib/x", "backend": "memory"}"#)?;
+        assert_eq!(cfg.state_dir, PathBuf::from("/var/lib/x"));
+        assert_eq!(cfg.backend, Backend::Memory);
+        assert_eq!(cfg.store_name, "state");
+        let cfg: StateConfig = serde_json::from_str("{}")?;
+        assert_eq!(cfg, StateConfig::default());
+        Ok(())
+    }
+}

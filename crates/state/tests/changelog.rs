@@ -1,0 +1,481 @@
+//! State follows its partition: apply + changelog + restore against real brokers (the
+//! embedded mock cluster, and Tansu for one scenario).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use decaton_state::internal::{
+    create_changelog_topic, headers, restore, ChangelogWriter, OpenReport, PartitionStore, RebuildReason,
+};
+use decaton_state::{changelog_topic, Backend, StateConfig, StateStore};
+use decaton_testkit::{BrokerKind, TestBroker};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+
+type Model = BTreeMap<Vec<u8>, Vec<u8>>;
+type Task = (i64, Vec<(Vec<u8>, Option<Vec<u8>>)>);
+
+const PARTITION: i32 = 1;
+
+fn kafka() -> BTreeMap<String, String> {
+    BTreeMap::from([("message.timeout.ms".to_string(), "30000".to_string())])
+}
+
+/// One embedded broker for every test of this file (the proptest runs many cases on it).
+fn embedded() -> &'static TestBroker {
+    static BROKER: OnceLock<TestBroker> = OnceLock::new();
+    BROKER.get_or_init(|| match TestBroker::start(BrokerKind::Embedded) {
+        Ok(b) => b,
+        Err(e) => panic!("embedded broker: {e}"),
+    })
+}
+
+/// A subscription name no other test (or proptest case) uses.
+fn unique(prefix: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!("{prefix}{}", N.fetch_add(1, Ordering::Relaxed))
+}
+
+fn sled_cfg(dir: &Path) -> StateConfig {
+    StateConfig { state_dir: dir.to_path_buf(), ..StateConfig::default() }
+}
+
+/// Runs each task through a `TaskBatch`, applies it and appends it to the changelog the
+/// way the processor runtime does; updates `model`. Returns the last changelog offset.
+async fn run_tasks(
+    store: &PartitionStore,
+    writer: &ChangelogWriter,
+    tasks: &[Task],
+    model: &mut Model,
+) -> anyhow::Result<Option<i64>> {
+    let mut last = None;
+    for (src, writes) in tasks {
+        let batch = store.task_batch();
+        for (k, v) in writes {
+            match v {
+                Some(v) => batch.put(k, v)?,
+                None => batch.delete(k)?,
+            }
+        }
+        let pending = store.apply_and_enqueue(&batch, writer, *src)?;
+        if let Some(offset) = pending.wait().await? {
+            last = Some(offset);
+        }
+        for (k, v) in writes {
+            match v {
+                Some(v) => model.insert(k.clone(), v.clone()),
+                None => model.remove(k),
+            };
+        }
+    }
+    Ok(last)
+}
+
+fn entries(store: &PartitionStore) -> anyhow::Result<Model> {
+    Ok(store.entries()?.into_iter().collect())
+}
+
+/// Tasks touching a small key space, so later tasks overwrite and delete earlier keys.
+fn sample_tasks(first_src: i64, n: i64) -> Vec<Task> {
+    (first_src..first_src + n)
+        .map(|src| {
+            let mut writes = vec![
+                (format!("user/{}", src % 7).into_bytes(), Some(format!("v{src}").into_bytes())),
+                (b"counter".to_vec(), Some(src.to_string().into_bytes())),
+            ];
+            if src % 3 == 0 {
+                writes.push((format!("user/{}", (src + 2) % 7).into_bytes(), None));
+            }
+            (src, writes)
+        })
+        .collect()
+}
+
+async fn apply_restore_roundtrip(broker: &TestBroker) -> anyhow::Result<()> {
+    let sub = unique("roundtrip");
+    let topic = changelog_topic(&sub, "state");
+    broker.create_topic(&topic, 3)?;
+    let bootstrap = broker.bootstrap_servers();
+    let writer = ChangelogWriter::new(&bootstrap, &kafka())?;
+
+    let dir_a = tempfile::tempdir()?;
+    let (a, report) = PartitionStore::open(&sled_cfg(dir_a.path()), &sub, "tasks", PARTITION)?;
+    assert_eq!(report, OpenReport::Fresh);
+    let r = restore(&a, &bootstrap, &kafka(), &topic, PARTITION, report.restore_from()).await?;
+    assert_eq!(r.records_read, 0);
+    let mut model = Model::new();
+    run_tasks(&a, &writer, &sample_tasks(0, 40), &mut model).await?;
+    // An empty task appends nothing.
+    assert_eq!(writer.append(&topic, PARTITION, 40, &[]).await?, None);
+    assert_eq!(entries(&a)?, model);
+
+    // Another host, nothing on disk.
+    let dir_b = tempfile::tempdir()?;
+    let (b, report) = PartitionStore::open(&sled_cfg(dir_b.path()), &sub, "tasks", PARTITION)?;
+    assert_eq!(report, OpenReport::Fresh);
+    let r = restore(&b, &bootstrap, &kafka(), &topic, PARTITION, None).await?;
+    assert_eq!(entries(&b)?, model);
+    assert_eq!(r.batches_applied, 40);
+    assert_eq!(r.partial_batches_ignored, 0);
+    assert_eq!(r.applied_source_offsets, (0..40).collect::<BTreeSet<_>>());
+    assert_eq!(b.applied_source_offsets(), r.applied_source_offsets);
+    assert_eq!(r.abort_markers_written + r.compensation_records_written, 0);
+
+    // The in-memory backend restores the same state.
+    let mem = StateConfig { backend: Backend::Memory, ..StateConfig::default() };
+    let (m, _) = PartitionStore::open(&mem, &sub, "tasks", PARTITION)?;
+    restore(&m, &bootstrap, &kafka(), &topic, PARTITION, None).await?;
+    assert_eq!(entries(&m)?, model);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_changelog_restore_reproduces_the_store_embedded() -> anyhow::Result<()> {
+    apply_restore_roundtrip(embedded()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_changelog_restore_reproduces_the_store_tansu() -> anyhow::Result<()> {
+    let broker = TestBroker::start(BrokerKind::TansuMemory)?;
+    apply_restore_roundtrip(&broker).await?;
+
+    // The admin helper: source partitions -> changelog partitions, compaction, and an
+    // existing topic is fine.
+    let bootstrap = broker.bootstrap_servers();
+    broker.create_topic("orders", 4)?;
+    let info = create_changelog_topic(&bootstrap, &kafka(), "billing", "state", "orders", Some(1)).await?;
+    assert_eq!(info.topic, "billing-state-changelog");
+    assert_eq!(info.partitions, 4);
+    assert!(info.created);
+    let again = create_changelog_topic(&bootstrap, &kafka(), "billing", "state", "orders", Some(1)).await?;
+    assert!(!again.created);
+    assert_eq!(again.partitions, 4);
+    Ok(())
+}
+
+/// Writes records of a batch by hand, the way a writer that crashed part-way would have.
+async fn produce_partial_batch(
+    bootstrap: &str,
+    topic: &str,
+    src: i64,
+    writes: &[(&[u8], Option<&[u8]>)],
+    announced_size: u32,
+) -> anyhow::Result<()> {
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
+    let batch: u64 = 0x5eed_0000_0000_0001;
+    for (index, (k, v)) in (0u32..).zip(writes) {
+        let hs = OwnedHeaders::new()
+            .insert(Header { key: headers::SRC_OFFSET, value: Some(&src.to_be_bytes()) })
+            .insert(Header { key: headers::BATCH, value: Some(&batch.to_be_bytes()) })
+            .insert(Header { key: headers::BATCH_INDEX, value: Some(&index.to_be_bytes()) })
+            .insert(Header { key: headers::BATCH_SIZE, value: Some(&announced_size.to_be_bytes()) });
+        let mut record = FutureRecord::to(topic).partition(PARTITION).key(*k).headers(hs);
+        if let Some(v) = v {
+            record = record.payload(*v);
+        }
+        producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e)?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_batch_is_ignored_by_restore() -> anyhow::Result<()> {
+    let broker = embedded();
+    let sub = unique("partial");
+    let topic = changelog_topic(&sub, "state");
+    broker.create_topic(&topic, 2)?;
+    let bootstrap = broker.bootstrap_servers();
+    let writer = ChangelogWriter::new(&bootstrap, &kafka())?;
+    let (a, _) = PartitionStore::open(&StateConfig { backend: Backend::Memory, ..Default::default() }, &sub, "t", PARTITION)?;
+    let mut model = Model::new();
+    run_tasks(&a, &writer, &sample_tasks(0, 5), &mut model).await?;
+
+    // Task 5's writer died after two of its three records.
+    produce_partial_batch(&bootstrap, &topic, 5, &[(b"counter", Some(b"torn")), (b"user/x", None)], 3).await?;
+
+    let mem = StateConfig { backend: Backend::Memory, ..StateConfig::default() };
+    let (b, _) = PartitionStore::open(&mem, &sub, "t", PARTITION)?;
+    let r = restore(&b, &bootstrap, &kafka(), &topic, PARTITION, None).await?;
+    assert_eq!(entries(&b)?, model, "the torn batch must not be applied");
+    assert_eq!(r.partial_batches_ignored, 1);
+    assert_eq!(r.batches_applied, 5);
+    assert!(!r.applied_source_offsets.contains(&5));
+    assert_eq!(r.abort_markers_written, 1);
+    // "counter" and "user/x" had a torn record as their newest: written again.
+    assert_eq!(r.compensation_records_written, 2);
+
+    // The new owner redoes task 5 and goes on; the torn batch stays ignored.
+    let mut model_b = model.clone();
+    run_tasks(&b, &writer, &sample_tasks(5, 3), &mut model_b).await?;
+    let (c, _) = PartitionStore::open(&mem, &sub, "t", PARTITION)?;
+    let r = restore(&c, &bootstrap, &kafka(), &topic, PARTITION, None).await?;
+    assert_eq!(entries(&c)?, model_b);
+    assert_eq!(r.partial_batches_ignored, 1);
+    assert_eq!(r.abort_markers_written + r.compensation_records_written, 0);
+    assert_eq!(r.applied_source_offsets, (0..8).collect::<BTreeSet<_>>());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_close_checkpoint_restores_only_the_tail_embedded() -> anyhow::Result<()> {
+    checkpoint_tail(embedded()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_close_checkpoint_restores_only_the_tail_tansu() -> anyhow::Result<()> {
+    checkpoint_tail(&TestBroker::start(BrokerKind::TansuMemory)?).await
+}
+
+async fn checkpoint_tail(broker: &TestBroker) -> anyhow::Result<()> {
+    let sub = unique("checkpoint");
+    let topic = changelog_topic(&sub, "state");
+    broker.create_topic(&topic, 2)?;
+    let bootstrap = broker.bootstrap_servers();
+    let writer = ChangelogWriter::new(&bootstrap, &kafka())?;
+    let dir_a = tempfile::tempdir()?;
+    let mut model = Model::new();
+    {
+        let (a, _) = PartitionStore::open(&sled_cfg(dir_a.path()), &sub, "tasks", PARTITION)?;
+        let last = run_tasks(&a, &writer, &sample_tasks(0, 300), &mut model).await?.context("offset")?;
+        a.close_clean(last + 1, &[298, 299])?;
+    }
+    // Meanwhile another host owned the partition for a few tasks.
+    {
+        let dir_b = tempfile::tempdir()?;
+        let (b, _) = PartitionStore::open(&sled_cfg(dir_b.path()), &sub, "tasks", PARTITION)?;
+        let r = restore(&b, &bootstrap, &kafka(), &topic, PARTITION, None).await?;
+        assert!(r.records_read >= 600);
+        run_tasks(&b, &writer, &sample_tasks(300, 4), &mut model).await?;
+    }
+    let (a, report) = PartitionStore::open(&sled_cfg(dir_a.path()), &sub, "tasks", PARTITION)?;
+    let OpenReport::Checkpoint { offset } = report else { anyhow::bail!("expected a checkpoint, got {report:?}") };
+    let r = restore(&a, &bootstrap, &kafka(), &topic, PARTITION, Some(offset)).await?;
+    assert!(r.records_read <= 10, "read {} records, expected only the tail", r.records_read);
+    assert_eq!(r.start_offset, offset);
+    assert_eq!(entries(&a)?, model);
+    assert_eq!(a.applied_source_offsets(), BTreeSet::from([298, 299, 300, 301, 302, 303]));
+    Ok(())
+}
+
+fn scribble_over(dir: &Path) -> anyhow::Result<usize> {
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            n += scribble_over(&path)?;
+        } else {
+            let len = std::fs::metadata(&path)?.len().max(64) as usize;
+            let junk: Vec<u8> = (0..len).map(|_| rand_byte()).collect();
+            std::fs::write(&path, junk)?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+fn rand_byte() -> u8 {
+    use std::hash::{BuildHasher, Hasher};
+    static SEED: AtomicUsize = AtomicUsize::new(1);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_usize(SEED.fetch_add(1, Ordering::Relaxed));
+    h.finish() as u8
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_in_the_state_dir_is_rebuilt_from_the_changelog() -> anyhow::Result<()> {
+    let broker = embedded();
+    let sub = unique("garbage");
+    let topic = changelog_topic(&sub, "state");
+    broker.create_topic(&topic, 2)?;
+    let bootstrap = broker.bootstrap_servers();
+    let writer = ChangelogWriter::new(&bootstrap, &kafka())?;
+    let dir = tempfile::tempdir()?;
+    let mut model = Model::new();
+    {
+        let (a, _) = PartitionStore::open(&sled_cfg(dir.path()), &sub, "tasks", PARTITION)?;
+        let last = run_tasks(&a, &writer, &sample_tasks(0, 50), &mut model).await?.context("offset")?;
+        a.close_clean(last + 1, &[])?;
+    }
+    let files = scribble_over(dir.path())?;
+    assert!(files > 0);
+    let (a, report) = PartitionStore::open(&sled_cfg(dir.path()), &sub, "tasks", PARTITION)?;
+    assert!(matches!(report, OpenReport::Rebuilt { .. }), "{report:?}");
+    assert_eq!(report.restore_from(), None);
+    assert!(entries(&a)?.is_empty());
+    let r = restore(&a, &bootstrap, &kafka(), &topic, PARTITION, report.restore_from()).await?;
+    assert_eq!(entries(&a)?, model);
+    assert_eq!(r.batches_applied, 50);
+
+    // And a crash (no clean close) is rebuilt too, not trusted.
+    drop(a);
+    let (_a, report) = PartitionStore::open(&sled_cfg(dir.path()), &sub, "tasks", PARTITION)?;
+    assert_eq!(report, OpenReport::Rebuilt { reason: RebuildReason::NoCheckpoint });
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_beyond_the_changelog_restores_from_the_beginning() -> anyhow::Result<()> {
+    let broker = embedded();
+    let sub = unique("recreated");
+    let topic = changelog_topic(&sub, "state");
+    broker.create_topic(&topic, 2)?;
+    let bootstrap = broker.bootstrap_servers();
+    let writer = ChangelogWriter::new(&bootstrap, &kafka())?;
+    let dir = tempfile::tempdir()?;
+    let mut model = Model::new();
+    {
+        let (a, _) = PartitionStore::open(&sled_cfg(dir.path()), &sub, "tasks", PARTITION)?;
+        run_tasks(&a, &writer, &sample_tasks(0, 5), &mut model).await?;
+        let b = a.task_batch();
+        b.put(b"local-only", b"x")?;
+        a.apply(&b)?;
+        // A checkpoint from some other changelog (the topic was recreated, say).
+        a.close_clean(1_000_000, &[])?;
+    }
+    let (a, report) = PartitionStore::open(&sled_cfg(dir.path()), &sub, "tasks", PARTITION)?;
+    let r = restore(&a, &bootstrap, &kafka(), &topic, PARTITION, report.restore_from()).await?;
+    assert!(r.checkpoint_discarded);
+    assert_eq!(entries(&a)?, model);
+    Ok(())
+}
+
+mod model {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn tasks() -> impl Strategy<Value = Vec<Vec<(u8, Option<u8>)>>> {
+        proptest::collection::vec(proptest::collection::vec((0u8..12, proptest::option::of(any::<u8>())), 0..6), 1..25)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(16))]
+        #[test]
+        fn apply_changelog_restore_equals_a_btreemap(tasks in tasks()) {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            let result: anyhow::Result<()> = rt.block_on(async {
+                let broker = embedded();
+                let sub = unique("prop");
+                let topic = changelog_topic(&sub, "state");
+                broker.create_topic(&topic, 2)?;
+                let bootstrap = broker.bootstrap_servers();
+                let writer = ChangelogWriter::new(&bootstrap, &kafka())?;
+                let mem = StateConfig { backend: Backend::Memory, ..StateConfig::default() };
+                let (a, _) = PartitionStore::open(&mem, &sub, "t", PARTITION)?;
+                let tasks: Vec<Task> = (0i64..).zip(tasks).map(|(src, writes)| {
+                    (src, writes.into_iter().map(|(k, v)| (vec![k], v.map(|v| vec![v]))).collect())
+                }).collect();
+                let mut model = Model::new();
+                run_tasks(&a, &writer, &tasks, &mut model).await?;
+                let dir = tempfile::tempdir()?;
+                let (b, _) = PartitionStore::open(&sled_cfg(dir.path()), &sub, "t", PARTITION)?;
+                let r = restore(&b, &bootstrap, &kafka(), &topic, PARTITION, None).await?;
+                anyhow::ensure!(entries(&b)? == model, "restored state differs from the model");
+                anyhow::ensure!(entries(&a)? == model, "local state differs from the model");
+                let non_empty: BTreeSet<i64> = tasks.iter().filter(|(_, w)| !w.is_empty()).map(|(s, _)| *s).collect();
+                anyhow::ensure!(r.applied_source_offsets == non_empty, "applied offsets {:?}", r.applied_source_offsets);
+                Ok(())
+            });
+            if let Err(e) = result {
+                return Err(TestCaseError::fail(format!("{e:#}")));
+            }
+        }
+    }
+}
+
+/// `DECATON_RESTORE_BROKER=tansu DECATON_RESTORE_RECORDS=1000000 cargo test -p decaton-state
+/// --release --test changelog restore_throughput -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn restore_throughput() -> anyhow::Result<()> {
+    let records: usize = std::env::var("DECATON_RESTORE_RECORDS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
+    let kind = match std::env::var("DECATON_RESTORE_BROKER").as_deref() {
+        Ok("tansu") => BrokerKind::TansuMemory,
+        _ => BrokerKind::Embedded,
+    };
+    let broker = TestBroker::start(kind)?;
+    let sub = unique("throughput");
+    let topic = changelog_topic(&sub, "state");
+    broker.create_topic(&topic, 2)?;
+    let bootstrap = broker.bootstrap_servers();
+    let writer = ChangelogWriter::new(&bootstrap, &kafka())?;
+    let per_batch = 10;
+    let started = Instant::now();
+    let mut pending = Vec::new();
+    for b in 0..records / per_batch {
+        let muts: Vec<_> = (0..per_batch)
+            .map(|i| decaton_state::internal::Mutation {
+                key: format!("key-{:08}", (b * per_batch + i) % 100_000).into_bytes(),
+                value: Some(vec![b'x'; 100]),
+            })
+            .collect();
+        pending.push(writer.enqueue(&topic, PARTITION, b as i64, &muts)?);
+        if pending.len() >= 1000 {
+            for p in pending.drain(..) {
+                p.wait().await?;
+            }
+        }
+    }
+    for p in pending.drain(..) {
+        p.wait().await?;
+    }
+    let produce = started.elapsed();
+    let dir = tempfile::tempdir()?;
+    let (s, _) = PartitionStore::open(&sled_cfg(dir.path()), &sub, "t", PARTITION)?;
+    let r = restore(&s, &bootstrap, &kafka(), &topic, PARTITION, None).await?;
+    println!(
+        "{}: produced {records} records in {produce:?}; restored {} records ({} batches) in {:?} = {:.0} records/s into sled",
+        kind.name(),
+        r.records_read,
+        r.batches_applied,
+        r.elapsed,
+        r.records_read as f64 / r.elapsed.as_secs_f64()
+    );
+    let mem = StateConfig { backend: Backend::Memory, ..StateConfig::default() };
+    let (m, _) = PartitionStore::open(&mem, &sub, "t", PARTITION)?;
+    let r = restore(&m, &bootstrap, &kafka(), &topic, PARTITION, None).await?;
+    println!(
+        "{}: restored {} records in {:?} = {:.0} records/s into memory",
+        kind.name(),
+        r.records_read,
+        r.elapsed,
+        r.records_read as f64 / r.elapsed.as_secs_f64()
+    );
+    // For comparison: a bare consumer that only counts the records.
+    let bare = {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::{Offset, TopicPartitionList};
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", "bare")
+            .set("enable.auto.commit", "false")
+            .set("max.partition.fetch.bytes", "16777216")
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, PARTITION, Offset::Beginning)?;
+        c.assign(&tpl)?;
+        let t = Instant::now();
+        let mut n = 0usize;
+        while n < r.records_read as usize {
+            if let Some(Ok(_)) = c.poll(Duration::from_millis(100)) {
+                n += 1;
+            }
+            anyhow::ensure!(t.elapsed() < Duration::from_secs(120), "bare consumer stalled at {n}");
+        }
+        t.elapsed()
+    };
+    println!(
+        "{}: a bare consumer reads the same records in {bare:?} = {:.0} records/s",
+        kind.name(),
+        r.records_read as f64 / bare.as_secs_f64()
+    );
+    // The mock cluster keeps only ~5 MB per partition; Tansu keeps everything.
+    if kind != BrokerKind::Embedded {
+        assert_eq!(r.records_read as usize, records / per_batch * per_batch);
+    }
+    Ok(())
+}
