@@ -1,1 +1,25 @@
-//! examples support
+//! Examples for decaton-rs: a chat service's background tasks on Kafka.
+//!
+//! A chat server (`talk-server`) turns every user action — sending a message, reading,
+//! joining a room — into a [`ChatOp`](decaton_protocol::ChatOp) task keyed by the user id,
+//! so one user's operations land in one partition, in order. Independent processors each
+//! subscribe to the same topic with their own subscription (consumer group), so a slow
+//! one never holds the others back:
+//!
+//! | binary                        | module            | shows                                      |
+//! |-------------------------------|-------------------|--------------------------------------------|
+//! | `talk-server`                 | [`chat`]          | producing keyed, sequenced tasks, rate limit |
+//! | `notification-processor`      | [`notification`]  | `per_key` mode, async I/O per task         |
+//! | `search-indexer`              | [`indexer`]       | `bounded` mode, deferred completion        |
+//! | `storage-mutation-processor`  | [`storage`]       | per-key order as a correctness property    |
+//! | `quickstart`                  | [`recording`]     | everything at once on an embedded broker   |
+//!
+//! The [`cli`] module holds what every binary shares: logging, signals, the common
+//! subscription flags and the periodic stats line.
+
+pub mod chat;
+pub mod cli;
+pub mod indexer;
+pub mod notification;
+pub mod recording;
+pub mod storage;
