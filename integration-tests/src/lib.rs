@@ -252,3 +252,53 @@ macro_rules! broker_tests {
         }
     };
 }
+
+/// Keeps per-user operation counters and the last operation time in the partition's
+/// state store: `count/<user>` (decimal) and `last/<user>` (millis). Read-modify-write,
+/// so applying a task's effects twice would show as a wrong count.
+pub struct CounterProcessor {
+    /// Optional per-task log line sink (key, sequence, instance) for the checker.
+    pub log: Option<(String, std::sync::Arc<Mutex<std::fs::File>>)>,
+    /// Tasks seen.
+    pub seen: Arc<AtomicU64>,
+}
+
+#[async_trait]
+impl TaskProcessor<ChatOp> for CounterProcessor {
+    async fn process(&self, ctx: &ProcessingContext, task: ChatOp) -> Result<(), ProcessError> {
+        let state = ctx.state().ok_or_else(|| ProcessError::new("no state store configured"))?;
+        let key = format!("count/{}", task.user_id);
+        let n: u64 = match state.get(key.as_bytes())? {
+            Some(v) => String::from_utf8_lossy(&v).parse().map_err(|e| ProcessError::new(format!("bad counter: {e}")))?,
+            None => 0,
+        };
+        state.put(key.as_bytes(), (n + 1).to_string().as_bytes())?;
+        state.put(format!("last/{}", task.user_id).as_bytes(), task.created_at_millis.to_string().as_bytes())?;
+        if let Some((instance, f)) = &self.log {
+            use std::io::Write;
+            let line = serde_json::to_string(&Processed { key: task.user_id, sequence: task.sequence, instance: instance.clone() })?;
+            f.lock().write_all(format!("{line}\n").as_bytes())?;
+        }
+        self.seen.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Reads every `count/<user>` counter of `subscription`'s store from a (closed) state
+/// directory.
+pub fn read_counters(cfg: &decaton_state::StateConfig, subscription: &str, topic: &str, partitions: i32) -> anyhow::Result<HashMap<String, u64>> {
+    let mut out = HashMap::new();
+    for p in 0..partitions {
+        let (store, report) = decaton_state::internal::PartitionStore::open(cfg, subscription, topic, p)?;
+        for (k, v) in store.scan_prefix(b"count/")? {
+            let user = String::from_utf8_lossy(&k["count/".len()..]).to_string();
+            out.insert(user, String::from_utf8_lossy(&v).parse()?);
+        }
+        // Opening consumes the checkpoint; put it back so the next owner still has it.
+        if let Some(offset) = report.restore_from() {
+            let applied: Vec<i64> = store.applied_source_offsets().into_iter().collect();
+            store.close_clean(offset, &applied)?;
+        }
+    }
+    Ok(out)
+}

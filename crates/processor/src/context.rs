@@ -50,7 +50,7 @@ pub(crate) struct CompletionInner {
     counters: Arc<Counters>,
     timer: Mutex<Option<tokio::task::AbortHandle>>,
     pub(crate) hook: Option<Arc<dyn CompletionHook>>,
-    pub(crate) state: Option<crate::state::TaskBatch>,
+    pub(crate) state: Option<crate::state::TaskState>,
 }
 
 impl Outcome {
@@ -66,7 +66,7 @@ impl CompletionInner {
         offset: i64,
         counters: Arc<Counters>,
         hook: Option<Arc<dyn CompletionHook>>,
-        state: Option<crate::state::TaskBatch>,
+        state: Option<crate::state::TaskState>,
     ) -> Arc<Self> {
         Arc::new(CompletionInner {
             partition,
@@ -175,8 +175,8 @@ impl ProcessingContext {
     /// see this task's own writes; writes are buffered and, when the task completes
     /// successfully, applied to the store and appended to the changelog before the
     /// task's offset can be committed. A failed task's writes are dropped.
-    pub fn state(&self) -> Option<&dyn crate::state::StateStore> {
-        self.completion.state.as_ref().map(|b| b as &dyn crate::state::StateStore)
+    pub fn state(&self) -> Option<&dyn decaton_state::StateStore> {
+        self.completion.state.as_ref().map(|s| &s.batch as &dyn decaton_state::StateStore)
     }
 
     /// Defers completion: the task stays unfinished after `process` returns, until the

@@ -36,7 +36,7 @@ pub(crate) struct TaskUnit<T> {
     pub(crate) key: Option<Arc<[u8]>>,
     pub(crate) metadata: TaskMetadata,
     pub(crate) task: T,
-    pub(crate) state: Option<crate::state::TaskBatch>,
+    pub(crate) state: Option<crate::state::TaskState>,
 }
 
 /// Runs tasks: shared by every lane of a subscription.

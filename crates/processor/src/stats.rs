@@ -15,6 +15,8 @@ pub(crate) struct Counters {
     pub(crate) paused_partitions: AtomicU64,
     pub(crate) assigned_partitions: AtomicU64,
     pub(crate) pauses: AtomicU64,
+    pub(crate) state_records_restored: AtomicU64,
+    pub(crate) state_write_failures: AtomicU64,
 }
 
 /// A snapshot of a subscription's counters.
@@ -41,6 +43,10 @@ pub struct SubscriptionStats {
     pub assigned_partitions: u64,
     /// How many times a partition was paused for backpressure.
     pub pauses: u64,
+    /// Changelog records read while restoring state stores.
+    pub state_records_restored: u64,
+    /// Tasks whose state mutations could not be applied or appended to the changelog.
+    pub state_write_failures: u64,
 }
 
 impl Counters {
@@ -56,6 +62,8 @@ impl Counters {
             paused_partitions: self.paused_partitions.load(Relaxed),
             assigned_partitions: self.assigned_partitions.load(Relaxed),
             pauses: self.pauses.load(Relaxed),
+            state_records_restored: self.state_records_restored.load(Relaxed),
+            state_write_failures: self.state_write_failures.load(Relaxed),
         }
     }
 }

@@ -42,7 +42,7 @@ pub enum SubscriptionError {
     Kafka(#[from] rdkafka::error::KafkaError),
     /// The state store could not be set up.
     #[error("state: {0}")]
-    State(#[from] crate::state::StateError),
+    State(#[from] decaton_state::StateError),
     /// The consumer thread died.
     #[error("consumer thread failed: {0}")]
     Thread(String),
@@ -56,7 +56,7 @@ pub struct SubscriptionBuilder<T, P> {
     topic: Option<String>,
     properties: ProcessorProperties,
     kafka: BTreeMap<String, String>,
-    state: Option<crate::state::StateConfig>,
+    state: Option<decaton_state::StateConfig>,
     _task: std::marker::PhantomData<fn(T)>,
 }
 
@@ -94,7 +94,7 @@ where
     /// Gives the processor partition-local state ([`ProcessingContext::state`](crate::ProcessingContext::state)),
     /// kept under `config.state_dir` and replicated to the changelog topic
     /// `<subscription>-<store>-changelog`.
-    pub fn state_store(mut self, config: crate::state::StateConfig) -> Self {
+    pub fn state_store(mut self, config: decaton_state::StateConfig) -> Self {
         self.state = Some(config);
         self
     }
@@ -191,7 +191,7 @@ pub struct Subscription<T, P> {
     topic: String,
     properties: ProcessorProperties,
     kafka: BTreeMap<String, String>,
-    state: Option<crate::state::StateConfig>,
+    state: Option<decaton_state::StateConfig>,
     handle: SubscriptionHandle,
     _task: std::marker::PhantomData<fn(T)>,
 }
@@ -244,14 +244,11 @@ where
         }
         let counters = self.handle.inner.counters.clone();
         let state = match &self.state {
-            Some(cfg) => Some(Arc::new(StateRuntime::new(
-                cfg.clone(),
-                &self.id,
-                &self.bootstrap,
-                &self.kafka,
-                runtime.clone(),
-                counters.clone(),
-            )?)),
+            Some(cfg) => {
+                let s = Arc::new(StateRuntime::new(cfg.clone(), &self.id, &self.bootstrap, &self.kafka, runtime.clone(), counters.clone())?);
+                s.ensure_changelog(&self.topic).await;
+                Some(s)
+            }
             None => None,
         };
         let worker = Arc::new(Worker {
@@ -325,7 +322,7 @@ struct PartitionEntry<T> {
     /// Not dispatchable until the state store is restored.
     ready: Arc<AtomicBool>,
     last_committed: Option<(i64, String)>,
-    state: Option<crate::state::PartitionStore>,
+    state: Option<Arc<crate::state::StateSlot>>,
 }
 
 pub(crate) struct RuntimeCore<T, P> {
@@ -490,7 +487,8 @@ where
 
     fn dispatch(&self, entry: &mut PartitionEntry<T>, incoming: Incoming<T>) {
         let offset = incoming.offset();
-        let skip_done = entry.already_done.remove(&offset);
+        let skip_done =
+            entry.already_done.remove(&offset) || entry.state.as_ref().is_some_and(|s| s.is_applied(offset));
         let mut core = entry.shared.core.lock();
         if !core.tracker.register(offset) {
             return; // a redelivery of something already registered
@@ -509,7 +507,7 @@ where
                 core.dispatched += 1;
                 entry.shared.metrics.pending.set(core.tracker.unfinished() as f64);
                 drop(core);
-                unit.state = entry.state.as_ref().map(|s| s.task_batch());
+                unit.state = entry.state.as_ref().and_then(|s| s.task_state());
                 entry.scheduler.dispatch(unit, &self.worker, &self.runtime);
             }
         }
@@ -672,19 +670,7 @@ where
                 OffsetTracker::starting_at(position),
             ));
             let ready = Arc::new(AtomicBool::new(true));
-            let state = match &self.state {
-                Some(s) => match s.open_partition(&self.topic, p, position, ready.clone()) {
-                    Ok(store) => Some(store),
-                    Err(e) => {
-                        // Without its store the partition cannot run correctly; keep it
-                        // paused (not ready) so its tasks wait in Kafka, and say why.
-                        tracing::error!(partition = p, "state store unavailable, partition held: {e}");
-                        ready.store(false, Ordering::Release);
-                        None
-                    }
-                },
-                None => None,
-            };
+            let state = self.state.as_ref().map(|s| s.open_partition(&self.topic, p, ready.clone()));
             tracing::info!(subscription = %self.subscription, topic = %self.topic, partition = p, ?position,
                 skipping = already_done.len(), "partition assigned");
             parts.insert(
@@ -744,8 +730,8 @@ where
                 if entry.paused {
                     self.counters.paused_partitions.fetch_sub(1, Ordering::Relaxed);
                 }
-                if let (Some(state), Some(store)) = (&self.state, entry.state) {
-                    state.close_partition(&self.topic, s.partition, store, s);
+                if let (Some(state), Some(slot)) = (&self.state, &entry.state) {
+                    state.close_partition(slot, s);
                 }
             }
         }
@@ -755,13 +741,27 @@ where
     }
 
     fn shutdown(&self, consumer: &BaseConsumer<RuntimeContext<T, P>>) {
-        let partitions: Vec<i32> = self.partitions.lock().keys().copied().collect();
-        // Stop fetching; let what was dispatched finish (up to shutdown_timeout).
+        let deadline = Instant::now() + self.props.shutdown_timeout;
+        // Stop fetching; let what was dispatched finish (up to shutdown_timeout). Keep
+        // polling meanwhile so a rebalance started by another member is served (its
+        // revocation commits while this member's generation is still valid) and the
+        // session stays alive.
         let mut tpl = TopicPartitionList::new();
-        for p in &partitions {
+        for p in self.partitions.lock().keys() {
             tpl.add_partition(&self.topic, *p);
         }
         let _ = consumer.pause(&tpl);
-        self.revoke(consumer, &partitions, self.props.shutdown_timeout, true);
+        loop {
+            let idle = self.partitions.lock().values().all(|e| e.shared.core.lock().dispatched == 0);
+            if idle || Instant::now() >= deadline {
+                break;
+            }
+            // Records fetched before the pause are dropped here: they were never
+            // registered, so the committed position stays below them.
+            let _ = consumer.poll(Duration::from_millis(10));
+        }
+        let partitions: Vec<i32> = self.partitions.lock().keys().copied().collect();
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        self.revoke(consumer, &partitions, remaining, true);
     }
 }
