@@ -12,6 +12,7 @@
 //! | `notification-processor`      | [`notification`]  | `per_key` mode, async I/O per task         |
 //! | `search-indexer`              | [`indexer`]       | `bounded` mode, deferred completion        |
 //! | `storage-mutation-processor`  | [`storage`]       | per-key order as a correctness property    |
+//! | `user-counters`               | [`counters`]      | partition-local state with a changelog     |
 //! | `quickstart`                  | [`recording`]     | everything at once on an embedded broker   |
 //!
 //! The [`cli`] module holds what every binary shares: logging, signals, the common
@@ -19,6 +20,7 @@
 
 pub mod chat;
 pub mod cli;
+pub mod counters;
 pub mod indexer;
 pub mod notification;
 pub mod recording;
