@@ -10,6 +10,7 @@
 //!
 //! WORKLOAD: [--tasks N] [--warmup N] [--partitions N] [--keys N] [--payload-bytes N]
 //!           [--bootstrap HOST:PORT] [--runs N] [--in-flight N] [--stall-timeout SECS]
+//!           [--producer-param NAME=VALUE]...
 //! ```
 
 use std::path::PathBuf;
@@ -81,6 +82,11 @@ pub struct WorkloadArgs {
     /// Puts in flight while producing.
     #[arg(long, default_value_t = 256)]
     pub in_flight: usize,
+    /// librdkafka producer setting NAME=VALUE (repeatable) for every producer the harness
+    /// creates, e.g. `batch.num.messages=1` for Tansu 0.6 (which cannot serve a fetch
+    /// starting inside a record batch).
+    #[arg(long = "producer-param", value_name = "NAME=VALUE", value_parser = parse_param)]
+    pub producer_params: Vec<(String, String)>,
     /// Fail a run when no task completes for this many seconds.
     #[arg(long, default_value_t = 60)]
     pub stall_timeout: u64,
@@ -101,6 +107,7 @@ impl WorkloadArgs {
             bootstrap: self.bootstrap.clone(),
             runs: self.runs,
             in_flight: self.in_flight.max(1),
+            producer_params: self.producer_params.clone(),
             stall_timeout: Duration::from_secs(self.stall_timeout.max(1)),
             progress,
         })

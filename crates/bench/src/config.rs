@@ -158,6 +158,12 @@ pub struct Workload {
     pub runs: u32,
     /// Puts in flight while filling the topic (and in the producer benchmark).
     pub in_flight: usize,
+    /// librdkafka producer settings applied to every producer the harness creates (the
+    /// filling `TaskClient` and both producers of `decaton bench produce`), verbatim, after
+    /// the defaults. E.g. `batch.num.messages=1` for brokers that cannot serve a fetch
+    /// starting inside a record batch (Tansu 0.6).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub producer_params: Vec<(String, String)>,
     /// Give up when no task completes for this long.
     #[serde(with = "secs")]
     pub stall_timeout: Duration,
@@ -178,6 +184,7 @@ impl Default for Workload {
             bootstrap: None,
             runs: 1,
             in_flight: 256,
+            producer_params: Vec::new(),
             stall_timeout: Duration::from_secs(60),
             progress: false,
         }
@@ -206,6 +213,9 @@ impl Workload {
         }
         if self.in_flight != d.in_flight {
             f.push(format!("--in-flight {}", self.in_flight));
+        }
+        for (k, v) in &self.producer_params {
+            f.push(format!("--producer-param {}", shell_quote(&format!("{k}={v}"))));
         }
         if let Some(b) = &self.bootstrap {
             f.push(format!("--bootstrap {}", shell_quote(b)));

@@ -92,14 +92,18 @@ where
     Ok(())
 }
 
-fn client(bootstrap: &str, topic: &str) -> Result<TaskClient<ChatOp>, BenchError> {
-    Ok(TaskClient::<ChatOp>::builder(bootstrap, topic).application_id(APPLICATION_ID).instance_id("bench").build()?)
+fn client(bootstrap: &str, topic: &str, workload: &Workload) -> Result<TaskClient<ChatOp>, BenchError> {
+    let mut builder = TaskClient::<ChatOp>::builder(bootstrap, topic).application_id(APPLICATION_ID).instance_id("bench");
+    for (k, v) in &workload.producer_params {
+        builder = builder.set(k.clone(), v.clone());
+    }
+    Ok(builder.build()?)
 }
 
 /// Puts every task of `workload` (warmup included) on `topic` with `TaskClient`, and
 /// waits for all acknowledgements.
 pub(crate) async fn fill(cluster: &Cluster, topic: &str, workload: &Workload) -> Result<(), BenchError> {
-    let client = Arc::new(client(cluster.bootstrap(), topic)?);
+    let client = Arc::new(client(cluster.bootstrap(), topic, workload)?);
     let total = workload.total();
     let done = Arc::new(AtomicU64::new(0));
     let progress = Progress::new(workload.progress, total, "producing");
@@ -212,7 +216,7 @@ async fn produce_once(
         async move {
             match producer {
                 ProducerKind::Put => {
-                    let client = Arc::new(client(cluster.bootstrap(), topic)?);
+                    let client = Arc::new(client(cluster.bootstrap(), topic, workload)?);
                     let c = client.clone();
                     for_each_concurrent(recorder.total(), workload.in_flight, move |i| {
                         let (client, recorder, payload) = (c.clone(), recorder.clone(), payload.clone());
@@ -233,13 +237,17 @@ async fn produce_once(
                     client.flush(Duration::from_secs(30)).await?;
                 }
                 ProducerKind::RawProducer => {
-                    let producer: FutureProducer = ClientConfig::new()
+                    let mut config = ClientConfig::new();
+                    config
                         .set("bootstrap.servers", cluster.bootstrap())
                         .set("acks", "all")
                         .set("enable.idempotence", "true")
                         .set("linger.ms", "5")
-                        .set("message.timeout.ms", "30000")
-                        .create()?;
+                        .set("message.timeout.ms", "30000");
+                    for (k, v) in &workload.producer_params {
+                        config.set(k, v);
+                    }
+                    let producer: FutureProducer = config.create()?;
                     let topic: Arc<str> = topic.into();
                     let p = producer.clone();
                     for_each_concurrent(recorder.total(), workload.in_flight, move |i| {

@@ -387,6 +387,38 @@ mod model {
     }
 }
 
+/// Peak resident set size of this process (`VmHWM`), KiB; 0 where /proc is missing.
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Resets `VmHWM` to the current RSS (Linux: writing 5 to /proc/self/clear_refs), so the
+/// next [`peak_rss_kib`] is the peak of one phase. Best effort.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Bytes of the files under `dir`, recursively (what `du -sb` reports, apparent size).
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 /// `DECATON_RESTORE_BROKER=tansu DECATON_RESTORE_RECORDS=1000000 cargo test -p decaton-state
 /// --release --test changelog restore_throughput -- --ignored --nocapture`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -424,7 +456,9 @@ async fn restore_throughput() -> anyhow::Result<()> {
         p.wait().await?;
     }
     let produce = started.elapsed();
+    println!("{}: peak RSS while producing: {} KiB", kind.name(), peak_rss_kib());
     let dir = tempfile::tempdir()?;
+    reset_peak_rss();
     let (s, _) = PartitionStore::open(&sled_cfg(dir.path()), &sub, "t", PARTITION)?;
     let r = restore(&s, &bootstrap, &kafka(), &topic, PARTITION, None).await?;
     println!(
@@ -435,15 +469,24 @@ async fn restore_throughput() -> anyhow::Result<()> {
         r.elapsed,
         r.records_read as f64 / r.elapsed.as_secs_f64()
     );
+    let peak_sled = peak_rss_kib();
+    drop(s);
+    println!(
+        "{}: sled store: {} bytes on disk after the restore (store closed); peak RSS during the sled restore: {peak_sled} KiB",
+        kind.name(),
+        dir_bytes(dir.path())
+    );
     let mem = StateConfig { backend: Backend::Memory, ..StateConfig::default() };
+    reset_peak_rss();
     let (m, _) = PartitionStore::open(&mem, &sub, "t", PARTITION)?;
     let r = restore(&m, &bootstrap, &kafka(), &topic, PARTITION, None).await?;
     println!(
-        "{}: restored {} records in {:?} = {:.0} records/s into memory",
+        "{}: restored {} records in {:?} = {:.0} records/s into memory; peak RSS during it: {} KiB",
         kind.name(),
         r.records_read,
         r.elapsed,
-        r.records_read as f64 / r.elapsed.as_secs_f64()
+        r.records_read as f64 / r.elapsed.as_secs_f64(),
+        peak_rss_kib()
     );
     // For comparison: a bare consumer that only counts the records.
     let bare = {
