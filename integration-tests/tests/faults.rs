@@ -20,16 +20,21 @@ struct Instance {
 }
 
 fn spawn_worker(bootstrap: &str, topic: &str, group: &str, instance: &str, log_dir: &Path, max_pending: usize, offset_map: bool) -> anyhow::Result<Instance> {
+    // Two lanes per partition and up to 4 ms per task keep a backlog in flight, so a kill
+    // always interrupts work.
     let child = Command::new(WORKER)
         .args(["--bootstrap", bootstrap, "--topic", topic, "--group", group, "--instance", instance])
         .arg("--log-dir")
         .arg(log_dir)
-        .args(["--param", &format!("max_pending={max_pending}")])
-        .args(["--param", "mode=per_key", "--param", "commit_interval=200", "--param", "rebalance_timeout=3000"])
+        .args(["--param", &format!("max_pending={max_pending}"), "--latency-ms", "4"])
+        .args(["--param", "mode=bounded", "--param", "partition_concurrency=2"])
+        .args(["--param", "commit_interval=100", "--param", "rebalance_timeout=3000"])
         .args(["--param", &format!("offset_map={offset_map}")])
-        .args(["-X", "session.timeout.ms=6000", "-X", "heartbeat.interval.ms=500"])
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,librdkafka=off,rdkafka::client=off".into()))
+        .args(["-X", "session.timeout.ms=6000", "-X", "heartbeat.interval.ms=500", "-X", "max.poll.interval.ms=10000"])
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info,librdkafka=off,rdkafka::client=off".into()))
         .stdin(Stdio::null())
+        .stdout(std::fs::File::create(log_dir.join(format!("{instance}.stderr")))?)
+        .stderr(std::fs::OpenOptions::new().append(true).create(true).open(log_dir.join(format!("{instance}.stderr")))?)
         .spawn()?;
     Ok(Instance { child })
 }
@@ -44,7 +49,14 @@ fn sigterm(child: &Child) {
 
 /// At least 10 SIGKILLs among 3 instances while a producer keeps enqueuing: nothing lost,
 /// per-key order kept within every instance run, duplicates bounded.
-async fn kill_test(kind: BrokerKind, offset_map: bool) -> anyhow::Result<()> {
+///
+/// `restart_delay` is how long a killed instance stays down. Tansu 0.6 needs it to exceed
+/// the session timeout: a rebalance that starts within a session timeout of a member's
+/// death still lists the dead member, assigns it partitions, and those partitions are
+/// never reassigned (observed: they stop forever; its static membership does not work
+/// either). Kafka and the mock cluster drop members that do not rejoin, so there the
+/// instance comes back at once.
+async fn kill_test(kind: BrokerKind, offset_map: bool, restart_delay: Duration) -> anyhow::Result<()> {
     const TASKS: u64 = 100_000;
     const KEYS: u64 = 2_000;
     const PARTITIONS: i32 = 6;
@@ -55,15 +67,17 @@ async fn kill_test(kind: BrokerKind, offset_map: bool) -> anyhow::Result<()> {
     let bootstrap = broker.bootstrap_servers();
     let logs = tempfile::tempdir()?;
     let group = format!("kill-{offset_map}");
+    // Half the tasks wait as a backlog before the instances start; the rest arrive while
+    // instances die and come back.
+    produce_range(&broker, "kill", 0..TASKS / 2, KEYS).await?;
     let mut generation = [0usize; 3];
     let mut instances: Vec<Instance> = (0..3)
         .map(|slot| spawn_worker(&bootstrap, "kill", &group, &format!("w{slot}-g0"), logs.path(), MAX_PENDING, offset_map))
         .collect::<anyhow::Result<_>>()?;
-    // The producer enqueues in ten rounds while instances die and come back.
     let producer = {
         let broker_ref = &broker;
         async move {
-            for round in 0..10u64 {
+            for round in 5..10u64 {
                 produce_range(broker_ref, "kill", round * TASKS / 10..(round + 1) * TASKS / 10, KEYS).await?;
             }
             anyhow::Ok(())
@@ -76,6 +90,7 @@ async fn kill_test(kind: BrokerKind, offset_map: bool) -> anyhow::Result<()> {
             let slot = k % 3;
             instances[slot].child.kill()?;
             instances[slot].child.wait()?;
+            tokio::time::sleep(restart_delay).await;
             generation[slot] += 1;
             instances[slot] = spawn_worker(&bootstrap, "kill", &group, &format!("w{slot}-g{}", generation[slot]), logs.path(), MAX_PENDING, offset_map)?;
         }
@@ -85,7 +100,7 @@ async fn kill_test(kind: BrokerKind, offset_map: bool) -> anyhow::Result<()> {
     p?;
     k?;
     let expected = expected_counts(TASKS, KEYS);
-    let deadline = Instant::now() + Duration::from_secs(300);
+    let deadline = Instant::now() + Duration::from_secs(150);
     let mut report;
     loop {
         let entries = checker::read_jsonl_dir(logs.path())?;
@@ -103,8 +118,19 @@ async fn kill_test(kind: BrokerKind, offset_map: bool) -> anyhow::Result<()> {
     }
     let entries = checker::read_jsonl_dir(logs.path())?;
     let report_final = checker::check(&expected, &entries);
+    if report.lost_count > 0 {
+        println!("committed: {:?}", decaton_integration_tests::committed(&bootstrap, &group, "kill", PARTITIONS)?);
+        for e in std::fs::read_dir(logs.path())? {
+            let p = e?.path();
+            if p.extension().is_some_and(|x| x == "stderr") {
+                let text = std::fs::read_to_string(&p)?;
+                let interesting: Vec<&str> = text.lines().filter(|l| l.contains("assigned") || l.contains("released") || l.contains("WARN") || l.contains("ERROR")).collect();
+                println!("--- {}: {}", p.display(), interesting.join("\n"));
+            }
+        }
+    }
     println!(
-        "KILL TEST {} offset_map={offset_map}: {KILLS} SIGKILLs, {report_final}; duplicate bound max_pending x kills = {}",
+        "KILL TEST {} offset_map={offset_map} restart_delay={restart_delay:?}: {KILLS} SIGKILLs, {report_final}; duplicate bound max_pending x kills = {}",
         kind.name(),
         MAX_PENDING * KILLS
     );
@@ -117,13 +143,13 @@ async fn kill_test(kind: BrokerKind, offset_map: bool) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_test_tansu() -> anyhow::Result<()> {
-    kill_test(BrokerKind::TansuMemory, true).await
+    kill_test(BrokerKind::TansuMemory, true, Duration::from_secs(7)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_test_embedded_with_and_without_offset_map() -> anyhow::Result<()> {
-    kill_test(BrokerKind::Embedded, true).await?;
-    kill_test(BrokerKind::Embedded, false).await
+    kill_test(BrokerKind::Embedded, true, Duration::ZERO).await?;
+    kill_test(BrokerKind::Embedded, false, Duration::ZERO).await
 }
 
 /// Scale 1 -> 3 -> 1 instances of one subscription while the producer keeps enqueuing.
