@@ -1,3 +1,4 @@
+#![allow(clippy::field_reassign_with_default, clippy::unwrap_used)]
 //! Deferred completion: completed later, timed out, dropped. None may stall a partition.
 
 use std::sync::Arc;

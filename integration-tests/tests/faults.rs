@@ -1,3 +1,4 @@
+#![allow(clippy::field_reassign_with_default, clippy::unwrap_used)]
 //! Rebalances, crashes and restarts: instances as child processes killed with SIGKILL,
 //! scaling in and out under load, and the offset map across a restart.
 

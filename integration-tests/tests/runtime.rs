@@ -1,3 +1,4 @@
+#![allow(clippy::field_reassign_with_default, clippy::unwrap_used)]
 //! The processor runtime end to end, against the embedded and the real broker.
 
 use std::sync::atomic::Ordering;

@@ -1,3 +1,4 @@
+#![allow(clippy::field_reassign_with_default, clippy::unwrap_used)]
 //! Partition-local state that follows its partition: a SIGKILLed owner's state moves to
 //! a new instance through the changelog, a restart with the same state directory
 //! restores only the tail, and a corrupt store is rebuilt. Counters must be exact.

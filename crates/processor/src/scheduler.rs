@@ -110,10 +110,13 @@ impl<T: Send + 'static, P: TaskProcessor<T>> Worker<T, P> {
 
 type KeyHasher = BuildHasherDefault<std::collections::hash_map::DefaultHasher>;
 
+/// Per-key queues of the per-key mode: a key is present while its lane runs.
+type KeyQueues<T> = Arc<Mutex<HashMap<Arc<[u8]>, VecDeque<TaskUnit<T>>>>>;
+
 /// The lanes of one partition.
 pub(crate) enum PartitionScheduler<T> {
     Bounded { lanes: Vec<mpsc::UnboundedSender<TaskUnit<T>>>, next_unkeyed: usize },
-    PerKey { queues: Arc<Mutex<HashMap<Arc<[u8]>, VecDeque<TaskUnit<T>>>>> },
+    PerKey { queues: KeyQueues<T> },
 }
 
 impl<T: Send + 'static> PartitionScheduler<T> {
@@ -195,6 +198,7 @@ impl<T: Send + 'static> PartitionScheduler<T> {
 }
 
 #[cfg(test)]
+#[allow(clippy::field_reassign_with_default)]
 mod tests {
     use super::*;
     use crate::offsets::OffsetTracker;

@@ -385,6 +385,13 @@ where
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
         if let Err(e) = result {
             tracing::warn!(subscription = %self.core.subscription, "commit of {} partitions failed: {e}", offsets.count());
+            // Forget what we believed committed so the next round sends it again.
+            let mut parts = self.core.partitions.lock();
+            for e in offsets.elements().iter().filter(|e| e.topic() == &*self.core.topic) {
+                if let Some(entry) = parts.get_mut(&e.partition()) {
+                    entry.last_committed = None;
+                }
+            }
         }
     }
 }
@@ -577,7 +584,7 @@ where
                 }
                 if tpl.add_partition_offset(&self.topic, entry.shared.partition, Offset::Offset(commit.0)).is_ok() {
                     if let Some(mut e) = tpl.find_partition(&self.topic, entry.shared.partition) {
-                        let _ = e.set_metadata(commit.1.clone());
+                        e.set_metadata(commit.1.clone());
                     }
                     entry.shared.metrics.committed.set(commit.0 as f64);
                     entry.last_committed = Some(commit);
@@ -721,6 +728,16 @@ where
                     "tasks still running after the timeout are abandoned; their completion will commit nothing");
             }
             core.closed = true;
+        }
+        {
+            // The final commit of a released partition is always sent, even if an earlier
+            // asynchronous commit of the same position is believed to have succeeded.
+            let mut parts = self.partitions.lock();
+            for s in &shared {
+                if let Some(entry) = parts.get_mut(&s.partition) {
+                    entry.last_committed = None;
+                }
+            }
         }
         // Everything is frozen: commit the final positions synchronously.
         self.commit(consumer, CommitMode::Sync);

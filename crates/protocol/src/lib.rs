@@ -23,6 +23,8 @@
 //! assert_eq!(&*task.task, b"task-bytes");
 //! ```
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 use prost::Message;
 
 /// Code generated from the `.proto` files under `proto/`.
