@@ -233,6 +233,19 @@ pub fn committed(bootstrap: &str, group: &str, topic: &str, partitions: i32) -> 
         .collect())
 }
 
+/// Polls the broker until `group`'s committed position of partition 0 of `topic` is
+/// `expected`, for at most `timeout`; returns the last position read.
+pub async fn wait_committed(bootstrap: &str, group: &str, topic: &str, expected: i64, timeout: Duration) -> anyhow::Result<Option<i64>> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let pos = committed(bootstrap, group, topic, 1)?[0].0;
+        if pos == Some(expected) || tokio::time::Instant::now() >= deadline {
+            return Ok(pos);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await; // polling the broker
+    }
+}
+
 /// Runs both-broker variants of a test body: `broker_tests!(name, body_fn)` defines
 /// `name_embedded` and `name_tansu`.
 #[macro_export]

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use decaton_integration_tests::{broker_tests, committed, produce, Recording};
+use decaton_integration_tests::{broker_tests, produce, wait_committed, Recording};
 use decaton_processor::{async_trait, Completion, ProcessError, ProcessingContext, ProcessorProperties, SchedulingMode, Subscription, TaskProcessor};
 use decaton_protocol::ChatOp;
 use decaton_testkit::{BrokerKind, TestBroker};
@@ -57,14 +57,7 @@ async fn deferred(kind: BrokerKind) -> anyhow::Result<()> {
     let running = tokio::spawn(sub.run());
     // The partition's position reaches the end: nothing stalled it.
     let bootstrap = broker.bootstrap_servers();
-    let mut pos = None;
-    for _ in 0..300 {
-        pos = committed(&bootstrap, "def", "def", 1)?[0].0;
-        if pos == Some(TASKS as i64) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await; // polling the broker
-    }
+    let pos = wait_committed(&bootstrap, "def", "def", TASKS as i64, Duration::from_secs(30)).await?;
     assert_eq!(pos, Some(TASKS as i64), "position stuck; stats {:?}", handle.stats());
     let stats = handle.stats();
     handle.shutdown();

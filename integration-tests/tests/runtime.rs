@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use decaton_integration_tests::{broker_tests, committed, produce, Behaviour, Recorder, Recording};
+use decaton_integration_tests::{broker_tests, committed, produce, wait_committed, Behaviour, Recorder, Recording};
 use decaton_processor::{async_trait, ProcessError, ProcessingContext, ProcessorProperties, SchedulingMode, Subscription, TaskProcessor};
 use decaton_protocol::ChatOp;
 use decaton_testkit::{checker, BrokerKind, TestBroker};
@@ -125,14 +125,7 @@ async fn out_of_order_commit(kind: BrokerKind) -> anyhow::Result<()> {
     }
     release.notify_one();
     rec.wait_for(WAIT, |r| r.count() as u64 == TASKS).await?;
-    let mut pos = None;
-    for _ in 0..100 {
-        pos = committed(&bootstrap, "ooo", "ooo", 1)?[0].0;
-        if pos == Some(TASKS as i64) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await; // polling the broker
-    }
+    let pos = wait_committed(&bootstrap, "ooo", "ooo", TASKS as i64, Duration::from_secs(10)).await?;
     assert_eq!(pos, Some(TASKS as i64));
     handle.shutdown();
     running.await??;

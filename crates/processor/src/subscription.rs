@@ -356,12 +356,7 @@ where
 {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
-            let parts: Vec<i32> = tpl
-                .elements()
-                .iter()
-                .filter(|e| e.topic() == &*self.core.topic)
-                .map(|e| e.partition())
-                .collect();
+            let parts = self.core.own_partitions(tpl);
             self.core.revoke(consumer, &parts, self.core.props.rebalance_timeout, false);
         }
     }
@@ -369,12 +364,7 @@ where
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
-                let parts: Vec<i32> = tpl
-                    .elements()
-                    .iter()
-                    .filter(|e| e.topic() == &*self.core.topic)
-                    .map(|e| e.partition())
-                    .collect();
+                let parts = self.core.own_partitions(tpl);
                 self.core.assign(consumer, &parts);
             }
             Rebalance::Revoke(_) => {}
@@ -427,6 +417,11 @@ where
     T: prost::Message + Default + Send + 'static,
     P: TaskProcessor<T>,
 {
+    /// The partitions of this subscription's topic in `tpl`.
+    fn own_partitions(&self, tpl: &TopicPartitionList) -> Vec<i32> {
+        tpl.elements().iter().filter(|e| e.topic() == &*self.topic).map(|e| e.partition()).collect()
+    }
+
     /// Takes one record; returns true when it had to wait in the overflow (flow control
     /// should run soon).
     fn on_message(&self, msg: &BorrowedMessage<'_>) -> bool {
