@@ -191,8 +191,9 @@ pub(crate) fn decode_offset_map(position: i64, metadata: &str) -> Option<Vec<i64
     if base != position || len > 10_000_000 {
         return None;
     }
-    let kind = body.chars().next()?;
-    let payload = base64::engine::general_purpose::STANDARD_NO_PAD.decode(&body[1..]).ok()?;
+    // The kind is one ASCII byte; `get` refuses to split a multi-byte character.
+    let kind = char::from(*body.as_bytes().first()?);
+    let payload = base64::engine::general_purpose::STANDARD_NO_PAD.decode(body.get(1..)?).ok()?;
     let mut out = Vec::new();
     match kind {
         'b' => {
@@ -287,6 +288,8 @@ mod tests {
         assert_eq!(decode_offset_map(5, "dtom1:6:3:rAQE"), None);
         assert_eq!(decode_offset_map(5, "dtom1:5:3:r!!!"), None);
         assert_eq!(decode_offset_map(5, "dtom1:5:99999999999:b"), None);
+        // Found by the property test: a multi-byte first character of the body.
+        assert_eq!(decode_offset_map(5, "dtom1:5:3:\u{202e}e"), None);
     }
 
     proptest! {
