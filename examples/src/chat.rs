@@ -37,8 +37,8 @@ const OP_MIX: [(OpType, u32); 7] = [
 const HEAVY_SHARE: f64 = 0.2;
 
 const WORDS: [&str; 16] = [
-    "hello", "lunch", "today", "meeting", "moved", "to", "3pm", "see", "you", "there", "thanks", "ok", "sticker",
-    "photo", "lol", "tomorrow",
+    "hello", "lunch", "today", "meeting", "moved", "to", "3pm", "see", "you", "there", "thanks",
+    "ok", "sticker", "photo", "lol", "tomorrow",
 ];
 
 /// The key (and `user_id`) of user number `n`.
@@ -151,13 +151,23 @@ impl ChatOpGenerator {
     fn target_and_payload(&mut self, user: u64, op: OpType) -> (String, Vec<u8>) {
         match op {
             OpType::SendMessage => {
-                let target = if self.rng.random_bool(0.6) { self.room() } else { self.other_user(user) };
+                let target = if self.rng.random_bool(0.6) {
+                    self.room()
+                } else {
+                    self.other_user(user)
+                };
                 let words = self.rng.random_range(1..12);
-                let text: Vec<&str> = (0..words).map(|_| WORDS[self.rng.random_range(0..WORDS.len())]).collect();
+                let text: Vec<&str> = (0..words)
+                    .map(|_| WORDS[self.rng.random_range(0..WORDS.len())])
+                    .collect();
                 (target, text.join(" ").into_bytes())
             }
             OpType::Read => {
-                let target = if self.rng.random_bool(0.6) { self.room() } else { self.other_user(user) };
+                let target = if self.rng.random_bool(0.6) {
+                    self.room()
+                } else {
+                    self.other_user(user)
+                };
                 let up_to = self.rng.random_range(1..1_000_000u64);
                 (target, up_to.to_string().into_bytes())
             }
@@ -174,7 +184,9 @@ impl ChatOpGenerator {
 /// A short, log-friendly name of an operation type (`SEND_MESSAGE`, ...); `UNKNOWN` for a
 /// value this build does not know.
 pub fn op_name(op: i32) -> &'static str {
-    OpType::try_from(op).map(|o| o.as_str_name().trim_start_matches("OP_TYPE_")).unwrap_or("UNKNOWN")
+    OpType::try_from(op)
+        .map(|o| o.as_str_name().trim_start_matches("OP_TYPE_"))
+        .unwrap_or("UNKNOWN")
 }
 
 #[cfg(test)]

@@ -12,13 +12,17 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use decaton_processor::{ProcessorProperties, Subscription, SubscriptionBuilder, SubscriptionHandle, SubscriptionStats, TaskProcessor};
+use decaton_processor::{
+    ProcessorProperties, Subscription, SubscriptionBuilder, SubscriptionHandle, SubscriptionStats,
+    TaskProcessor,
+};
 use tracing_subscriber::EnvFilter;
 
 /// Installs a `tracing` subscriber that logs to stderr; `RUST_LOG` overrides
 /// `default_filter` (for example `"info"` or `"warn"`).
 pub fn init_tracing(default_filter: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     // Fails only if a subscriber is already installed, and then that one is used.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -39,7 +43,9 @@ pub async fn shutdown_signal() -> anyhow::Result<()> {
         }
     }
     #[cfg(not(unix))]
-    tokio::signal::ctrl_c().await.context("listening for Ctrl-C")?;
+    tokio::signal::ctrl_c()
+        .await
+        .context("listening for Ctrl-C")?;
     Ok(())
 }
 
@@ -80,7 +86,8 @@ impl SubscriptionArgs {
     /// `base` with every `-p name=value` applied on top.
     pub fn properties(&self, mut base: ProcessorProperties) -> anyhow::Result<ProcessorProperties> {
         for (name, value) in &self.properties {
-            base.set(name, value).with_context(|| format!("property {name}"))?;
+            base.set(name, value)
+                .with_context(|| format!("property {name}"))?;
         }
         Ok(base)
     }
@@ -92,8 +99,9 @@ impl SubscriptionArgs {
         T: prost::Message + Default + Send + 'static,
         P: TaskProcessor<T>,
     {
-        let mut builder =
-            Subscription::builder(id, processor).bootstrap_servers(self.bootstrap.clone()).topic(self.topic.clone());
+        let mut builder = Subscription::builder(id, processor)
+            .bootstrap_servers(self.bootstrap.clone())
+            .topic(self.topic.clone());
         for (k, v) in &self.kafka {
             builder = builder.set(k.clone(), v.clone());
         }
@@ -137,7 +145,8 @@ pub async fn report_stats(id: String, handle: SubscriptionHandle, interval: Dura
     loop {
         tick.tick().await;
         let stats = handle.stats();
-        let rate = stats.processed.saturating_sub(last) as f64 / at.elapsed().as_secs_f64().max(1e-9);
+        let rate =
+            stats.processed.saturating_sub(last) as f64 / at.elapsed().as_secs_f64().max(1e-9);
         (last, at) = (stats.processed, Instant::now());
         println!("{}", stats_line(&id, &stats, rate));
     }
@@ -166,7 +175,8 @@ where
             handle.shutdown();
         })
     };
-    let reporter = (!stats_interval.is_zero()).then(|| tokio::spawn(report_stats(id.clone(), handle.clone(), stats_interval)));
+    let reporter = (!stats_interval.is_zero())
+        .then(|| tokio::spawn(report_stats(id.clone(), handle.clone(), stats_interval)));
     tracing::info!(subscription = %id, "running; Ctrl-C or SIGTERM stops it");
     let started = Instant::now();
     let result = subscription.run().await;
@@ -176,6 +186,9 @@ where
     }
     let stats = result.with_context(|| format!("subscription {id}"))?;
     let secs = started.elapsed().as_secs_f64();
-    println!("{} in {secs:.1}s", stats_line(&id, &stats, stats.processed as f64 / secs.max(1e-9)));
+    println!(
+        "{} in {secs:.1}s",
+        stats_line(&id, &stats, stats.processed as f64 / secs.max(1e-9))
+    );
     Ok(stats)
 }

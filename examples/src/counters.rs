@@ -74,9 +74,13 @@ pub fn last_key(user: &str) -> String {
 }
 
 fn decode_u64(key: &[u8], value: &[u8]) -> anyhow::Result<u64> {
-    let bytes: [u8; 8] = value
-        .try_into()
-        .with_context(|| format!("value of {} is {} bytes, not 8", String::from_utf8_lossy(key), value.len()))?;
+    let bytes: [u8; 8] = value.try_into().with_context(|| {
+        format!(
+            "value of {} is {} bytes, not 8",
+            String::from_utf8_lossy(key),
+            value.len()
+        )
+    })?;
     Ok(u64::from_be_bytes(bytes))
 }
 
@@ -137,7 +141,9 @@ impl UserCountersProcessor {
 #[async_trait]
 impl TaskProcessor<ChatOp> for UserCountersProcessor {
     async fn process(&self, ctx: &ProcessingContext, op: ChatOp) -> Result<(), ProcessError> {
-        let state = ctx.state().ok_or_else(|| ProcessError::new("no state store configured for user-counters"))?;
+        let state = ctx
+            .state()
+            .ok_or_else(|| ProcessError::new("no state store configured for user-counters"))?;
         apply(state, &op).map_err(|e| ProcessError::new(format!("{e:#}")))?;
         self.seen.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -159,8 +165,14 @@ impl UserCounters {
     /// One line: total, per-type counts and the last operation's time.
     pub fn describe(&self) -> String {
         let ops: Vec<String> = self.ops.iter().map(|(op, n)| format!("{op}={n}")).collect();
-        let last = self.last_millis.map_or_else(|| "-".to_string(), |m| m.to_string());
-        format!("total {} [{}] last_op_millis {last}", self.total, ops.join(" "))
+        let last = self
+            .last_millis
+            .map_or_else(|| "-".to_string(), |m| m.to_string());
+        format!(
+            "total {} [{}] last_op_millis {last}",
+            self.total,
+            ops.join(" ")
+        )
     }
 }
 
@@ -181,7 +193,8 @@ pub struct StateDump {
 impl StateDump {
     /// The `n` users with the most operations, most first (ties by user id).
     pub fn top(&self, n: usize) -> Vec<(&str, &UserCounters)> {
-        let mut users: Vec<(&str, &UserCounters)> = self.users.iter().map(|(u, c)| (u.as_str(), c)).collect();
+        let mut users: Vec<(&str, &UserCounters)> =
+            self.users.iter().map(|(u, c)| (u.as_str(), c)).collect();
         users.sort_by(|a, b| b.1.total.cmp(&a.1.total).then_with(|| a.0.cmp(b.0)));
         users.truncate(n);
         users
@@ -204,7 +217,10 @@ impl StateDump {
             out.push_str(&format!("\n  partition {p} not read: {why}"));
         }
         if !self.users.is_empty() {
-            out.push_str(&format!("\ntop {} users by operations:", n.min(self.users.len())));
+            out.push_str(&format!(
+                "\ntop {} users by operations:",
+                n.min(self.users.len())
+            ));
             for (rank, (user, c)) in self.top(n).into_iter().enumerate() {
                 out.push_str(&format!("\n  {:>2}. {user:<14} {}", rank + 1, c.describe()));
             }
@@ -214,7 +230,10 @@ impl StateDump {
 }
 
 /// Adds the counters of one partition store to `users`.
-pub fn read_store(store: &PartitionStore, users: &mut BTreeMap<String, UserCounters>) -> anyhow::Result<()> {
+pub fn read_store(
+    store: &PartitionStore,
+    users: &mut BTreeMap<String, UserCounters>,
+) -> anyhow::Result<()> {
     for (k, v) in store.scan_prefix(TOTAL_PREFIX.as_bytes())? {
         let user = String::from_utf8_lossy(&k[TOTAL_PREFIX.len()..]).into_owned();
         users.entry(user).or_default().total = decode_u64(&k, &v)?;
@@ -225,15 +244,25 @@ pub fn read_store(store: &PartitionStore, users: &mut BTreeMap<String, UserCount
     }
     for (k, v) in store.scan_prefix(OPS_PREFIX.as_bytes())? {
         let rest = String::from_utf8_lossy(&k[OPS_PREFIX.len()..]).into_owned();
-        let (user, op) = rest.rsplit_once('/').with_context(|| format!("malformed key {OPS_PREFIX}{rest}"))?;
-        users.entry(user.to_string()).or_default().ops.insert(op.to_string(), decode_u64(&k, &v)?);
+        let (user, op) = rest
+            .rsplit_once('/')
+            .with_context(|| format!("malformed key {OPS_PREFIX}{rest}"))?;
+        users
+            .entry(user.to_string())
+            .or_default()
+            .ops
+            .insert(op.to_string(), decode_u64(&k, &v)?);
     }
     Ok(())
 }
 
 /// The partitions of `topic` that have a local store of `subscription` under `cfg`'s
 /// state directory (`<state_dir>/<subscription>/<store>/<topic>-<partition>`), ascending.
-pub fn local_partitions(cfg: &StateConfig, subscription: &str, topic: &str) -> anyhow::Result<Vec<i32>> {
+pub fn local_partitions(
+    cfg: &StateConfig,
+    subscription: &str,
+    topic: &str,
+) -> anyhow::Result<Vec<i32>> {
     let dir = cfg.state_dir.join(subscription).join(&cfg.store_name);
     let entries = match std::fs::read_dir(&dir) {
         Ok(e) => e,
@@ -248,7 +277,10 @@ pub fn local_partitions(cfg: &StateConfig, subscription: &str, topic: &str) -> a
             continue;
         }
         let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(p) = name.strip_prefix(&prefix).and_then(|p| p.parse::<i32>().ok()) {
+        if let Some(p) = name
+            .strip_prefix(&prefix)
+            .and_then(|p| p.parse::<i32>().ok())
+        {
             partitions.push(p);
         }
     }
@@ -266,18 +298,29 @@ pub fn local_partitions(cfg: &StateConfig, subscription: &str, topic: &str) -> a
 /// the open and reported in [`StateDump::discarded`]. Fails if a store is open
 /// elsewhere (a subscription still running) or `cfg` is the in-memory backend, which
 /// keeps nothing on disk.
-pub fn count_state_dir(cfg: &StateConfig, subscription: &str, topic: &str) -> anyhow::Result<StateDump> {
-    anyhow::ensure!(cfg.backend == Backend::Sled, "the memory backend keeps nothing on disk to read");
+pub fn count_state_dir(
+    cfg: &StateConfig,
+    subscription: &str,
+    topic: &str,
+) -> anyhow::Result<StateDump> {
+    anyhow::ensure!(
+        cfg.backend == Backend::Sled,
+        "the memory backend keeps nothing on disk to read"
+    );
     let mut dump = StateDump::default();
     for p in local_partitions(cfg, subscription, topic)? {
-        let (store, report) = PartitionStore::open(cfg, subscription, topic, p)
-            .with_context(|| format!("opening the state of {topic}-{p} (is the subscription still running?)"))?;
+        let (store, report) =
+            PartitionStore::open(cfg, subscription, topic, p).with_context(|| {
+                format!("opening the state of {topic}-{p} (is the subscription still running?)")
+            })?;
         match report {
             OpenReport::Checkpoint { offset } => {
                 let read = read_store(&store, &mut dump.users);
                 // Put the checkpoint back whether or not reading worked.
                 let applied: Vec<i64> = store.applied_source_offsets().into_iter().collect();
-                store.close_clean(offset, &applied).with_context(|| format!("restoring the checkpoint of {topic}-{p}"))?;
+                store
+                    .close_clean(offset, &applied)
+                    .with_context(|| format!("restoring the checkpoint of {topic}-{p}"))?;
                 read.with_context(|| format!("reading {topic}-{p}"))?;
                 dump.partitions.push(p);
             }
@@ -292,7 +335,10 @@ pub fn count_state_dir(cfg: &StateConfig, subscription: &str, topic: &str) -> an
 /// [`count_state_dir`] for the [`SUBSCRIPTION`] of this example with the default store
 /// name, reading from `state_dir`.
 pub fn count_default_state_dir(state_dir: &Path, topic: &str) -> anyhow::Result<StateDump> {
-    let cfg = StateConfig { state_dir: state_dir.to_path_buf(), ..Default::default() };
+    let cfg = StateConfig {
+        state_dir: state_dir.to_path_buf(),
+        ..Default::default()
+    };
     count_state_dir(&cfg, SUBSCRIPTION, topic)
 }
 
@@ -302,13 +348,21 @@ mod tests {
     use decaton_protocol::OpType;
 
     fn op(user: &str, kind: OpType, at: i64) -> ChatOp {
-        ChatOp { user_id: user.into(), op: kind as i32, created_at_millis: at, ..Default::default() }
+        ChatOp {
+            user_id: user.into(),
+            op: kind as i32,
+            created_at_millis: at,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn counts_and_last_time_round_trip_through_a_store() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let cfg = StateConfig { state_dir: dir.path().to_path_buf(), ..Default::default() };
+        let cfg = StateConfig {
+            state_dir: dir.path().to_path_buf(),
+            ..Default::default()
+        };
         {
             let (store, report) = PartitionStore::open(&cfg, SUBSCRIPTION, "t", 0)?;
             assert_eq!(report, OpenReport::Fresh);
@@ -326,10 +380,17 @@ mod tests {
         assert_eq!(dump.partitions, vec![0]);
         let a = &dump.users["a/b"];
         assert_eq!(a.total, 3);
-        assert_eq!(a.ops, BTreeMap::from([("READ".to_string(), 1), ("SEND_MESSAGE".to_string(), 2)]));
+        assert_eq!(
+            a.ops,
+            BTreeMap::from([("READ".to_string(), 1), ("SEND_MESSAGE".to_string(), 2)])
+        );
         assert_eq!(a.last_millis, Some(30));
         assert_eq!(dump.top(1)[0].0, "a/b");
-        assert!(dump.summary(10).contains("2 users, 4 operations"), "{}", dump.summary(10));
+        assert!(
+            dump.summary(10).contains("2 users, 4 operations"),
+            "{}",
+            dump.summary(10)
+        );
         // Reading put the checkpoint back.
         let (_, report) = PartitionStore::open(&cfg, SUBSCRIPTION, "t", 0)?;
         assert_eq!(report, OpenReport::Checkpoint { offset: 42 });

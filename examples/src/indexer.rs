@@ -37,7 +37,11 @@ pub struct IndexerConfig {
 
 impl Default for IndexerConfig {
     fn default() -> Self {
-        IndexerConfig { flush_interval: Duration::from_millis(50), max_batch: 500, bulk_latency: Duration::from_millis(5) }
+        IndexerConfig {
+            flush_interval: Duration::from_millis(50),
+            max_batch: 500,
+            bulk_latency: Duration::from_millis(5),
+        }
     }
 }
 
@@ -94,9 +98,18 @@ impl IndexStats {
     pub fn summary(&self) -> String {
         let indexed = self.indexed.load(Ordering::Relaxed);
         let bulks = self.bulk_requests.load(Ordering::Relaxed);
-        let mut terms: Vec<(String, u64)> = self.terms.lock().iter().map(|(t, n)| (t.clone(), *n)).collect();
+        let mut terms: Vec<(String, u64)> = self
+            .terms
+            .lock()
+            .iter()
+            .map(|(t, n)| (t.clone(), *n))
+            .collect();
         terms.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        let top: Vec<String> = terms.iter().take(5).map(|(t, n)| format!("{t}:{n}")).collect();
+        let top: Vec<String> = terms
+            .iter()
+            .take(5)
+            .map(|(t, n)| format!("{t}:{n}"))
+            .collect();
         format!(
             "indexed {indexed} documents in {bulks} bulk requests (avg {:.1}/request), skipped {}, rejected {}; top terms [{}]",
             indexed as f64 / bulks.max(1) as f64,
@@ -161,7 +174,9 @@ impl TaskProcessor<ChatOp> for SearchIndexer {
         };
         // From here on the task finishes when `completion` completes, not when we return.
         let completion = ctx.defer();
-        if let Err(mpsc::error::SendError(pending)) = self.queue.send(Pending { doc, completion }).await {
+        if let Err(mpsc::error::SendError(pending)) =
+            self.queue.send(Pending { doc, completion }).await
+        {
             self.stats.rejected.fetch_add(1, Ordering::Relaxed);
             pending.completion.fail("search indexer stopped");
         }
@@ -216,7 +231,9 @@ async fn flush(batch: &mut Vec<Pending>, config: &IndexerConfig, stats: &IndexSt
         }
     }
     stats.bulk_requests.fetch_add(1, Ordering::Relaxed);
-    stats.indexed.fetch_add(batch.len() as u64, Ordering::Relaxed);
+    stats
+        .indexed
+        .fetch_add(batch.len() as u64, Ordering::Relaxed);
     tracing::debug!(documents = batch.len(), "bulk request indexed");
     for p in batch.drain(..) {
         p.completion.complete();

@@ -27,7 +27,11 @@ pub struct NotificationStats {
 impl NotificationStats {
     /// A one-line summary.
     pub fn summary(&self) -> String {
-        format!("notifications sent {} ignored {}", self.sent.load(Ordering::Relaxed), self.ignored.load(Ordering::Relaxed))
+        format!(
+            "notifications sent {} ignored {}",
+            self.sent.load(Ordering::Relaxed),
+            self.ignored.load(Ordering::Relaxed)
+        )
     }
 }
 
@@ -41,7 +45,10 @@ pub struct NotificationProcessor {
 impl NotificationProcessor {
     /// A processor whose push call takes a random time in `latency_ms` milliseconds.
     pub fn new(latency_ms: RangeInclusive<u64>) -> Self {
-        NotificationProcessor { latency_ms, stats: Arc::default() }
+        NotificationProcessor {
+            latency_ms,
+            stats: Arc::default(),
+        }
     }
 
     /// Live counters (shared with every clone).
@@ -58,7 +65,11 @@ impl TaskProcessor<ChatOp> for NotificationProcessor {
             return Ok(());
         }
         // The push gateway call: `user_id` sent a message to `target_id`.
-        let ms = if self.latency_ms.is_empty() { 0 } else { rand::random_range(self.latency_ms.clone()) };
+        let ms = if self.latency_ms.is_empty() {
+            0
+        } else {
+            rand::random_range(self.latency_ms.clone())
+        };
         tokio::time::sleep(Duration::from_millis(ms)).await;
         tracing::trace!(from = %op.user_id, to = %op.target_id, sequence = op.sequence, "push notification sent");
         self.stats.sent.fetch_add(1, Ordering::Relaxed);

@@ -31,7 +31,12 @@ struct Log {
 impl Recording {
     /// An empty recording with room for `capacity` entries.
     pub fn with_capacity(capacity: usize) -> Self {
-        Recording { log: Mutex::new(Log { entries: Vec::with_capacity(capacity), ..Default::default() }) }
+        Recording {
+            log: Mutex::new(Log {
+                entries: Vec::with_capacity(capacity),
+                ..Default::default()
+            }),
+        }
     }
 
     /// Entries so far.
@@ -66,14 +71,22 @@ pub struct Recorded<P> {
 impl<P> Recorded<P> {
     /// Wraps `inner`, recording into `recording` under `instance` (the process run).
     pub fn new(inner: P, instance: impl Into<String>, recording: Arc<Recording>) -> Self {
-        Recorded { inner, instance: instance.into(), recording }
+        Recorded {
+            inner,
+            instance: instance.into(),
+            recording,
+        }
     }
 }
 
 #[async_trait]
 impl<P: TaskProcessor<ChatOp>> TaskProcessor<ChatOp> for Recorded<P> {
     async fn process(&self, ctx: &ProcessingContext, task: ChatOp) -> Result<(), ProcessError> {
-        let entry = Processed { key: task.user_id.clone(), sequence: task.sequence, instance: self.instance.clone() };
+        let entry = Processed {
+            key: task.user_id.clone(),
+            sequence: task.sequence,
+            instance: self.instance.clone(),
+        };
         {
             let now = Instant::now();
             let mut log = self.recording.log.lock();

@@ -66,7 +66,12 @@ impl UserStore for InMemoryStore {
     }
 
     fn records(&self) -> anyhow::Result<Vec<(String, UserRecord)>> {
-        Ok(self.users.lock().iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        Ok(self
+            .users
+            .lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
     }
 }
 
@@ -99,14 +104,20 @@ pub struct StorageMutationProcessor<S> {
 
 impl<S> Clone for StorageMutationProcessor<S> {
     fn clone(&self) -> Self {
-        StorageMutationProcessor { store: self.store.clone(), stats: self.stats.clone() }
+        StorageMutationProcessor {
+            store: self.store.clone(),
+            stats: self.stats.clone(),
+        }
     }
 }
 
 impl<S: UserStore> StorageMutationProcessor<S> {
     /// A processor writing to `store`.
     pub fn new(store: Arc<S>) -> Self {
-        StorageMutationProcessor { store, stats: Arc::default() }
+        StorageMutationProcessor {
+            store,
+            stats: Arc::default(),
+        }
     }
 
     /// Live order counters.
@@ -139,7 +150,10 @@ impl<S: UserStore> StorageMutationProcessor<S> {
             }
             _ => {}
         }
-        let slot = usize::try_from(op.op).ok().filter(|i| *i < OP_TYPES).unwrap_or(0);
+        let slot = usize::try_from(op.op)
+            .ok()
+            .filter(|i| *i < OP_TYPES)
+            .unwrap_or(0);
         record.op_counts[slot] += 1;
         record.last_sequence = op.sequence;
         self.store.save(&op.user_id, &record)?;
@@ -170,7 +184,11 @@ impl<S: UserStore> StorageMutationProcessor<S> {
             per_type.join(" "),
             s.backwards.load(Ordering::Relaxed),
             s.gaps.load(Ordering::Relaxed),
-            if s.in_order() { "every user's operations in order" } else { "NOT in order (see the warnings)" }
+            if s.in_order() {
+                "every user's operations in order"
+            } else {
+                "NOT in order (see the warnings)"
+            }
         ))
     }
 }
@@ -178,7 +196,8 @@ impl<S: UserStore> StorageMutationProcessor<S> {
 #[async_trait]
 impl<S: UserStore> TaskProcessor<ChatOp> for StorageMutationProcessor<S> {
     async fn process(&self, _ctx: &ProcessingContext, op: ChatOp) -> Result<(), ProcessError> {
-        self.apply(&op).map_err(|e| ProcessError::new(format!("{e:#}")))
+        self.apply(&op)
+            .map_err(|e| ProcessError::new(format!("{e:#}")))
     }
 }
 
@@ -188,7 +207,12 @@ mod tests {
     use decaton_protocol::OpType;
 
     fn op(user: &str, sequence: u64, kind: OpType) -> ChatOp {
-        ChatOp { user_id: user.into(), op: kind as i32, sequence, ..Default::default() }
+        ChatOp {
+            user_id: user.into(),
+            op: kind as i32,
+            sequence,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -201,10 +225,17 @@ mod tests {
         p.apply(&op("a", 3, OpType::LeaveRoom))?; // 2 missing
         let s = p.stats();
         assert_eq!(
-            (s.applied.load(Ordering::Relaxed), s.backwards.load(Ordering::Relaxed), s.gaps.load(Ordering::Relaxed)),
+            (
+                s.applied.load(Ordering::Relaxed),
+                s.backwards.load(Ordering::Relaxed),
+                s.gaps.load(Ordering::Relaxed)
+            ),
             (3, 1, 1)
         );
-        let rec = p.store.load("a")?.ok_or_else(|| anyhow::anyhow!("no record"))?;
+        let rec = p
+            .store
+            .load("a")?
+            .ok_or_else(|| anyhow::anyhow!("no record"))?;
         assert_eq!(rec.last_sequence, 3);
         assert_eq!(rec.op_counts[OpType::SendMessage as usize], 1);
         assert!(p.summary()?.contains("NOT in order"));

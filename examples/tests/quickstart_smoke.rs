@@ -9,12 +9,27 @@ use std::time::Duration;
 #[test]
 fn quickstart_processes_everything_in_order() -> anyhow::Result<()> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_quickstart"))
-        .args(["--tasks", "2000", "--users", "200", "--partitions", "3", "--timeout-secs", "90"])
+        .args([
+            "--tasks",
+            "2000",
+            "--users",
+            "200",
+            "--partitions",
+            "3",
+            "--timeout-secs",
+            "90",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    let mut stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
-    let mut stderr = child.stderr.take().ok_or_else(|| anyhow::anyhow!("no stderr"))?;
+    let mut stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let mut stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stderr"))?;
     let err_reader = std::thread::spawn(move || {
         let mut s = String::new();
         let _ = stderr.read_to_string(&mut s);
@@ -37,7 +52,10 @@ fn quickstart_processes_everything_in_order() -> anyhow::Result<()> {
     };
     let status = child.wait()?;
     let err = err_reader.join().unwrap_or_default();
-    assert!(status.success(), "quickstart failed ({status}):\n{out}\nstderr:\n{err}");
+    assert!(
+        status.success(),
+        "quickstart failed ({status}):\n{out}\nstderr:\n{err}"
+    );
     for sub in ["notifications", "storage-mutations"] {
         let row = out
             .lines()

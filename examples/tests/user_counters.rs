@@ -41,7 +41,9 @@ async fn counters_in_state_match_what_was_produced() -> anyhow::Result<()> {
         *e.1.entry(op_name(op.op).to_string()).or_default() += 1;
         e.2 = e.2.max(op.created_at_millis);
     }
-    let client = TaskClient::<ChatOp>::builder(bootstrap.clone(), TOPIC).application_id("user-counters-test").build()?;
+    let client = TaskClient::<ChatOp>::builder(bootstrap.clone(), TOPIC)
+        .application_id("user-counters-test")
+        .build()?;
     let results: Vec<_> = futures::stream::iter(&ops)
         .map(|op| client.put(op.user_id.clone(), op))
         .buffered(1_000)
@@ -54,13 +56,19 @@ async fn counters_in_state_match_what_was_produced() -> anyhow::Result<()> {
 
     // Process everything with a sled state store in a temporary directory.
     let dir = tempfile::tempdir()?;
-    let state = StateConfig { state_dir: dir.path().to_path_buf(), ..Default::default() };
+    let state = StateConfig {
+        state_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    };
     let processor = UserCountersProcessor::new();
     let observer = processor.clone();
     let subscription = Subscription::builder(SUBSCRIPTION, processor)
         .bootstrap_servers(bootstrap)
         .topic(TOPIC)
-        .properties(ProcessorProperties { mode: SchedulingMode::PerKey, ..Default::default() })
+        .properties(ProcessorProperties {
+            mode: SchedulingMode::PerKey,
+            ..Default::default()
+        })
         .state_store(state.clone())
         .build()?;
     let handle = subscription.handle();
@@ -69,7 +77,11 @@ async fn counters_in_state_match_what_was_produced() -> anyhow::Result<()> {
     while observer.seen() < TASKS {
         if Instant::now() >= deadline || running.is_finished() {
             handle.shutdown();
-            anyhow::bail!("processed {} of {TASKS}; {:?}", observer.seen(), handle.stats());
+            anyhow::bail!(
+                "processed {} of {TASKS}; {:?}",
+                observer.seen(),
+                handle.stats()
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await; // polling the processor's counter
     }
@@ -79,14 +91,27 @@ async fn counters_in_state_match_what_was_produced() -> anyhow::Result<()> {
     assert_eq!(stats.state_write_failures, 0, "{stats:?}");
 
     // Read the counters back from the closed stores.
-    let dump = tokio::task::spawn_blocking(move || count_state_dir(&state, SUBSCRIPTION, TOPIC)).await??;
-    assert!(dump.discarded.is_empty(), "stores not closed cleanly: {:?}", dump.discarded);
+    let dump =
+        tokio::task::spawn_blocking(move || count_state_dir(&state, SUBSCRIPTION, TOPIC)).await??;
+    assert!(
+        dump.discarded.is_empty(),
+        "stores not closed cleanly: {:?}",
+        dump.discarded
+    );
     assert_eq!(dump.partitions, (0..PARTITIONS).collect::<Vec<_>>());
     assert_eq!(dump.users.len(), expected.len());
     for (user, (total, per_op, last)) in &expected {
-        let got = dump.users.get(user).ok_or_else(|| anyhow::anyhow!("no counters for {user}"))?;
+        let got = dump
+            .users
+            .get(user)
+            .ok_or_else(|| anyhow::anyhow!("no counters for {user}"))?;
         assert_eq!(got.total, *total, "{user}: {}", got.describe());
-        assert_eq!(got.ops.values().sum::<u64>(), got.total, "{user}: {}", got.describe());
+        assert_eq!(
+            got.ops.values().sum::<u64>(),
+            got.total,
+            "{user}: {}",
+            got.describe()
+        );
         assert_eq!(&got.ops, per_op, "{user}");
         assert_eq!(got.last_millis, Some(*last), "{user}");
     }

@@ -29,7 +29,12 @@ pub fn chat_op(user: u64, seq: u64) -> ChatOp {
 /// Produces `tasks` tasks round-robin over `keys` users (task i -> user i % keys, with that
 /// user's next sequence number) and returns key -> count.
 /// Uses the broker's [`producer_settings`](decaton_testkit::BrokerKind::producer_settings).
-pub async fn produce(broker: &TestBroker, topic: &str, tasks: u64, keys: u64) -> anyhow::Result<HashMap<String, u64>> {
+pub async fn produce(
+    broker: &TestBroker,
+    topic: &str,
+    tasks: u64,
+    keys: u64,
+) -> anyhow::Result<HashMap<String, u64>> {
     produce_range(broker, topic, 0..tasks, keys).await
 }
 
@@ -40,7 +45,8 @@ pub async fn produce_range(
     range: std::ops::Range<u64>,
     keys: u64,
 ) -> anyhow::Result<HashMap<String, u64>> {
-    let mut builder = TaskClient::<ChatOp>::builder(broker.bootstrap_servers(), topic).application_id("it");
+    let mut builder =
+        TaskClient::<ChatOp>::builder(broker.bootstrap_servers(), topic).application_id("it");
     for (k, v) in broker.kind().producer_settings() {
         builder = builder.set(*k, *v);
     }
@@ -95,7 +101,11 @@ pub struct Recording {
 impl Recording {
     /// Waits until `pred` holds, re-checking whenever a task is recorded; fails after
     /// `timeout` (a guard against hangs, not a synchronisation).
-    pub async fn wait_for(&self, timeout: Duration, pred: impl Fn(&Recording) -> bool) -> anyhow::Result<()> {
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&Recording) -> bool,
+    ) -> anyhow::Result<()> {
         let fut = async {
             loop {
                 let notified = self.changed.notified();
@@ -108,7 +118,9 @@ impl Recording {
                 let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
             }
         };
-        tokio::time::timeout(timeout, fut).await.map_err(|_| anyhow::anyhow!("condition not reached in {timeout:?}"))
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| anyhow::anyhow!("condition not reached in {timeout:?}"))
     }
 
     /// Tasks processed so far.
@@ -144,7 +156,12 @@ pub struct Recorder {
 impl Recorder {
     /// A recorder for `instance` writing into `rec`.
     pub fn new(instance: &str, rec: Arc<Recording>, behaviour: Behaviour) -> Self {
-        Recorder { instance: instance.into(), rec, behaviour, limit_violations: Arc::new(AtomicU64::new(0)) }
+        Recorder {
+            instance: instance.into(),
+            rec,
+            behaviour,
+            limit_violations: Arc::new(AtomicU64::new(0)),
+        }
     }
 }
 
@@ -174,7 +191,11 @@ impl TaskProcessor<ChatOp> for Recorder {
                 rec.key_overlaps.fetch_add(1, Ordering::SeqCst);
             }
         }
-        rec.log.lock().push(Processed { key: task.user_id.clone(), sequence: task.sequence, instance: self.instance.clone() });
+        rec.log.lock().push(Processed {
+            key: task.user_id.clone(),
+            sequence: task.sequence,
+            instance: self.instance.clone(),
+        });
         rec.offsets.lock().push((ctx.partition(), ctx.offset()));
         let mut ms = self.behaviour.fixed_latency_ms;
         if self.behaviour.max_latency_ms > 0 {
@@ -208,7 +229,12 @@ pub fn init_tracing() {
 
 /// Reads the committed (offset, metadata) of `group` for each of `partitions` partitions
 /// of `topic` straight from the broker.
-pub fn committed(bootstrap: &str, group: &str, topic: &str, partitions: i32) -> anyhow::Result<Vec<(Option<i64>, String)>> {
+pub fn committed(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> anyhow::Result<Vec<(Option<i64>, String)>> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -235,7 +261,13 @@ pub fn committed(bootstrap: &str, group: &str, topic: &str, partitions: i32) -> 
 
 /// Polls the broker until `group`'s committed position of partition 0 of `topic` is
 /// `expected`, for at most `timeout`; returns the last position read.
-pub async fn wait_committed(bootstrap: &str, group: &str, topic: &str, expected: i64, timeout: Duration) -> anyhow::Result<Option<i64>> {
+pub async fn wait_committed(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    expected: i64,
+    timeout: Duration,
+) -> anyhow::Result<Option<i64>> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let pos = committed(bootstrap, group, topic, 1)?[0].0;
@@ -279,17 +311,28 @@ pub struct CounterProcessor {
 #[async_trait]
 impl TaskProcessor<ChatOp> for CounterProcessor {
     async fn process(&self, ctx: &ProcessingContext, task: ChatOp) -> Result<(), ProcessError> {
-        let state = ctx.state().ok_or_else(|| ProcessError::new("no state store configured"))?;
+        let state = ctx
+            .state()
+            .ok_or_else(|| ProcessError::new("no state store configured"))?;
         let key = format!("count/{}", task.user_id);
         let n: u64 = match state.get(key.as_bytes())? {
-            Some(v) => String::from_utf8_lossy(&v).parse().map_err(|e| ProcessError::new(format!("bad counter: {e}")))?,
+            Some(v) => String::from_utf8_lossy(&v)
+                .parse()
+                .map_err(|e| ProcessError::new(format!("bad counter: {e}")))?,
             None => 0,
         };
         state.put(key.as_bytes(), (n + 1).to_string().as_bytes())?;
-        state.put(format!("last/{}", task.user_id).as_bytes(), task.created_at_millis.to_string().as_bytes())?;
+        state.put(
+            format!("last/{}", task.user_id).as_bytes(),
+            task.created_at_millis.to_string().as_bytes(),
+        )?;
         if let Some((instance, f)) = &self.log {
             use std::io::Write;
-            let line = serde_json::to_string(&Processed { key: task.user_id, sequence: task.sequence, instance: instance.clone() })?;
+            let line = serde_json::to_string(&Processed {
+                key: task.user_id,
+                sequence: task.sequence,
+                instance: instance.clone(),
+            })?;
             f.lock().write_all(format!("{line}\n").as_bytes())?;
         }
         self.seen.fetch_add(1, Ordering::Relaxed);
@@ -299,10 +342,16 @@ impl TaskProcessor<ChatOp> for CounterProcessor {
 
 /// Reads every `count/<user>` counter of `subscription`'s store from a (closed) state
 /// directory.
-pub fn read_counters(cfg: &decaton_state::StateConfig, subscription: &str, topic: &str, partitions: i32) -> anyhow::Result<HashMap<String, u64>> {
+pub fn read_counters(
+    cfg: &decaton_state::StateConfig,
+    subscription: &str,
+    topic: &str,
+    partitions: i32,
+) -> anyhow::Result<HashMap<String, u64>> {
     let mut out = HashMap::new();
     for p in 0..partitions {
-        let (store, report) = decaton_state::internal::PartitionStore::open(cfg, subscription, topic, p)?;
+        let (store, report) =
+            decaton_state::internal::PartitionStore::open(cfg, subscription, topic, p)?;
         for (k, v) in store.scan_prefix(b"count/")? {
             let user = String::from_utf8_lossy(&k["count/".len()..]).to_string();
             out.insert(user, String::from_utf8_lossy(&v).parse()?);

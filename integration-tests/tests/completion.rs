@@ -5,7 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use decaton_integration_tests::{broker_tests, produce, wait_committed, Recording};
-use decaton_processor::{async_trait, Completion, ProcessError, ProcessingContext, ProcessorProperties, SchedulingMode, Subscription, TaskProcessor};
+use decaton_processor::{
+    async_trait, Completion, ProcessError, ProcessingContext, ProcessorProperties, SchedulingMode,
+    Subscription, TaskProcessor,
+};
 use decaton_protocol::ChatOp;
 use decaton_testkit::{BrokerKind, TestBroker};
 use parking_lot::Mutex;
@@ -32,7 +35,11 @@ impl TaskProcessor<ChatOp> for Deferring {
                 });
             }
         }
-        self.rec.log.lock().push(decaton_testkit::Processed { key: task.user_id, sequence: task.sequence, instance: "i".into() });
+        self.rec.log.lock().push(decaton_testkit::Processed {
+            key: task.user_id,
+            sequence: task.sequence,
+            instance: "i".into(),
+        });
         Ok(())
     }
 }
@@ -48,17 +55,35 @@ async fn deferred(kind: BrokerKind) -> anyhow::Result<()> {
     props.mode = SchedulingMode::PerKey;
     props.commit_interval = Duration::from_millis(100);
     props.deferred_complete_timeout = Some(Duration::from_millis(300));
-    let sub = Subscription::builder("def", Deferring { rec: rec.clone(), kept: kept.clone() })
-        .bootstrap_servers(broker.bootstrap_servers())
-        .topic("def")
-        .properties(props)
-        .build()?;
+    let sub = Subscription::builder(
+        "def",
+        Deferring {
+            rec: rec.clone(),
+            kept: kept.clone(),
+        },
+    )
+    .bootstrap_servers(broker.bootstrap_servers())
+    .topic("def")
+    .properties(props)
+    .build()?;
     let handle = sub.handle();
     let running = tokio::spawn(sub.run());
     // The partition's position reaches the end: nothing stalled it.
     let bootstrap = broker.bootstrap_servers();
-    let pos = wait_committed(&bootstrap, "def", "def", TASKS as i64, Duration::from_secs(30)).await?;
-    assert_eq!(pos, Some(TASKS as i64), "position stuck; stats {:?}", handle.stats());
+    let pos = wait_committed(
+        &bootstrap,
+        "def",
+        "def",
+        TASKS as i64,
+        Duration::from_secs(30),
+    )
+    .await?;
+    assert_eq!(
+        pos,
+        Some(TASKS as i64),
+        "position stuck; stats {:?}",
+        handle.stats()
+    );
     let stats = handle.stats();
     handle.shutdown();
     running.await??;

@@ -9,8 +9,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use decaton_integration_tests::{broker_tests, expected_counts, produce, produce_range, Behaviour, Recorder, Recording};
-use decaton_processor::{async_trait, ProcessError, ProcessingContext, ProcessorProperties, SchedulingMode, Subscription, TaskProcessor};
+use decaton_integration_tests::{
+    broker_tests, expected_counts, produce, produce_range, Behaviour, Recorder, Recording,
+};
+use decaton_processor::{
+    async_trait, ProcessError, ProcessingContext, ProcessorProperties, SchedulingMode,
+    Subscription, TaskProcessor,
+};
 use decaton_protocol::ChatOp;
 use decaton_testkit::{checker, BrokerKind, TestBroker};
 
@@ -20,22 +25,72 @@ struct Instance {
     child: Child,
 }
 
-fn spawn_worker(bootstrap: &str, topic: &str, group: &str, instance: &str, log_dir: &Path, max_pending: usize, offset_map: bool) -> anyhow::Result<Instance> {
+fn spawn_worker(
+    bootstrap: &str,
+    topic: &str,
+    group: &str,
+    instance: &str,
+    log_dir: &Path,
+    max_pending: usize,
+    offset_map: bool,
+) -> anyhow::Result<Instance> {
     // Two lanes per partition and up to 4 ms per task keep a backlog in flight, so a kill
     // always interrupts work.
     let child = Command::new(WORKER)
-        .args(["--bootstrap", bootstrap, "--topic", topic, "--group", group, "--instance", instance])
+        .args([
+            "--bootstrap",
+            bootstrap,
+            "--topic",
+            topic,
+            "--group",
+            group,
+            "--instance",
+            instance,
+        ])
         .arg("--log-dir")
         .arg(log_dir)
-        .args(["--param", &format!("max_pending={max_pending}"), "--latency-ms", "4"])
-        .args(["--param", "mode=bounded", "--param", "partition_concurrency=2"])
-        .args(["--param", "commit_interval=100", "--param", "rebalance_timeout=3000"])
+        .args([
+            "--param",
+            &format!("max_pending={max_pending}"),
+            "--latency-ms",
+            "4",
+        ])
+        .args([
+            "--param",
+            "mode=bounded",
+            "--param",
+            "partition_concurrency=2",
+        ])
+        .args([
+            "--param",
+            "commit_interval=100",
+            "--param",
+            "rebalance_timeout=3000",
+        ])
         .args(["--param", &format!("offset_map={offset_map}")])
-        .args(["-X", "session.timeout.ms=6000", "-X", "heartbeat.interval.ms=500", "-X", "max.poll.interval.ms=10000"])
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info,librdkafka=off,rdkafka::client=off".into()))
+        .args([
+            "-X",
+            "session.timeout.ms=6000",
+            "-X",
+            "heartbeat.interval.ms=500",
+            "-X",
+            "max.poll.interval.ms=10000",
+        ])
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG")
+                .unwrap_or_else(|_| "info,librdkafka=off,rdkafka::client=off".into()),
+        )
         .stdin(Stdio::null())
-        .stdout(std::fs::File::create(log_dir.join(format!("{instance}.stderr")))?)
-        .stderr(std::fs::OpenOptions::new().append(true).create(true).open(log_dir.join(format!("{instance}.stderr")))?)
+        .stdout(std::fs::File::create(
+            log_dir.join(format!("{instance}.stderr")),
+        )?)
+        .stderr(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(log_dir.join(format!("{instance}.stderr")))?,
+        )
         .spawn()?;
     Ok(Instance { child })
 }
@@ -57,7 +112,11 @@ fn sigterm(child: &Child) {
 /// never reassigned (observed: they stop forever; its static membership does not work
 /// either). Kafka and the mock cluster drop members that do not rejoin, so there the
 /// instance comes back at once.
-async fn kill_test(kind: BrokerKind, offset_map: bool, restart_delay: Duration) -> anyhow::Result<()> {
+async fn kill_test(
+    kind: BrokerKind,
+    offset_map: bool,
+    restart_delay: Duration,
+) -> anyhow::Result<()> {
     const TASKS: u64 = 100_000;
     const KEYS: u64 = 2_000;
     const PARTITIONS: i32 = 6;
@@ -73,13 +132,29 @@ async fn kill_test(kind: BrokerKind, offset_map: bool, restart_delay: Duration) 
     produce_range(&broker, "kill", 0..TASKS / 2, KEYS).await?;
     let mut generation = [0usize; 3];
     let mut instances: Vec<Instance> = (0..3)
-        .map(|slot| spawn_worker(&bootstrap, "kill", &group, &format!("w{slot}-g0"), logs.path(), MAX_PENDING, offset_map))
+        .map(|slot| {
+            spawn_worker(
+                &bootstrap,
+                "kill",
+                &group,
+                &format!("w{slot}-g0"),
+                logs.path(),
+                MAX_PENDING,
+                offset_map,
+            )
+        })
         .collect::<anyhow::Result<_>>()?;
     let producer = {
         let broker_ref = &broker;
         async move {
             for round in 5..10u64 {
-                produce_range(broker_ref, "kill", round * TASKS / 10..(round + 1) * TASKS / 10, KEYS).await?;
+                produce_range(
+                    broker_ref,
+                    "kill",
+                    round * TASKS / 10..(round + 1) * TASKS / 10,
+                    KEYS,
+                )
+                .await?;
             }
             anyhow::Ok(())
         }
@@ -93,7 +168,15 @@ async fn kill_test(kind: BrokerKind, offset_map: bool, restart_delay: Duration) 
             instances[slot].child.wait()?;
             tokio::time::sleep(restart_delay).await;
             generation[slot] += 1;
-            instances[slot] = spawn_worker(&bootstrap, "kill", &group, &format!("w{slot}-g{}", generation[slot]), logs.path(), MAX_PENDING, offset_map)?;
+            instances[slot] = spawn_worker(
+                &bootstrap,
+                "kill",
+                &group,
+                &format!("w{slot}-g{}", generation[slot]),
+                logs.path(),
+                MAX_PENDING,
+                offset_map,
+            )?;
         }
         anyhow::Ok(())
     };
@@ -120,12 +203,23 @@ async fn kill_test(kind: BrokerKind, offset_map: bool, restart_delay: Duration) 
     let entries = checker::read_jsonl_dir(logs.path())?;
     let report_final = checker::check(&expected, &entries);
     if report.lost_count > 0 {
-        println!("committed: {:?}", decaton_integration_tests::committed(&bootstrap, &group, "kill", PARTITIONS)?);
+        println!(
+            "committed: {:?}",
+            decaton_integration_tests::committed(&bootstrap, &group, "kill", PARTITIONS)?
+        );
         for e in std::fs::read_dir(logs.path())? {
             let p = e?.path();
             if p.extension().is_some_and(|x| x == "stderr") {
                 let text = std::fs::read_to_string(&p)?;
-                let interesting: Vec<&str> = text.lines().filter(|l| l.contains("assigned") || l.contains("released") || l.contains("WARN") || l.contains("ERROR")).collect();
+                let interesting: Vec<&str> = text
+                    .lines()
+                    .filter(|l| {
+                        l.contains("assigned")
+                            || l.contains("released")
+                            || l.contains("WARN")
+                            || l.contains("ERROR")
+                    })
+                    .collect();
                 println!("--- {}: {}", p.display(), interesting.join("\n"));
             }
         }
@@ -138,7 +232,10 @@ async fn kill_test(kind: BrokerKind, offset_map: bool, restart_delay: Duration) 
     assert_eq!(report.lost_count, 0, "{report}");
     assert_eq!(report_final.order_violation_count, 0, "{report_final}");
     assert_eq!(report_final.unexpected, 0);
-    assert!(report_final.duplicates as usize <= MAX_PENDING * KILLS, "{report_final}");
+    assert!(
+        report_final.duplicates as usize <= MAX_PENDING * KILLS,
+        "{report_final}"
+    );
     Ok(())
 }
 
@@ -166,13 +263,23 @@ async fn scale(kind: BrokerKind) -> anyhow::Result<()> {
     props.commit_interval = Duration::from_millis(200);
     props.rebalance_timeout = Duration::from_secs(3);
     let start = |name: &str| {
-        let sub = Subscription::builder("scale", Recorder::new(name, rec.clone(), Behaviour { max_latency_ms: 2, ..Default::default() }))
-            .bootstrap_servers(broker.bootstrap_servers())
-            .topic("scale")
-            .properties(props.clone())
-            .set("session.timeout.ms", "6000")
-            .set("heartbeat.interval.ms", "500")
-            .build()?;
+        let sub = Subscription::builder(
+            "scale",
+            Recorder::new(
+                name,
+                rec.clone(),
+                Behaviour {
+                    max_latency_ms: 2,
+                    ..Default::default()
+                },
+            ),
+        )
+        .bootstrap_servers(broker.bootstrap_servers())
+        .topic("scale")
+        .properties(props.clone())
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+        .build()?;
         let h = sub.handle();
         anyhow::Ok((h, tokio::spawn(sub.run())))
     };
@@ -195,13 +302,16 @@ async fn scale(kind: BrokerKind) -> anyhow::Result<()> {
             anyhow::Ok(())
         }
     });
-    rec.wait_for(Duration::from_secs(120), |r| r.count() >= 3_000).await?;
+    rec.wait_for(Duration::from_secs(120), |r| r.count() >= 3_000)
+        .await?;
     let second = start("b")?;
     let third = start("c")?;
-    rec.wait_for(Duration::from_secs(120), |r| r.count() >= 12_000).await?;
+    rec.wait_for(Duration::from_secs(120), |r| r.count() >= 12_000)
+        .await?;
     // Both extra instances took part.
     for (h, _) in [&second, &third] {
-        rec.wait_for(Duration::from_secs(60), |_| h.stats().processed > 0).await?;
+        rec.wait_for(Duration::from_secs(60), |_| h.stats().processed > 0)
+            .await?;
     }
     second.0.shutdown();
     third.0.shutdown();
@@ -211,7 +321,11 @@ async fn scale(kind: BrokerKind) -> anyhow::Result<()> {
     let expected = expected_counts(TASKS, KEYS);
     rec.wait_for(Duration::from_secs(180), |r| {
         let l = r.log.lock();
-        l.iter().map(|p| (&p.key, p.sequence)).collect::<std::collections::HashSet<_>>().len() as u64 >= TASKS
+        l.iter()
+            .map(|p| (&p.key, p.sequence))
+            .collect::<std::collections::HashSet<_>>()
+            .len() as u64
+            >= TASKS
     })
     .await?;
     first.0.shutdown();
@@ -238,7 +352,9 @@ impl TaskProcessor<ChatOp> for HoldSome {
         if self.hold && ctx.offset() % 7 == 0 {
             futures::future::pending::<()>().await;
         }
-        Recorder::new(self.instance, self.rec.clone(), Behaviour::default()).process(ctx, task).await
+        Recorder::new(self.instance, self.rec.clone(), Behaviour::default())
+            .process(ctx, task)
+            .await
     }
 }
 
@@ -253,27 +369,55 @@ async fn rerun_count(offset_map: bool) -> anyhow::Result<(usize, usize)> {
     props.offset_map = offset_map;
     props.shutdown_timeout = Duration::from_millis(300);
     let rec = Arc::new(Recording::default());
-    let first = Subscription::builder("om", HoldSome { rec: rec.clone(), instance: "first", hold: true })
-        .bootstrap_servers(broker.bootstrap_servers())
-        .topic("om")
-        .properties(props.clone())
-        .build()?;
+    let first = Subscription::builder(
+        "om",
+        HoldSome {
+            rec: rec.clone(),
+            instance: "first",
+            hold: true,
+        },
+    )
+    .bootstrap_servers(broker.bootstrap_servers())
+    .topic("om")
+    .properties(props.clone())
+    .build()?;
     let h = first.handle();
     let r = tokio::spawn(first.run());
     let finished_in_first = (TASKS - TASKS.div_ceil(7)) as usize;
-    rec.wait_for(Duration::from_secs(60), |r| r.count() >= finished_in_first - 2 * 7).await?;
+    rec.wait_for(Duration::from_secs(60), |r| {
+        r.count() >= finished_in_first - 2 * 7
+    })
+    .await?;
     h.shutdown();
     r.await??;
-    let first_done: std::collections::HashSet<(String, u64)> = rec.log.lock().iter().map(|p| (p.key.clone(), p.sequence)).collect();
-    let second = Subscription::builder("om", HoldSome { rec: rec.clone(), instance: "second", hold: false })
-        .bootstrap_servers(broker.bootstrap_servers())
-        .topic("om")
-        .properties(props)
-        .build()?;
+    let first_done: std::collections::HashSet<(String, u64)> = rec
+        .log
+        .lock()
+        .iter()
+        .map(|p| (p.key.clone(), p.sequence))
+        .collect();
+    let second = Subscription::builder(
+        "om",
+        HoldSome {
+            rec: rec.clone(),
+            instance: "second",
+            hold: false,
+        },
+    )
+    .bootstrap_servers(broker.bootstrap_servers())
+    .topic("om")
+    .properties(props)
+    .build()?;
     let h = second.handle();
     let r = tokio::spawn(second.run());
     rec.wait_for(Duration::from_secs(60), |r| {
-        r.log.lock().iter().map(|p| (&p.key, p.sequence)).collect::<std::collections::HashSet<_>>().len() as u64 >= TASKS
+        r.log
+            .lock()
+            .iter()
+            .map(|p| (&p.key, p.sequence))
+            .collect::<std::collections::HashSet<_>>()
+            .len() as u64
+            >= TASKS
     })
     .await?;
     h.shutdown();
@@ -281,7 +425,10 @@ async fn rerun_count(offset_map: bool) -> anyhow::Result<(usize, usize)> {
     let log = rec.log.lock().clone();
     let report = checker::check(&expected, &log);
     assert!(report.ok(), "{report}");
-    let reruns = log.iter().filter(|p| p.instance == "second" && first_done.contains(&(p.key.clone(), p.sequence))).count();
+    let reruns = log
+        .iter()
+        .filter(|p| p.instance == "second" && first_done.contains(&(p.key.clone(), p.sequence)))
+        .count();
     Ok((first_done.len(), reruns))
 }
 
@@ -291,7 +438,10 @@ async fn offset_map_prevents_reruns_after_restart() -> anyhow::Result<()> {
     let (_, position_only) = rerun_count(false).await?;
     println!("OFFSET MAP: {finished} tasks finished in the first run; re-run after restart: {with_map} with the offset map, {position_only} position-only");
     assert_eq!(with_map, 0);
-    assert!(position_only > 0, "the scenario should make position-only re-run something");
+    assert!(
+        position_only > 0,
+        "the scenario should make position-only re-run something"
+    );
     let _ = HashMap::<u8, u8>::new();
     Ok(())
 }

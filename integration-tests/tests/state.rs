@@ -8,7 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use decaton_integration_tests::{broker_tests, committed, expected_counts, produce, produce_range, read_counters, CounterProcessor};
+use decaton_integration_tests::{
+    broker_tests, committed, expected_counts, produce, produce_range, read_counters,
+    CounterProcessor,
+};
 use decaton_processor::{ProcessorProperties, SchedulingMode, Subscription};
 use decaton_state::StateConfig;
 use decaton_testkit::{checker, BrokerKind, TestBroker};
@@ -16,7 +19,10 @@ use decaton_testkit::{checker, BrokerKind, TestBroker};
 const WORKER: &str = env!("CARGO_BIN_EXE_fault-worker");
 
 fn state_cfg(dir: &std::path::Path) -> StateConfig {
-    StateConfig { state_dir: dir.to_path_buf(), ..Default::default() }
+    StateConfig {
+        state_dir: dir.to_path_buf(),
+        ..Default::default()
+    }
 }
 
 fn props() -> ProcessorProperties {
@@ -29,13 +35,25 @@ fn props() -> ProcessorProperties {
 
 /// Runs the counter subscription in-process until `seen` reaches `until`, then shuts it
 /// down cleanly and returns its stats.
-async fn run_counters(broker: &TestBroker, group: &str, topic: &str, dir: &std::path::Path, until: u64) -> anyhow::Result<decaton_processor::SubscriptionStats> {
+async fn run_counters(
+    broker: &TestBroker,
+    group: &str,
+    topic: &str,
+    dir: &std::path::Path,
+    until: u64,
+) -> anyhow::Result<decaton_processor::SubscriptionStats> {
     let seen = Arc::new(AtomicU64::new(0));
-    let mut builder = Subscription::builder(group, CounterProcessor { log: None, seen: seen.clone() })
-        .bootstrap_servers(broker.bootstrap_servers())
-        .topic(topic)
-        .properties(props())
-        .state_store(state_cfg(dir));
+    let mut builder = Subscription::builder(
+        group,
+        CounterProcessor {
+            log: None,
+            seen: seen.clone(),
+        },
+    )
+    .bootstrap_servers(broker.bootstrap_servers())
+    .topic(topic)
+    .properties(props())
+    .state_store(state_cfg(dir));
     for (k, v) in broker.kind().producer_settings() {
         builder = builder.set(*k, *v);
     }
@@ -44,7 +62,12 @@ async fn run_counters(broker: &TestBroker, group: &str, topic: &str, dir: &std::
     let running = tokio::spawn(sub.run());
     let deadline = Instant::now() + Duration::from_secs(180);
     while seen.load(Ordering::Relaxed) < until {
-        anyhow::ensure!(Instant::now() < deadline, "processed {} of {until}; {:?}", seen.load(Ordering::Relaxed), handle.stats());
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "processed {} of {until}; {:?}",
+            seen.load(Ordering::Relaxed),
+            handle.stats()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await; // polling a counter owned by the processor
     }
     handle.shutdown();
@@ -66,33 +89,65 @@ async fn checkpoint_and_corruption(kind: BrokerKind) -> anyhow::Result<()> {
     produce(&broker, "ck", FIRST, USERS).await?;
     let first = run_counters(&broker, "ck", "ck", dir.path(), FIRST).await?;
     assert_eq!(first.state_write_failures, 0);
-    assert_eq!(read_counters(&state_cfg(dir.path()), "ck", "ck", 3)?, expected_counts(FIRST, USERS));
+    assert_eq!(
+        read_counters(&state_cfg(dir.path()), "ck", "ck", 3)?,
+        expected_counts(FIRST, USERS)
+    );
     // Two mutations per task went to the changelog.
     let changelog_records = 2 * FIRST;
 
     // Restart with the same directory: only the tail is read.
     produce_range(&broker, "ck", FIRST..FIRST + MORE, USERS).await?;
     let second = run_counters(&broker, "ck", "ck", dir.path(), MORE).await?;
-    println!("{}: restart restored {} of {changelog_records} changelog records", kind.name(), second.state_records_restored);
-    assert!(second.state_records_restored * 100 < changelog_records, "restored {}", second.state_records_restored);
-    assert_eq!(read_counters(&state_cfg(dir.path()), "ck", "ck", 3)?, expected_counts(FIRST + MORE, USERS));
+    println!(
+        "{}: restart restored {} of {changelog_records} changelog records",
+        kind.name(),
+        second.state_records_restored
+    );
+    assert!(
+        second.state_records_restored * 100 < changelog_records,
+        "restored {}",
+        second.state_records_restored
+    );
+    assert_eq!(
+        read_counters(&state_cfg(dir.path()), "ck", "ck", 3)?,
+        expected_counts(FIRST + MORE, USERS)
+    );
 
     // Garbage over every file of the store: rebuilt from the changelog, still exact.
     let mut garbled = 0;
     for entry in walk(dir.path())? {
         let len = std::fs::metadata(&entry)?.len().max(64) as usize;
-        std::fs::write(&entry, (0..len).map(|i| (i * 7919 % 251) as u8).collect::<Vec<u8>>())?;
+        std::fs::write(
+            &entry,
+            (0..len)
+                .map(|i| (i * 7919 % 251) as u8)
+                .collect::<Vec<u8>>(),
+        )?;
         garbled += 1;
     }
     assert!(garbled > 0);
     produce_range(&broker, "ck", FIRST + MORE..FIRST + 2 * MORE, USERS).await?;
     let third = run_counters(&broker, "ck", "ck", dir.path(), MORE).await?;
-    println!("{}: after corruption restored {} records", kind.name(), third.state_records_restored);
-    assert!(third.state_records_restored >= changelog_records, "a rebuild reads the whole changelog");
-    assert_eq!(read_counters(&state_cfg(dir.path()), "ck", "ck", 3)?, expected_counts(FIRST + 2 * MORE, USERS));
+    println!(
+        "{}: after corruption restored {} records",
+        kind.name(),
+        third.state_records_restored
+    );
+    assert!(
+        third.state_records_restored >= changelog_records,
+        "a rebuild reads the whole changelog"
+    );
+    assert_eq!(
+        read_counters(&state_cfg(dir.path()), "ck", "ck", 3)?,
+        expected_counts(FIRST + 2 * MORE, USERS)
+    );
     Ok(())
 }
-broker_tests!(checkpoint_restores_tail_and_corrupt_store_is_rebuilt, super::checkpoint_and_corruption);
+broker_tests!(
+    checkpoint_restores_tail_and_corrupt_store_is_rebuilt,
+    super::checkpoint_and_corruption
+);
 
 fn walk(dir: &std::path::Path) -> std::io::Result<Vec<std::path::PathBuf>> {
     let mut out = Vec::new();
@@ -107,17 +162,44 @@ fn walk(dir: &std::path::Path) -> std::io::Result<Vec<std::path::PathBuf>> {
     Ok(out)
 }
 
-fn spawn_state_worker(broker: &TestBroker, instance: &str, logs: &std::path::Path, state: &std::path::Path) -> anyhow::Result<std::process::Child> {
+fn spawn_state_worker(
+    broker: &TestBroker,
+    instance: &str,
+    logs: &std::path::Path,
+    state: &std::path::Path,
+) -> anyhow::Result<std::process::Child> {
     let mut cmd = Command::new(WORKER);
-    cmd.args(["--bootstrap", &broker.bootstrap_servers(), "--topic", "mv", "--group", "mv", "--instance", instance])
-        .arg("--log-dir")
-        .arg(logs)
-        .arg("--state-dir")
-        .arg(state)
-        .args(["--latency-ms", "0", "--param", "mode=per_key", "--param", "max_pending=2000", "--param", "commit_interval=200"])
-        .args(["-X", "session.timeout.ms=6000"])
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,librdkafka=off,rdkafka::client=off".into()))
-        .stdin(Stdio::null());
+    cmd.args([
+        "--bootstrap",
+        &broker.bootstrap_servers(),
+        "--topic",
+        "mv",
+        "--group",
+        "mv",
+        "--instance",
+        instance,
+    ])
+    .arg("--log-dir")
+    .arg(logs)
+    .arg("--state-dir")
+    .arg(state)
+    .args([
+        "--latency-ms",
+        "0",
+        "--param",
+        "mode=per_key",
+        "--param",
+        "max_pending=2000",
+        "--param",
+        "commit_interval=200",
+    ])
+    .args(["-X", "session.timeout.ms=6000"])
+    .env(
+        "RUST_LOG",
+        std::env::var("RUST_LOG")
+            .unwrap_or_else(|_| "warn,librdkafka=off,rdkafka::client=off".into()),
+    )
+    .stdin(Stdio::null());
     for (k, v) in broker.kind().producer_settings() {
         cmd.args(["-X", &format!("{k}={v}")]);
     }
@@ -159,7 +241,10 @@ async fn state_move(kind: BrokerKind) -> anyhow::Result<()> {
         if sum as u64 == TASKS {
             break;
         }
-        anyhow::ensure!(Instant::now() < deadline, "B did not finish: committed {positions:?}");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "B did not finish: committed {positions:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await; // polling the broker
     }
     // SIGTERM: B closes its stores cleanly.
@@ -172,11 +257,25 @@ async fn state_move(kind: BrokerKind) -> anyhow::Result<()> {
     let log = checker::read_jsonl_dir(logs.path())?;
     let report = checker::check(&expected, &log);
     let counters = read_counters(&state_cfg(dir_b.path()), "mv", "mv", PARTITIONS)?;
-    let wrong: Vec<_> = expected.iter().filter(|(u, n)| counters.get(*u) != Some(n)).take(5).collect();
-    println!("STATE MOVE {}: A processed {done_by_a} before SIGKILL; {report}; users with wrong counters: {}", kind.name(),
-        expected.iter().filter(|(u, n)| counters.get(*u) != Some(n)).count());
+    let wrong: Vec<_> = expected
+        .iter()
+        .filter(|(u, n)| counters.get(*u) != Some(n))
+        .take(5)
+        .collect();
+    println!(
+        "STATE MOVE {}: A processed {done_by_a} before SIGKILL; {report}; users with wrong counters: {}",
+        kind.name(),
+        expected.iter().filter(|(u, n)| counters.get(*u) != Some(n)).count()
+    );
     assert_eq!(report.lost_count, 0, "{report}");
-    assert!(wrong.is_empty(), "counters differ, e.g. {:?}", wrong.iter().map(|(u, n)| (u, n, counters.get(*u))).collect::<Vec<_>>());
+    assert!(
+        wrong.is_empty(),
+        "counters differ, e.g. {:?}",
+        wrong
+            .iter()
+            .map(|(u, n)| (u, n, counters.get(*u)))
+            .collect::<Vec<_>>()
+    );
     Ok(())
 }
 

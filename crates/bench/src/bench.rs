@@ -18,12 +18,19 @@ pub async fn run_bench(config: &BenchConfig) -> Result<BenchReport, BenchError> 
     run_bench_on(&cluster, config).await
 }
 
-pub(crate) async fn run_bench_on(cluster: &Cluster, config: &BenchConfig) -> Result<BenchReport, BenchError> {
+pub(crate) async fn run_bench_on(
+    cluster: &Cluster,
+    config: &BenchConfig,
+) -> Result<BenchReport, BenchError> {
     let w = &config.workload;
     let runner = runner::runner(config.runner.kind);
     let lanes = runner::lanes(&config.runner);
     let ideal = runner::ideal_throughput(
-        if config.runner.kind == crate::RunnerKind::RdkafkaRaw { None } else { lanes },
+        if config.runner.kind == crate::RunnerKind::RdkafkaRaw {
+            None
+        } else {
+            lanes
+        },
         w.partitions,
         config.simulate_latency,
         w.keys,
@@ -34,7 +41,9 @@ pub(crate) async fn run_bench_on(cluster: &Cluster, config: &BenchConfig) -> Res
         let topic = cluster.unique_name(config.runner.kind.name());
         cluster.create_topic(&topic, w.partitions).await?;
         produce::fill(cluster, &topic, w).await?;
-        cluster.check_backlog(&topic, w.partitions, w.total()).await?;
+        cluster
+            .check_backlog(&topic, w.partitions, w.total())
+            .await?;
         let recorder = Arc::new(Recorder::new(w.warmup, w.tasks));
         let env = RunEnv {
             bootstrap: cluster.bootstrap().to_string(),
@@ -44,7 +53,11 @@ pub(crate) async fn run_bench_on(cluster: &Cluster, config: &BenchConfig) -> Res
             latency: config.simulate_latency,
             params: config.runner.params.clone(),
         };
-        let progress = Progress::new(w.progress, recorder.total(), format!("{label} run {run}/{}", w.runs));
+        let progress = Progress::new(
+            w.progress,
+            recorder.total(),
+            format!("{label} run {run}/{}", w.runs),
+        );
         tokio::select! {
             r = runner.run(&env, recorder.clone()) => r?,
             e = progress::stall_watch(&recorder, &progress, w.stall_timeout) => return Err(e),

@@ -46,7 +46,11 @@ fn series(report: &MatrixReport) -> Vec<Series> {
         .runners
         .iter()
         .map(|label| {
-            let mut s = Series { label: label.clone(), throughput: Vec::new(), pct: Vec::new() };
+            let mut s = Series {
+                label: label.clone(),
+                throughput: Vec::new(),
+                pct: Vec::new(),
+            };
             for (i, &lat) in report.latencies_ms.iter().enumerate() {
                 if let Some(e) = report.entry(label, lat) {
                     s.throughput.push((i as f64, e.summary.throughput_per_sec));
@@ -71,7 +75,10 @@ pub(crate) fn render(report: &MatrixReport, path: &Path) -> Result<(), BenchErro
     let x_label = move |x: &f64| {
         let i = x.round();
         if (x - i).abs() < 1e-6 && i >= 0.0 {
-            latencies.get(i as usize).map(|l| format!("{l} ms")).unwrap_or_default()
+            latencies
+                .get(i as usize)
+                .map(|l| format!("{l} ms"))
+                .unwrap_or_default()
         } else {
             String::new()
         }
@@ -97,9 +104,16 @@ pub(crate) fn render(report: &MatrixReport, path: &Path) -> Result<(), BenchErro
     let (left, right) = charts.split_horizontally(SIZE.0 / 2);
 
     // Throughput, log scale.
-    let values = series.iter().flat_map(|s| s.throughput.iter().map(|p| p.1)).filter(|v| *v > 0.0);
+    let values = series
+        .iter()
+        .flat_map(|s| s.throughput.iter().map(|p| p.1))
+        .filter(|v| *v > 0.0);
     let (lo, hi) = values.fold((f64::MAX, 0.0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
-    let (lo, hi) = if hi > 0.0 { (lo / 2.0, hi * 2.0) } else { (0.1, 10.0) };
+    let (lo, hi) = if hi > 0.0 {
+        (lo / 2.0, hi * 2.0)
+    } else {
+        (0.1, 10.0)
+    };
     let mut chart = ChartBuilder::on(&left)
         .caption("throughput (tasks/s, log scale)", (FONT, 20))
         .margin(15)
@@ -120,12 +134,24 @@ pub(crate) fn render(report: &MatrixReport, path: &Path) -> Result<(), BenchErro
     for (i, s) in series.iter().enumerate() {
         let color = color(i);
         let points = s.throughput.clone();
-        chart.draw_series(LineSeries::new(points.clone(), color.stroke_width(2))).map_err(err)?;
-        chart.draw_series(points.into_iter().map(|p| Circle::new(p, 4, color.filled()))).map_err(err)?;
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+            .map_err(err)?;
+        chart
+            .draw_series(
+                points
+                    .into_iter()
+                    .map(|p| Circle::new(p, 4, color.filled())),
+            )
+            .map_err(err)?;
     }
 
     // Percentage of the ideal throughput.
-    let top = series.iter().flat_map(|s| s.pct.iter().map(|p| p.1)).fold(100.0f64, f64::max) * 1.1;
+    let top = series
+        .iter()
+        .flat_map(|s| s.pct.iter().map(|p| p.1))
+        .fold(100.0f64, f64::max)
+        * 1.1;
     let mut chart = ChartBuilder::on(&right)
         .caption("% of ideal (lanes × partitions / latency)", (FONT, 20))
         .margin(15)
@@ -143,7 +169,10 @@ pub(crate) fn render(report: &MatrixReport, path: &Path) -> Result<(), BenchErro
         .draw()
         .map_err(err)?;
     chart
-        .draw_series(LineSeries::new(vec![(-0.5, 100.0), (n as f64 - 0.5, 100.0)], BLACK.mix(0.5).stroke_width(1)))
+        .draw_series(LineSeries::new(
+            vec![(-0.5, 100.0), (n as f64 - 0.5, 100.0)],
+            BLACK.mix(0.5).stroke_width(1),
+        ))
         .map_err(err)?;
     for (i, s) in series.iter().enumerate() {
         if s.pct.is_empty() {
@@ -151,8 +180,16 @@ pub(crate) fn render(report: &MatrixReport, path: &Path) -> Result<(), BenchErro
         }
         let color = color(i);
         let points = s.pct.clone();
-        chart.draw_series(LineSeries::new(points.clone(), color.stroke_width(2))).map_err(err)?;
-        chart.draw_series(points.into_iter().map(|p| Circle::new(p, 4, color.filled()))).map_err(err)?;
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+            .map_err(err)?;
+        chart
+            .draw_series(
+                points
+                    .into_iter()
+                    .map(|p| Circle::new(p, 4, color.filled())),
+            )
+            .map_err(err)?;
     }
     // One legend for both panels, in rows under them.
     let (mut x, mut y) = (100i32, 10i32);
@@ -161,8 +198,15 @@ pub(crate) fn render(report: &MatrixReport, path: &Path) -> Result<(), BenchErro
         if x + width > SIZE.0 as i32 - 20 {
             (x, y) = (100, y + 24);
         }
-        legend.draw(&PathElement::new(vec![(x, y + 8), (x + 28, y + 8)], color(i).stroke_width(3))).map_err(err)?;
-        legend.draw(&Text::new(s.label.clone(), (x + 36, y), (FONT, 16))).map_err(err)?;
+        legend
+            .draw(&PathElement::new(
+                vec![(x, y + 8), (x + 28, y + 8)],
+                color(i).stroke_width(3),
+            ))
+            .map_err(err)?;
+        legend
+            .draw(&Text::new(s.label.clone(), (x + 36, y), (FONT, 16)))
+            .map_err(err)?;
         x += width + 20;
     }
     root.present().map_err(err)?;
@@ -177,7 +221,12 @@ mod tests {
     use crate::report::BenchReport;
 
     fn entry(spec: &RunnerSpec, lat: u64, tput: f64, pct: Option<f64>) -> BenchReport {
-        let f = Figures { tasks: 10, throughput_per_sec: tput, pct_of_ideal: pct, ..Figures::default() };
+        let f = Figures {
+            tasks: 10,
+            throughput_per_sec: tput,
+            pct_of_ideal: pct,
+            ..Figures::default()
+        };
         BenchReport::new(
             spec.label(),
             Some(spec.clone()),
@@ -198,7 +247,12 @@ mod tests {
         for lats in [vec![0u64, 1, 10], vec![5]] {
             let mut entries = Vec::new();
             for (i, &l) in lats.iter().enumerate() {
-                entries.push(entry(&serial, l, 1000.0 / (i + 1) as f64, (l > 0).then_some(90.0)));
+                entries.push(entry(
+                    &serial,
+                    l,
+                    1000.0 / (i + 1) as f64,
+                    (l > 0).then_some(90.0),
+                ));
                 entries.push(entry(&raw, l, 50_000.0, None));
             }
             let report = MatrixReport {

@@ -147,7 +147,12 @@ pub struct MatrixArgs {
     #[arg(long = "runner", required = true, value_name = "NAME[:K=V,...]")]
     pub runners: Vec<RunnerSpec>,
     /// Simulated latencies in ms, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "0,1,5,10", value_name = "MS,MS,...")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0,1,5,10",
+        value_name = "MS,MS,..."
+    )]
     pub latencies: Vec<u64>,
     /// Workload of every cell.
     #[command(flatten)]
@@ -180,7 +185,8 @@ pub struct ProduceArgs {
 fn emit(text: String, output: Option<&PathBuf>) -> anyhow::Result<()> {
     match output {
         Some(path) => {
-            std::fs::write(path, &text).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+            std::fs::write(path, &text)
+                .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
             eprintln!("wrote {}", path.display());
         }
         None => print!("{text}"),
@@ -197,7 +203,10 @@ async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         None => {
             let a = cmd.run;
             let config = BenchConfig {
-                runner: RunnerSpec { kind: a.runner, params: a.params },
+                runner: RunnerSpec {
+                    kind: a.runner,
+                    params: a.params,
+                },
                 simulate_latency: Duration::from_millis(a.simulate_latency),
                 workload: a.workload.workload(a.format == Format::Text)?,
             };
@@ -223,9 +232,15 @@ async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             Ok(())
         }
         Some(BenchSubcommand::Produce(a)) => {
-            let producers =
-                if a.producers.is_empty() { vec![ProducerKind::Put, ProducerKind::RawProducer] } else { a.producers };
-            let config = ProduceConfig { producers, workload: a.workload.workload(a.format == Format::Text)? };
+            let producers = if a.producers.is_empty() {
+                vec![ProducerKind::Put, ProducerKind::RawProducer]
+            } else {
+                a.producers
+            };
+            let config = ProduceConfig {
+                producers,
+                workload: a.workload.workload(a.format == Format::Text)?,
+            };
             let reports = run_produce(&config).await?;
             let text = match a.format {
                 Format::Text => reports_to_text(&reports),
@@ -240,11 +255,17 @@ async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
 /// separate thread when called from inside a runtime).
 pub fn run_cli(cmd: BenchCommand) -> anyhow::Result<()> {
     let block = move || -> anyhow::Result<()> {
-        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
         runtime.block_on(run(cmd))
     };
     if tokio::runtime::Handle::try_current().is_ok() {
-        std::thread::scope(|s| s.spawn(block).join().unwrap_or_else(|_| Err(anyhow::anyhow!("decaton bench panicked"))))
+        std::thread::scope(|s| {
+            s.spawn(block)
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("decaton bench panicked")))
+        })
     } else {
         block()
     }
@@ -290,7 +311,10 @@ mod tests {
         ])?;
         assert!(b.command.is_none());
         assert_eq!(b.run.runner, RunnerKind::RdkafkaSerial);
-        assert_eq!(b.run.params, vec![("fetch.wait.max.ms".to_string(), "10".to_string())]);
+        assert_eq!(
+            b.run.params,
+            vec![("fetch.wait.max.ms".to_string(), "10".to_string())]
+        );
         assert_eq!(b.run.workload.keys, Some(7));
         assert_eq!(b.run.workload.partitions, 3);
         Ok(())
@@ -307,7 +331,9 @@ mod tests {
             "--runner",
             "decaton:mode=per_key",
         ])?;
-        let Some(BenchSubcommand::Matrix(m)) = b.command else { panic!("not a matrix") };
+        let Some(BenchSubcommand::Matrix(m)) = b.command else {
+            panic!("not a matrix")
+        };
         assert_eq!(m.latencies, vec![0, 10]);
         assert_eq!(m.runners.len(), 2);
         let b = parse(&["produce", "--producer", "put", "--tasks", "5"])?;

@@ -30,15 +30,24 @@ impl Cluster {
         let (embedded, bootstrap) = match bootstrap {
             Some(b) => (None, b.to_string()),
             None => {
-                let broker = tokio::task::spawn_blocking(|| TestBroker::start(BrokerKind::Embedded))
-                    .await
-                    .map_err(|e| BenchError::Cluster(format!("starting the embedded cluster: {e}")))?
-                    .map_err(|e| BenchError::Cluster(format!("starting the embedded cluster: {e}")))?;
+                let broker =
+                    tokio::task::spawn_blocking(|| TestBroker::start(BrokerKind::Embedded))
+                        .await
+                        .map_err(|e| {
+                            BenchError::Cluster(format!("starting the embedded cluster: {e}"))
+                        })?
+                        .map_err(|e| {
+                            BenchError::Cluster(format!("starting the embedded cluster: {e}"))
+                        })?;
                 let bootstrap = broker.bootstrap_servers();
                 (Some(Arc::new(broker)), bootstrap)
             }
         };
-        Ok(Cluster { embedded, bootstrap, next_topic: AtomicU64::new(0) })
+        Ok(Cluster {
+            embedded,
+            bootstrap,
+            next_topic: AtomicU64::new(0),
+        })
     }
 
     /// `bootstrap.servers` for clients.
@@ -49,8 +58,10 @@ impl Cluster {
     /// A topic name no other run of this process (or an earlier process) has used.
     pub fn unique_name(&self, what: &str) -> String {
         let n = self.next_topic.fetch_add(1, Ordering::Relaxed);
-        let stamp =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
         format!("decaton-bench-{what}-{}-{stamp}-{n}", std::process::id())
     }
 
@@ -64,17 +75,24 @@ impl Cluster {
                 .map_err(|e| err(e.to_string()))?
                 .map_err(|e| err(e.to_string()));
         }
-        let admin: AdminClient<DefaultClientContext> =
-            ClientConfig::new().set("bootstrap.servers", &self.bootstrap).create().map_err(|e| err(e.to_string()))?;
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .create()
+            .map_err(|e| err(e.to_string()))?;
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
         // The broker's default replication factor first (KIP-464); 1 for brokers that
         // do not know the default.
         for replication in [-1, 1] {
             let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(replication));
-            let results = admin.create_topics([&topic], &opts).await.map_err(|e| err(e.to_string()))?;
+            let results = admin
+                .create_topics([&topic], &opts)
+                .await
+                .map_err(|e| err(e.to_string()))?;
             match results.into_iter().next() {
                 Some(Ok(_)) | Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => break,
-                Some(Err((_, RDKafkaErrorCode::InvalidReplicationFactor))) if replication == -1 => continue,
+                Some(Err((_, RDKafkaErrorCode::InvalidReplicationFactor))) if replication == -1 => {
+                    continue
+                }
                 Some(Err((_, code))) => return Err(err(code.to_string())),
                 None => return Err(err("no result from the broker".into())),
             }
@@ -89,7 +107,12 @@ impl Cluster {
     /// mock cluster keeps at most 5 MB (or 100000 batches) per partition and silently
     /// drops the oldest records beyond that, which would leave the runner waiting for
     /// tasks that no longer exist.
-    pub async fn check_backlog(&self, topic: &str, partitions: i32, expected: u64) -> Result<(), BenchError> {
+    pub async fn check_backlog(
+        &self,
+        topic: &str,
+        partitions: i32,
+        expected: u64,
+    ) -> Result<(), BenchError> {
         // Some brokers (Tansu) report the high watermark a little behind the last
         // acknowledged record: give them a few seconds to catch up.
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -101,8 +124,15 @@ impl Cluster {
                 return Ok(());
             }
             let describe = || {
-                let marks: Vec<String> = marks.iter().enumerate().map(|(p, (l, h))| format!("{p}: {l}..{h}")).collect();
-                format!("topic {topic} holds {kept} of the {expected} tasks produced (offsets {})", marks.join(", "))
+                let marks: Vec<String> = marks
+                    .iter()
+                    .enumerate()
+                    .map(|(p, (l, h))| format!("{p}: {l}..{h}"))
+                    .collect();
+                format!(
+                    "topic {topic} holds {kept} of the {expected} tasks produced (offsets {})",
+                    marks.join(", ")
+                )
             };
             if self.embedded.is_some() && (trimmed || kept as u64 != expected) {
                 return Err(BenchError::Config(format!(
@@ -112,17 +142,27 @@ impl Cluster {
                 )));
             }
             if trimmed {
-                return Err(BenchError::Config(format!("{}: check the topic's retention settings", describe())));
+                return Err(BenchError::Config(format!(
+                    "{}: check the topic's retention settings",
+                    describe()
+                )));
             }
             if Instant::now() > deadline {
-                tracing::debug!("{}; going on (the stall timeout ends the run if tasks are really missing)", describe());
+                tracing::debug!(
+                    "{}; going on (the stall timeout ends the run if tasks are really missing)",
+                    describe()
+                );
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
-    async fn watermarks(&self, topic: &str, partitions: i32) -> Result<Vec<(i64, i64)>, BenchError> {
+    async fn watermarks(
+        &self,
+        topic: &str,
+        partitions: i32,
+    ) -> Result<Vec<(i64, i64)>, BenchError> {
         let (bootstrap, name) = (self.bootstrap.clone(), topic.to_string());
         tokio::task::spawn_blocking(move || -> Result<Vec<(i64, i64)>, BenchError> {
             let consumer: BaseConsumer = ClientConfig::new()

@@ -8,7 +8,19 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// The consumer a benchmark drives over the pre-filled topic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum RunnerKind {
     /// The decaton-rs processor runtime (`Subscription`), configured by `--param`.
@@ -46,7 +58,9 @@ impl FromStr for RunnerKind {
             "decaton" => Ok(RunnerKind::Decaton),
             "rdkafka-serial" => Ok(RunnerKind::RdkafkaSerial),
             "rdkafka-raw" => Ok(RunnerKind::RdkafkaRaw),
-            other => Err(format!("unknown runner {other:?} (expected decaton, rdkafka-serial or rdkafka-raw)")),
+            other => Err(format!(
+                "unknown runner {other:?} (expected decaton, rdkafka-serial or rdkafka-raw)"
+            )),
         }
     }
 }
@@ -69,7 +83,10 @@ pub struct RunnerSpec {
 impl RunnerSpec {
     /// A runner without parameters.
     pub fn new(kind: RunnerKind) -> Self {
-        RunnerSpec { kind, params: Vec::new() }
+        RunnerSpec {
+            kind,
+            params: Vec::new(),
+        }
     }
 
     /// Adds a parameter.
@@ -80,7 +97,11 @@ impl RunnerSpec {
 
     /// The last value given for any of `names`.
     pub fn get(&self, names: &[&str]) -> Option<&str> {
-        self.params.iter().rev().find(|(k, _)| names.contains(&k.as_str())).map(|(_, v)| v.as_str())
+        self.params
+            .iter()
+            .rev()
+            .find(|(k, _)| names.contains(&k.as_str()))
+            .map(|(_, v)| v.as_str())
     }
 
     /// Parameters as a map (later values win), for reports.
@@ -93,7 +114,11 @@ impl RunnerSpec {
         if self.params.is_empty() {
             self.kind.name().to_string()
         } else {
-            let params: Vec<String> = self.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let params: Vec<String> = self
+                .params
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
             format!("{}({})", self.kind.name(), params.join(","))
         }
     }
@@ -215,7 +240,10 @@ impl Workload {
             f.push(format!("--in-flight {}", self.in_flight));
         }
         for (k, v) in &self.producer_params {
-            f.push(format!("--producer-param {}", shell_quote(&format!("{k}={v}"))));
+            f.push(format!(
+                "--producer-param {}",
+                shell_quote(&format!("{k}={v}"))
+            ));
         }
         if let Some(b) = &self.bootstrap {
             f.push(format!("--bootstrap {}", shell_quote(b)));
@@ -254,11 +282,17 @@ pub struct BenchConfig {
 impl BenchConfig {
     /// The `decaton bench` command line that reproduces this benchmark.
     pub fn command_line(&self) -> String {
-        let mut parts = vec!["decaton bench".to_string(), format!("--runner {}", self.runner.kind)];
+        let mut parts = vec![
+            "decaton bench".to_string(),
+            format!("--runner {}", self.runner.kind),
+        ];
         for (k, v) in &self.runner.params {
             parts.push(format!("--param {}", shell_quote(&format!("{k}={v}"))));
         }
-        parts.push(format!("--simulate-latency {}", self.simulate_latency.as_millis()));
+        parts.push(format!(
+            "--simulate-latency {}",
+            self.simulate_latency.as_millis()
+        ));
         parts.extend(self.workload.flags());
         parts.join(" ")
     }
@@ -266,7 +300,10 @@ impl BenchConfig {
 
 /// Quotes `s` for a POSIX shell when it has characters the shell would interpret.
 pub(crate) fn shell_quote(s: &str) -> String {
-    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_=.,:/@+%".contains(c)) {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_=.,:/@+%".contains(c))
+    {
         s.to_string()
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))
@@ -305,10 +342,15 @@ mod tests {
 
     #[test]
     fn runner_spec_round_trips() {
-        let s: RunnerSpec = "decaton:mode=bounded,partition_concurrency=10".parse().unwrap_or_else(|e| panic!("{e}"));
+        let s: RunnerSpec = "decaton:mode=bounded,partition_concurrency=10"
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(s.kind, RunnerKind::Decaton);
         assert_eq!(s.get(&["partition_concurrency"]), Some("10"));
-        assert_eq!(s.to_string(), "decaton:mode=bounded,partition_concurrency=10");
+        assert_eq!(
+            s.to_string(),
+            "decaton:mode=bounded,partition_concurrency=10"
+        );
         assert_eq!(s.label(), "decaton(mode=bounded,partition_concurrency=10)");
         assert!("nope".parse::<RunnerSpec>().is_err());
         assert!("decaton:mode".parse::<RunnerSpec>().is_err());
@@ -319,7 +361,10 @@ mod tests {
         let cfg = BenchConfig {
             runner: RunnerSpec::new(RunnerKind::Decaton).param("mode", "per_key"),
             simulate_latency: Duration::from_millis(10),
-            workload: Workload { keys: Some(100), ..Workload::default() },
+            workload: Workload {
+                keys: Some(100),
+                ..Workload::default()
+            },
         };
         assert_eq!(
             cfg.command_line(),

@@ -116,7 +116,10 @@ mod tests {
         assert_eq!(s.p99, 99.0);
         assert_eq!(s.max, 100.0);
         assert!((s.avg - 50.5).abs() < 1e-9);
-        assert_eq!(LatencyStats::from_sorted_micros(&[]), LatencyStats::default());
+        assert_eq!(
+            LatencyStats::from_sorted_micros(&[]),
+            LatencyStats::default()
+        );
     }
 
     #[test]

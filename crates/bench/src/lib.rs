@@ -90,7 +90,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use bench::run_bench;
-pub use cli::{run_cli, BenchCommand, BenchSubcommand, Format, MatrixArgs, ProduceArgs, RunArgs, WorkloadArgs};
+pub use cli::{
+    run_cli, BenchCommand, BenchSubcommand, Format, MatrixArgs, ProduceArgs, RunArgs, WorkloadArgs,
+};
 pub use config::{parse_param, BenchConfig, RunnerKind, RunnerSpec, Workload};
 pub use figures::{Figures, LatencyStats};
 pub use matrix::{run_matrix, MatrixConfig, MatrixReport};

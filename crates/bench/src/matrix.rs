@@ -31,12 +31,18 @@ impl MatrixConfig {
     /// The command line that reproduces the whole matrix.
     pub fn command_line(&self) -> String {
         let lat: Vec<String> = self.latencies_ms.iter().map(u64::to_string).collect();
-        let mut parts = vec!["decaton bench matrix".to_string(), format!("--latencies {}", lat.join(","))];
+        let mut parts = vec![
+            "decaton bench matrix".to_string(),
+            format!("--latencies {}", lat.join(",")),
+        ];
         for r in &self.runners {
             parts.push(format!("--runner {}", shell_quote(&r.to_string())));
         }
         parts.extend(self.workload.flags());
-        parts.push(format!("--out-dir {}", shell_quote(&self.out_dir.display().to_string())));
+        parts.push(format!(
+            "--out-dir {}",
+            shell_quote(&self.out_dir.display().to_string())
+        ));
         parts.join(" ")
     }
 }
@@ -61,7 +67,9 @@ pub struct MatrixReport {
 impl MatrixReport {
     /// The report of `runner` (a label) at `latency_ms`.
     pub fn entry(&self, runner: &str, latency_ms: u64) -> Option<&BenchReport> {
-        self.entries.iter().find(|e| e.name == runner && e.simulate_latency_ms == Some(latency_ms))
+        self.entries
+            .iter()
+            .find(|e| e.name == runner && e.simulate_latency_ms == Some(latency_ms))
     }
 
     /// Draws the chart of this report into a PNG at `path` (for example again, from a
@@ -78,7 +86,10 @@ impl MatrixReport {
         );
         for e in &self.entries {
             let s = &e.summary;
-            let pct = s.pct_of_ideal.map(|p| format!("{p:.1}")).unwrap_or_else(|| "-".into());
+            let pct = s
+                .pct_of_ideal
+                .map(|p| format!("{p:.1}"))
+                .unwrap_or_else(|| "-".into());
             out.push_str(&format!(
                 "{:<48} {:>6}ms {:>12.1} {:>9} {:>11.1} {:>10.1}\n",
                 e.name,
@@ -89,7 +100,11 @@ impl MatrixReport {
                 s.cpu_micros_per_task
             ));
         }
-        out.push_str(&format!("\nwrote {} and {}\n", self.json_path.display(), self.chart_path.display()));
+        out.push_str(&format!(
+            "\nwrote {} and {}\n",
+            self.json_path.display(),
+            self.chart_path.display()
+        ));
         out.push_str(&format!("reproduce: {}\n", self.command));
         for e in &self.entries {
             out.push_str(&format!("  cell: {}\n", e.command));
@@ -102,9 +117,14 @@ impl MatrixReport {
 /// `matrix.png` into `out_dir`.
 pub async fn run_matrix(config: &MatrixConfig) -> Result<MatrixReport, BenchError> {
     if config.latencies_ms.is_empty() || config.runners.is_empty() {
-        return Err(BenchError::Config("a matrix needs at least one latency and one runner".into()));
+        return Err(BenchError::Config(
+            "a matrix needs at least one latency and one runner".into(),
+        ));
     }
-    std::fs::create_dir_all(&config.out_dir).map_err(|e| BenchError::Io { path: config.out_dir.clone(), source: e })?;
+    std::fs::create_dir_all(&config.out_dir).map_err(|e| BenchError::Io {
+        path: config.out_dir.clone(),
+        source: e,
+    })?;
     let cluster = Cluster::start(config.workload.bootstrap.as_deref()).await?;
     let mut entries = Vec::new();
     for &latency in &config.latencies_ms {
@@ -131,6 +151,10 @@ pub async fn run_matrix(config: &MatrixConfig) -> Result<MatrixReport, BenchErro
 }
 
 pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), BenchError> {
-    let json = serde_json::to_string_pretty(value).map_err(|e| BenchError::Internal(e.to_string()))?;
-    std::fs::write(path, json + "\n").map_err(|e| BenchError::Io { path: path.to_path_buf(), source: e })
+    let json =
+        serde_json::to_string_pretty(value).map_err(|e| BenchError::Internal(e.to_string()))?;
+    std::fs::write(path, json + "\n").map_err(|e| BenchError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })
 }

@@ -28,7 +28,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use decaton_client::TaskClient;
-use decaton_protocol::{encode_metadata, now_millis, ChatOp, OpType, TaskMetadata, METADATA_HEADER};
+use decaton_protocol::{
+    encode_metadata, now_millis, ChatOp, OpType, TaskMetadata, METADATA_HEADER,
+};
 use prost::Message as _;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -92,8 +94,14 @@ where
     Ok(())
 }
 
-fn client(bootstrap: &str, topic: &str, workload: &Workload) -> Result<TaskClient<ChatOp>, BenchError> {
-    let mut builder = TaskClient::<ChatOp>::builder(bootstrap, topic).application_id(APPLICATION_ID).instance_id("bench");
+fn client(
+    bootstrap: &str,
+    topic: &str,
+    workload: &Workload,
+) -> Result<TaskClient<ChatOp>, BenchError> {
+    let mut builder = TaskClient::<ChatOp>::builder(bootstrap, topic)
+        .application_id(APPLICATION_ID)
+        .instance_id("bench");
     for (k, v) in &workload.producer_params {
         builder = builder.set(k.clone(), v.clone());
     }
@@ -102,7 +110,11 @@ fn client(bootstrap: &str, topic: &str, workload: &Workload) -> Result<TaskClien
 
 /// Puts every task of `workload` (warmup included) on `topic` with `TaskClient`, and
 /// waits for all acknowledgements.
-pub(crate) async fn fill(cluster: &Cluster, topic: &str, workload: &Workload) -> Result<(), BenchError> {
+pub(crate) async fn fill(
+    cluster: &Cluster,
+    topic: &str,
+    workload: &Workload,
+) -> Result<(), BenchError> {
     let client = Arc::new(client(cluster.bootstrap(), topic, workload)?);
     let total = workload.total();
     let done = Arc::new(AtomicU64::new(0));
@@ -167,7 +179,10 @@ pub struct ProduceConfig {
 impl ProduceConfig {
     /// The command line that reproduces the benchmark of one producer.
     pub fn command_line(&self, producer: ProducerKind) -> String {
-        let mut parts = vec!["decaton bench produce".to_string(), format!("--producer {}", producer.name())];
+        let mut parts = vec![
+            "decaton bench produce".to_string(),
+            format!("--producer {}", producer.name()),
+        ];
         parts.extend(self.workload.flags());
         parts.join(" ")
     }
@@ -182,7 +197,9 @@ pub async fn run_produce(config: &ProduceConfig) -> Result<Vec<BenchReport>, Ben
         let mut runs = Vec::new();
         for run in 1..=config.workload.runs {
             let topic = cluster.unique_name(producer.name());
-            cluster.create_topic(&topic, config.workload.partitions).await?;
+            cluster
+                .create_topic(&topic, config.workload.partitions)
+                .await?;
             let label = format!("{} run {run}/{}", producer.name(), config.workload.runs);
             runs.push(produce_once(&cluster, &topic, producer, &config.workload, &label).await?);
         }
@@ -219,7 +236,8 @@ async fn produce_once(
                     let client = Arc::new(client(cluster.bootstrap(), topic, workload)?);
                     let c = client.clone();
                     for_each_concurrent(recorder.total(), workload.in_flight, move |i| {
-                        let (client, recorder, payload) = (c.clone(), recorder.clone(), payload.clone());
+                        let (client, recorder, payload) =
+                            (c.clone(), recorder.clone(), payload.clone());
                         async move {
                             if i == warmup {
                                 // The first measured send opens the window.
@@ -272,10 +290,14 @@ async fn produce_once(
                                 .key(key.as_bytes())
                                 .payload(&value)
                                 .timestamp(timestamp)
-                                .headers(
-                                    OwnedHeaders::new().insert(Header { key: METADATA_HEADER, value: Some(&meta) }),
-                                );
-                            producer.send(record, Timeout::Never).await.map_err(|(e, _)| BenchError::Kafka(e))?;
+                                .headers(OwnedHeaders::new().insert(Header {
+                                    key: METADATA_HEADER,
+                                    value: Some(&meta),
+                                }));
+                            producer
+                                .send(record, Timeout::Never)
+                                .await
+                                .map_err(|(e, _)| BenchError::Kafka(e))?;
                             recorder.started(sent.elapsed().as_micros() as i64);
                             recorder.finished();
                             Ok(())

@@ -25,9 +25,9 @@ impl Progress {
             ProgressDrawTarget::hidden()
         };
         let bar = ProgressBar::with_draw_target(Some(len), target);
-        if let Ok(style) =
-            ProgressStyle::with_template("{prefix:>32.bold} [{bar:30}] {human_pos}/{human_len} elapsed {elapsed} eta {eta}")
-        {
+        if let Ok(style) = ProgressStyle::with_template(
+            "{prefix:>32.bold} [{bar:30}] {human_pos}/{human_len} elapsed {elapsed} eta {eta}",
+        ) {
             bar.set_style(style.progress_chars("=> "));
         }
         bar.set_prefix(prefix.into());
@@ -48,7 +48,11 @@ impl Progress {
 /// Updates `progress` from `recorder` while the run lasts, and returns an error when no
 /// task finishes for `stall_timeout`. Once the run is complete it keeps the bar full and
 /// never returns, so racing it against the run ends with the run's own result.
-pub(crate) async fn stall_watch(recorder: &Recorder, progress: &Progress, stall_timeout: Duration) -> BenchError {
+pub(crate) async fn stall_watch(
+    recorder: &Recorder,
+    progress: &Progress,
+    stall_timeout: Duration,
+) -> BenchError {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut last, mut last_change) = (recorder.finished_count(), Instant::now());
@@ -62,7 +66,11 @@ pub(crate) async fn stall_watch(recorder: &Recorder, progress: &Progress, stall_
         if now != last {
             (last, last_change) = (now, Instant::now());
         } else if last_change.elapsed() >= stall_timeout {
-            return BenchError::Stalled { finished: now, expected: recorder.total(), idle: stall_timeout };
+            return BenchError::Stalled {
+                finished: now,
+                expected: recorder.total(),
+                idle: stall_timeout,
+            };
         }
     }
 }

@@ -48,17 +48,25 @@ pub(crate) fn usage() -> Usage {
         libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr());
         ru.assume_init()
     };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec.max(0) as u64, (t.tv_usec.max(0) as u32) * 1_000);
+    let tv =
+        |t: libc::timeval| Duration::new(t.tv_sec.max(0) as u64, (t.tv_usec.max(0) as u32) * 1_000);
     Usage {
         cpu: tv(ru.ru_utime) + tv(ru.ru_stime),
         // Linux reports ru_maxrss in KiB (macOS in bytes).
-        max_rss_kib: if cfg!(target_os = "macos") { ru.ru_maxrss as u64 / 1024 } else { ru.ru_maxrss as u64 },
+        max_rss_kib: if cfg!(target_os = "macos") {
+            ru.ru_maxrss as u64 / 1024
+        } else {
+            ru.ru_maxrss as u64
+        },
     }
 }
 
 /// Wall-clock microseconds since the Unix epoch.
 pub(crate) fn now_micros() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -69,7 +77,10 @@ struct Mark {
 
 impl Mark {
     fn now() -> Mark {
-        Mark { at: Instant::now(), usage: usage() }
+        Mark {
+            at: Instant::now(),
+            usage: usage(),
+        }
     }
 }
 
@@ -157,14 +168,21 @@ impl Recorder {
     /// has one.
     pub fn figures(&self, ideal: Option<f64>) -> Result<Figures, BenchError> {
         let (Some(start), Some(end)) = (self.window_start.get(), self.window_end.get()) else {
-            return Err(BenchError::Incomplete { finished: self.finished_count(), expected: self.total });
+            return Err(BenchError::Incomplete {
+                finished: self.finished_count(),
+                expected: self.total,
+            });
         };
         let tasks = self.total - self.warmup;
         let duration = end.at.saturating_duration_since(start.at);
         let secs = duration.as_secs_f64().max(1e-9);
         let throughput = tasks as f64 / secs;
-        let mut lat: Vec<i64> =
-            self.latencies_us.iter().map(|a| a.load(Ordering::Relaxed)).filter(|&v| v != NO_LATENCY).collect();
+        let mut lat: Vec<i64> = self
+            .latencies_us
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .filter(|&v| v != NO_LATENCY)
+            .collect();
         lat.sort_unstable();
         let cpu = end.usage.cpu.saturating_sub(start.usage.cpu);
         Ok(Figures {
@@ -173,7 +191,11 @@ impl Recorder {
             throughput_per_sec: throughput,
             latency_ms: LatencyStats::from_sorted_micros(&lat),
             cpu_secs: cpu.as_secs_f64(),
-            cpu_micros_per_task: if tasks == 0 { 0.0 } else { cpu.as_secs_f64() * 1e6 / tasks as f64 },
+            cpu_micros_per_task: if tasks == 0 {
+                0.0
+            } else {
+                cpu.as_secs_f64() * 1e6 / tasks as f64
+            },
             peak_rss_kib: end.usage.max_rss_kib.max(usage().max_rss_kib),
             ideal_throughput_per_sec: ideal,
             pct_of_ideal: ideal.filter(|i| *i > 0.0).map(|i| throughput / i * 100.0),

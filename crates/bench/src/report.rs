@@ -65,14 +65,29 @@ impl BenchReport {
     /// Human-readable rendering.
     pub fn to_text(&self) -> String {
         let mut out = String::new();
-        let raw = self.runner.as_ref().is_some_and(|r| r.kind == crate::RunnerKind::RdkafkaRaw);
+        let raw = self
+            .runner
+            .as_ref()
+            .is_some_and(|r| r.kind == crate::RunnerKind::RdkafkaRaw);
         let latency = match self.simulate_latency_ms {
-            Some(ms) if ms > 0 && raw => format!("simulated latency {ms} ms (ignored: no processing), "),
+            Some(ms) if ms > 0 && raw => {
+                format!("simulated latency {ms} ms (ignored: no processing), ")
+            }
             Some(ms) => format!("simulated latency {ms} ms, "),
             None => String::new(),
         };
-        let _ = writeln!(out, "{}  ({latency}{}; broker: {})", self.name, self.workload.describe(), self.broker);
-        let latency_name = if self.producer.is_some() { "ack latency" } else { "delivery latency" };
+        let _ = writeln!(
+            out,
+            "{}  ({latency}{}; broker: {})",
+            self.name,
+            self.workload.describe(),
+            self.broker
+        );
+        let latency_name = if self.producer.is_some() {
+            "ack latency"
+        } else {
+            "delivery latency"
+        };
         let many = self.runs.len() > 1;
         for (i, f) in self.runs.iter().enumerate() {
             write_figures(&mut out, &format!("run {}", i + 1), f, latency_name);
@@ -112,5 +127,9 @@ fn write_figures(out: &mut String, title: &str, f: &Figures, latency_name: &str)
 
 /// Renders several reports as text, separated by blank lines.
 pub fn reports_to_text(reports: &[BenchReport]) -> String {
-    reports.iter().map(BenchReport::to_text).collect::<Vec<_>>().join("\n")
+    reports
+        .iter()
+        .map(BenchReport::to_text)
+        .collect::<Vec<_>>()
+        .join("\n")
 }

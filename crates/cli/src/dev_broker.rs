@@ -42,9 +42,12 @@ pub async fn run(args: DevBrokerArgs) -> anyhow::Result<()> {
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     let broker = tokio::task::spawn_blocking(move || -> anyhow::Result<TestBroker> {
-        let broker = TestBroker::start(BrokerKind::Embedded).context("starting the embedded broker")?;
+        let broker =
+            TestBroker::start(BrokerKind::Embedded).context("starting the embedded broker")?;
         for (name, partitions) in &args.topics {
-            broker.create_topic(name, *partitions).with_context(|| format!("creating topic {name}"))?;
+            broker
+                .create_topic(name, *partitions)
+                .with_context(|| format!("creating topic {name}"))?;
             tracing::info!(topic = %name, partitions, "created topic");
         }
         Ok(broker)

@@ -66,17 +66,27 @@ impl Op {
             return Ok(Op(n));
         }
         let upper = trimmed.to_ascii_uppercase().replace('-', "_");
-        let full = if upper.starts_with(OP_PREFIX) { upper } else { format!("{OP_PREFIX}{upper}") };
+        let full = if upper.starts_with(OP_PREFIX) {
+            upper
+        } else {
+            format!("{OP_PREFIX}{upper}")
+        };
         match OpType::from_str_name(&full) {
             Some(op) => Ok(Op(op as i32)),
-            None => anyhow::bail!("unknown op {text:?}; expected one of {}", op_names().join(", ")),
+            None => anyhow::bail!(
+                "unknown op {text:?}; expected one of {}",
+                op_names().join(", ")
+            ),
         }
     }
 }
 
 /// The short names of every [`OpType`], for error messages.
 fn op_names() -> Vec<&'static str> {
-    (0..).map_while(|n| OpType::try_from(n).ok()).map(|op| op.as_str_name().trim_start_matches(OP_PREFIX)).collect()
+    (0..)
+        .map_while(|n| OpType::try_from(n).ok())
+        .map(|op| op.as_str_name().trim_start_matches(OP_PREFIX))
+        .collect()
 }
 
 impl Serialize for Op {
@@ -104,11 +114,15 @@ impl<'de> Deserialize<'de> for Op {
             }
 
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Op, E> {
-                i32::try_from(v).map(Op).map_err(|_| E::custom(format!("op number {v} out of range")))
+                i32::try_from(v)
+                    .map(Op)
+                    .map_err(|_| E::custom(format!("op number {v} out of range")))
             }
 
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Op, E> {
-                i32::try_from(v).map(Op).map_err(|_| E::custom(format!("op number {v} out of range")))
+                i32::try_from(v)
+                    .map(Op)
+                    .map_err(|_| E::custom(format!("op number {v} out of range")))
             }
         }
 
@@ -159,7 +173,10 @@ impl TryFrom<ChatOpJson> for ChatOp {
 pub fn chat_op_from_json(text: &str) -> anyhow::Result<ChatOp> {
     let value: serde_json::Value = serde_json::from_str(text).context("invalid ChatOp JSON")?;
     // serde would also fill a struct from an array, by position; only objects make sense.
-    anyhow::ensure!(value.is_object(), "invalid ChatOp JSON: invalid type: expected an object, got {value}");
+    anyhow::ensure!(
+        value.is_object(),
+        "invalid ChatOp JSON: invalid type: expected an object, got {value}"
+    );
     let json = ChatOpJson::deserialize(value).context("invalid ChatOp JSON")?;
     ChatOp::try_from(json).context("invalid ChatOp JSON")
 }
@@ -188,7 +205,10 @@ pub fn to_hex(bytes: &[u8]) -> String {
 /// Parses hex (either case, even length, no separators).
 pub fn from_hex(text: &str) -> anyhow::Result<Vec<u8>> {
     let digits = text.as_bytes();
-    anyhow::ensure!(digits.len() % 2 == 0, "hex string has an odd number of digits");
+    anyhow::ensure!(
+        digits.len() % 2 == 0,
+        "hex string has an odd number of digits"
+    );
     digits
         .chunks_exact(2)
         .map(|pair| {
@@ -237,12 +257,22 @@ mod tests {
             r#"{"user_id":"u1","op":"SEND_MESSAGE","target_id":"room-1","payload":"hello","sequence":3}"#,
         )
         .unwrap();
-        assert_eq!(op, ChatOp { created_at_millis: 0, ..sample() });
+        assert_eq!(
+            op,
+            ChatOp {
+                created_at_millis: 0,
+                ..sample()
+            }
+        );
     }
 
     #[test]
     fn round_trips_through_json() {
-        let binary = ChatOp { payload: vec![0xff, 0x00, 0x7f], op: OpType::UpdateProfile as i32, ..sample() };
+        let binary = ChatOp {
+            payload: vec![0xff, 0x00, 0x7f],
+            op: OpType::UpdateProfile as i32,
+            ..sample()
+        };
         let unknown_op = ChatOp { op: 42, ..sample() };
         for op in [sample(), binary, unknown_op, ChatOp::default()] {
             let text = to_json(&op);
@@ -262,7 +292,11 @@ mod tests {
         assert_eq!(json["payload"], "hello");
         assert!(json.get("payload_hex").is_none());
 
-        let text = to_json(&ChatOp { payload: vec![0xc3, 0x28], op: 99, ..sample() });
+        let text = to_json(&ChatOp {
+            payload: vec![0xc3, 0x28],
+            op: 99,
+            ..sample()
+        });
         let json: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(json["op"], 99);
         assert_eq!(json["payload_hex"], "c328");
@@ -311,7 +345,10 @@ mod tests {
         ];
         for (input, expected) in bad {
             let err = format!("{:#}", chat_op_from_json(input).unwrap_err());
-            assert!(err.contains(expected), "{input:?} gave {err:?}, expected it to mention {expected:?}");
+            assert!(
+                err.contains(expected),
+                "{input:?} gave {err:?}, expected it to mention {expected:?}"
+            );
         }
     }
 

@@ -25,7 +25,11 @@ use tracing_subscriber::EnvFilter;
 
 /// The `decaton` command line.
 #[derive(Debug, Parser)]
-#[command(name = "decaton", version, about = "Enqueue, inspect and benchmark decaton-rs tasks")]
+#[command(
+    name = "decaton",
+    version,
+    about = "Enqueue, inspect and benchmark decaton-rs tasks"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -63,7 +67,9 @@ fn main() -> ExitCode {
 
 /// Runs the subcommands that talk to Kafka on a tokio runtime.
 fn run_async(command: Command) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         match command {
             Command::Put(args) => put::run(args).await,

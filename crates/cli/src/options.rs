@@ -6,7 +6,12 @@ use anyhow::Context as _;
 #[derive(Debug, Clone, clap::Args)]
 pub struct KafkaArgs {
     /// Kafka bootstrap servers.
-    #[arg(long, short = 'b', env = "DECATON_BOOTSTRAP", value_name = "HOST:PORT[,HOST:PORT...]")]
+    #[arg(
+        long,
+        short = 'b',
+        env = "DECATON_BOOTSTRAP",
+        value_name = "HOST:PORT[,HOST:PORT...]"
+    )]
     pub bootstrap: String,
 
     /// A librdkafka property passed through verbatim; repeat for several
@@ -18,7 +23,9 @@ pub struct KafkaArgs {
 /// Parses `KEY=VALUE` (the value may itself contain `=`).
 pub fn parse_property(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
-        Some((key, value)) if !key.trim().is_empty() => Ok((key.trim().to_string(), value.to_string())),
+        Some((key, value)) if !key.trim().is_empty() => {
+            Ok((key.trim().to_string(), value.to_string()))
+        }
         _ => Err(format!("expected KEY=VALUE, got {text:?}")),
     }
 }
@@ -35,7 +42,9 @@ pub async fn shutdown_signal() -> anyhow::Result<()> {
         }
     }
     #[cfg(not(unix))]
-    tokio::signal::ctrl_c().await.context("listening for Ctrl-C")?;
+    tokio::signal::ctrl_c()
+        .await
+        .context("listening for Ctrl-C")?;
     Ok(())
 }
 
@@ -46,9 +55,18 @@ mod tests {
 
     #[test]
     fn properties_split_at_the_first_equals_sign() {
-        assert_eq!(parse_property("linger.ms=0").unwrap(), ("linger.ms".into(), "0".into()));
-        assert_eq!(parse_property("sasl.jaas=a=b").unwrap(), ("sasl.jaas".into(), "a=b".into()));
-        assert_eq!(parse_property("client.id=").unwrap(), ("client.id".into(), String::new()));
+        assert_eq!(
+            parse_property("linger.ms=0").unwrap(),
+            ("linger.ms".into(), "0".into())
+        );
+        assert_eq!(
+            parse_property("sasl.jaas=a=b").unwrap(),
+            ("sasl.jaas".into(), "a=b".into())
+        );
+        assert_eq!(
+            parse_property("client.id=").unwrap(),
+            ("client.id".into(), String::new())
+        );
         assert!(parse_property("linger.ms").is_err());
         assert!(parse_property("=1").is_err());
     }

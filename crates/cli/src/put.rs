@@ -63,22 +63,34 @@ pub async fn run(args: PutArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let options = PutOptions { timestamp: None, scheduled_time };
+    let options = PutOptions {
+        timestamp: None,
+        scheduled_time,
+    };
     let delivered = match (&args.json, &args.file) {
         (Some(json), None) => send(&args, &chat_op_from_json(json)?, options).await?,
         (None, Some(path)) => {
-            let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
             send(&args, &RawTask(bytes), options).await?
         }
         // clap's argument group already demands exactly one of them.
         _ => anyhow::bail!("give exactly one of --json and --file"),
     };
-    println!("partition={} offset={}", delivered.partition, delivered.offset);
+    println!(
+        "partition={} offset={}",
+        delivered.partition, delivered.offset
+    );
     Ok(())
 }
 
-async fn send<T: prost::Message>(args: &PutArgs, task: &T, options: PutOptions) -> anyhow::Result<Delivered> {
-    let mut builder = TaskClient::<T>::builder(&args.kafka.bootstrap, &args.topic).application_id(&args.application_id);
+async fn send<T: prost::Message>(
+    args: &PutArgs,
+    task: &T,
+    options: PutOptions,
+) -> anyhow::Result<Delivered> {
+    let mut builder = TaskClient::<T>::builder(&args.kafka.bootstrap, &args.topic)
+        .application_id(&args.application_id);
     if let Some(id) = &args.instance_id {
         builder = builder.instance_id(id);
     }
@@ -86,8 +98,10 @@ async fn send<T: prost::Message>(args: &PutArgs, task: &T, options: PutOptions) 
         builder = builder.set(key, value);
     }
     let client = builder.build().context("creating the producer")?;
-    let delivered =
-        client.put_with(&args.key, task, options).await.with_context(|| format!("putting a task on {}", args.topic))?;
+    let delivered = client
+        .put_with(&args.key, task, options)
+        .await
+        .with_context(|| format!("putting a task on {}", args.topic))?;
     client.close().await.context("closing the producer")?;
     Ok(delivered)
 }

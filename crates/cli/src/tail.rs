@@ -16,7 +16,9 @@ use std::io::Write;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use decaton_protocol::{decode_record, ChatOp, ProtocolError, TaskMetadata, TaskRecord, METADATA_HEADER};
+use decaton_protocol::{
+    decode_record, ChatOp, ProtocolError, TaskMetadata, TaskRecord, METADATA_HEADER,
+};
 use prost::Message as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
@@ -78,13 +80,22 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
         .set("group.id", "decaton-tail")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", if args.from_beginning { "earliest" } else { "latest" });
+        .set(
+            "auto.offset.reset",
+            if args.from_beginning {
+                "earliest"
+            } else {
+                "latest"
+            },
+        );
     for (key, value) in &args.kafka.properties {
         config.set(key, value);
     }
     let consumer: StreamConsumer = config.create().context("creating the consumer")?;
     let assignment = assignment(&consumer, &args)?;
-    consumer.assign(&assignment).context("assigning partitions")?;
+    consumer
+        .assign(&assignment)
+        .context("assigning partitions")?;
     tracing::debug!(topic = %args.topic, partitions = assignment.count(), "tailing");
 
     let shutdown = shutdown_signal();
@@ -127,16 +138,35 @@ fn assignment(consumer: &StreamConsumer, args: &TailArgs) -> anyhow::Result<Topi
         .find(|t| t.name() == args.topic)
         .with_context(|| format!("topic {} not in the broker's metadata", args.topic))?;
     if let Some(error) = topic.error() {
-        anyhow::bail!("topic {}: {}", args.topic, rdkafka::types::RDKafkaErrorCode::from(error));
+        anyhow::bail!(
+            "topic {}: {}",
+            args.topic,
+            rdkafka::types::RDKafkaErrorCode::from(error)
+        );
     }
     let existing: BTreeSet<i32> = topic.partitions().iter().map(|p| p.id()).collect();
-    anyhow::ensure!(!existing.is_empty(), "topic {} has no partitions", args.topic);
-    let wanted: BTreeSet<i32> =
-        if args.partition.is_empty() { existing.clone() } else { args.partition.iter().copied().collect() };
+    anyhow::ensure!(
+        !existing.is_empty(),
+        "topic {} has no partitions",
+        args.topic
+    );
+    let wanted: BTreeSet<i32> = if args.partition.is_empty() {
+        existing.clone()
+    } else {
+        args.partition.iter().copied().collect()
+    };
     if let Some(missing) = wanted.difference(&existing).next() {
-        anyhow::bail!("topic {} has no partition {missing} (it has {})", args.topic, existing.len());
+        anyhow::bail!(
+            "topic {} has no partition {missing} (it has {})",
+            args.topic,
+            existing.len()
+        );
     }
-    let start = if args.from_beginning { Offset::Beginning } else { Offset::End };
+    let start = if args.from_beginning {
+        Offset::Beginning
+    } else {
+        Offset::End
+    };
     let mut list = TopicPartitionList::new();
     for partition in wanted {
         list.add_partition_offset(&args.topic, partition, start)?;
@@ -188,11 +218,21 @@ impl<'a> From<&'a TaskMetadata> for MetadataLine<'a> {
 
 /// Renders one consumed record as a line of the chosen format.
 fn render(message: &BorrowedMessage<'_>, format: Format) -> String {
-    let header = message
-        .headers()
-        .and_then(|headers| headers.iter().find(|h| h.key == METADATA_HEADER).map(|h| h.value.unwrap_or_default()));
+    let header = message.headers().and_then(|headers| {
+        headers
+            .iter()
+            .find(|h| h.key == METADATA_HEADER)
+            .map(|h| h.value.unwrap_or_default())
+    });
     let decoded = decode_record(header, message.payload());
-    render_record(message.topic(), message.partition(), message.offset(), message.key(), &decoded, format)
+    render_record(
+        message.topic(),
+        message.partition(),
+        message.offset(),
+        message.key(),
+        &decoded,
+        format,
+    )
 }
 
 /// Renders a record from its parts (separate from rdkafka's message type for testing).
@@ -231,7 +271,9 @@ fn render_record(
         Err(e) => line.error = Some(format!("cannot decode task record: {e}")),
     }
     match format {
-        Format::Json => serde_json::to_string(&line).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
+        Format::Json => {
+            serde_json::to_string(&line).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+        }
         Format::Text => text_line(&line),
     }
 }
@@ -294,7 +336,12 @@ mod tests {
     }
 
     fn chat_op() -> ChatOp {
-        ChatOp { user_id: "u1".into(), op: OpType::Read as i32, sequence: 9, ..Default::default() }
+        ChatOp {
+            user_id: "u1".into(),
+            op: OpType::Read as i32,
+            sequence: 9,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -323,7 +370,10 @@ mod tests {
         let value = [0x48, 0x01];
         let decoded = decode_record(Some(&header), Some(&value));
         let line = render_record("t", 0, 1, None, &decoded, Format::Text);
-        assert!(line.starts_with("t/0@1 key=null timestamp_millis=1700000000000"), "{line}");
+        assert!(
+            line.starts_with("t/0@1 key=null timestamp_millis=1700000000000"),
+            "{line}"
+        );
         assert!(line.ends_with(" value_hex=4801"), "{line}");
     }
 
@@ -332,13 +382,18 @@ mod tests {
         let decoded = decode_record(Some(&[0xff]), Some(b"x"));
         let text = render_record("t", 3, 7, Some(&[0xc3, 0x28]), &decoded, Format::Text);
         assert!(
-            text.starts_with("t/3@7 key_hex=c328 ERROR cannot decode task record: invalid dt_meta header"),
+            text.starts_with(
+                "t/3@7 key_hex=c328 ERROR cannot decode task record: invalid dt_meta header"
+            ),
             "{text}"
         );
         let json = render_record("t", 3, 7, None, &decoded, Format::Json);
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!(v["offset"], 7);
-        assert!(v["error"].as_str().unwrap().contains("invalid dt_meta header"));
+        assert!(v["error"]
+            .as_str()
+            .unwrap()
+            .contains("invalid dt_meta header"));
         assert!(v.get("metadata").is_none());
     }
 }

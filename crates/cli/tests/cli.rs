@@ -61,21 +61,34 @@ fn run(args: &[&str]) -> anyhow::Result<Finished> {
             anyhow::bail!("decaton {args:?} did not finish within {TIMEOUT:?}");
         }
     };
-    Ok(Finished { status: child.wait()?, stdout, stderr })
+    Ok(Finished {
+        status: child.wait()?,
+        stdout,
+        stderr,
+    })
 }
 
 /// Runs `decaton args...` and returns its stdout, failing unless it exits successfully.
 fn run_ok(args: &[&str]) -> anyhow::Result<String> {
     let done = run(args)?;
-    anyhow::ensure!(done.status.success(), "decaton {args:?} failed ({}): {}", done.status, done.stderr);
+    anyhow::ensure!(
+        done.status.success(),
+        "decaton {args:?} failed ({}): {}",
+        done.status,
+        done.stderr
+    );
     Ok(done.stdout)
 }
 
 /// `partition=P offset=O` as printed by `put`.
 fn parse_delivery(stdout: &str) -> anyhow::Result<(i64, i64)> {
     let line = stdout.trim();
-    let rest = line.strip_prefix("partition=").with_context(|| format!("unexpected put output {line:?}"))?;
-    let (partition, offset) = rest.split_once(" offset=").with_context(|| format!("unexpected put output {line:?}"))?;
+    let rest = line
+        .strip_prefix("partition=")
+        .with_context(|| format!("unexpected put output {line:?}"))?;
+    let (partition, offset) = rest
+        .split_once(" offset=")
+        .with_context(|| format!("unexpected put output {line:?}"))?;
     Ok((partition.parse()?, offset.parse()?))
 }
 
@@ -130,27 +143,46 @@ fn put_then_tail_shows_both_tasks_with_their_metadata() -> anyhow::Result<()> {
         "--format",
         "json",
     ])?;
-    let lines: Vec<Value> = out.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let lines: Vec<Value> = out
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
     assert_eq!(lines.len(), 2, "tail output: {out}");
-    let by_key = |key: &str| lines.iter().find(|l| l["key"] == key).with_context(|| format!("no {key} in {out}"));
+    let by_key = |key: &str| {
+        lines
+            .iter()
+            .find(|l| l["key"] == key)
+            .with_context(|| format!("no {key} in {out}"))
+    };
 
     let u1 = by_key("u1")?;
-    assert_eq!((u1["partition"].as_i64(), u1["offset"].as_i64()), (Some(first.0), Some(first.1)));
+    assert_eq!(
+        (u1["partition"].as_i64(), u1["offset"].as_i64()),
+        (Some(first.0), Some(first.1))
+    );
     assert_eq!(u1["topic"], "chat-ops");
     let meta = &u1["metadata"];
     assert_eq!(meta["source_application_id"], "talk-server");
     assert_eq!(meta["source_instance_id"], "talk-1");
     assert_eq!(meta["retry_count"], 0);
     assert_eq!(meta["scheduled_time_millis"], 1_900_000_000_000i64);
-    let created = meta["timestamp_millis"].as_i64().context("timestamp_millis")?;
-    assert!((before..=after).contains(&created), "timestamp {created} outside [{before}, {after}]");
+    let created = meta["timestamp_millis"]
+        .as_i64()
+        .context("timestamp_millis")?;
+    assert!(
+        (before..=after).contains(&created),
+        "timestamp {created} outside [{before}, {after}]"
+    );
     assert_eq!(
         u1["task"],
         serde_json::json!({"user_id":"u1","op":"SEND_MESSAGE","target_id":"room-1","payload":"hello","sequence":3,"created_at_millis":0})
     );
 
     let u2 = by_key("u2")?;
-    assert_eq!((u2["partition"].as_i64(), u2["offset"].as_i64()), (Some(second.0), Some(second.1)));
+    assert_eq!(
+        (u2["partition"].as_i64(), u2["offset"].as_i64()),
+        (Some(second.0), Some(second.1))
+    );
     assert_eq!(u2["metadata"]["source_application_id"], "decaton-cli");
     assert_eq!(u2["metadata"]["scheduled_time_millis"], 0);
     assert_ne!(u2["metadata"]["source_instance_id"], "");
@@ -171,35 +203,71 @@ fn tail_reports_records_that_are_not_tasks_and_goes_on() -> anyhow::Result<()> {
     let raw = tempfile::NamedTempFile::new()?;
     std::fs::write(raw.path(), [0xff, 0x00, 0x01])?;
     let path = raw.path().to_str().context("temp path")?;
-    run_ok(&["put", "-b", &bootstrap, "--topic", "mixed", "--key", "k", "--file", path])?;
+    run_ok(&[
+        "put", "-b", &bootstrap, "--topic", "mixed", "--key", "k", "--file", path,
+    ])?;
 
     // 2. A record whose dt_meta header is garbage, written by a plain producer.
-    let producer: BaseProducer = ClientConfig::new().set("bootstrap.servers", &bootstrap).create()?;
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()?;
     producer
         .send(
             BaseRecord::to("mixed")
                 .key("k")
                 .payload(&b"whatever"[..])
-                .headers(OwnedHeaders::new().insert(Header { key: METADATA_HEADER, value: Some(&[0xffu8][..]) })),
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: METADATA_HEADER,
+                    value: Some(&[0xffu8][..]),
+                })),
         )
         .map_err(|(e, _)| e)?;
     producer.flush(TIMEOUT)?;
 
     // 3. A good task after it.
-    run_ok(&["put", "-b", &bootstrap, "--topic", "mixed", "--key", "k", "--json", r#"{"user_id":"k","op":2}"#])?;
+    run_ok(&[
+        "put",
+        "-b",
+        &bootstrap,
+        "--topic",
+        "mixed",
+        "--key",
+        "k",
+        "--json",
+        r#"{"user_id":"k","op":2}"#,
+    ])?;
 
-    let out = run_ok(&["tail", "-b", &bootstrap, "--topic", "mixed", "--from-beginning", "--count", "3"])?;
+    let out = run_ok(&[
+        "tail",
+        "-b",
+        &bootstrap,
+        "--topic",
+        "mixed",
+        "--from-beginning",
+        "--count",
+        "3",
+    ])?;
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 3, "tail output: {out}");
-    assert!(lines[0].starts_with("mixed/0@0 key=\"k\" timestamp_millis="), "{}", lines[0]);
+    assert!(
+        lines[0].starts_with("mixed/0@0 key=\"k\" timestamp_millis="),
+        "{}",
+        lines[0]
+    );
     assert!(lines[0].ends_with(" value_hex=ff0001"), "{}", lines[0]);
     assert!(
-        lines[1].starts_with("mixed/0@1 key=\"k\" ERROR cannot decode task record: invalid dt_meta header"),
+        lines[1].starts_with(
+            "mixed/0@1 key=\"k\" ERROR cannot decode task record: invalid dt_meta header"
+        ),
         "{}",
         lines[1]
     );
     assert!(lines[2].starts_with("mixed/0@2 key=\"k\" "), "{}", lines[2]);
-    assert!(lines[2].contains(r#"task={"user_id":"k","op":"READ""#), "{}", lines[2]);
+    assert!(
+        lines[2].contains(r#"task={"user_id":"k","op":"READ""#),
+        "{}",
+        lines[2]
+    );
     Ok(())
 }
 
@@ -209,7 +277,9 @@ fn bad_input_fails_with_a_message_and_sends_nothing() -> anyhow::Result<()> {
     broker.create_topic("chat-ops", 1)?;
     let bootstrap = broker.bootstrap_servers();
     let put = |extra: &[&str]| {
-        let mut args = vec!["put", "-b", &bootstrap, "--topic", "chat-ops", "--key", "u1"];
+        let mut args = vec![
+            "put", "-b", &bootstrap, "--topic", "chat-ops", "--key", "u1",
+        ];
         args.extend_from_slice(extra);
         run(&args)
     };
@@ -220,26 +290,47 @@ fn bad_input_fails_with_a_message_and_sends_nothing() -> anyhow::Result<()> {
 
     let done = put(&["--json", r#"{"usr_id":"u1"}"#])?;
     assert!(!done.status.success());
-    assert!(done.stderr.contains("unknown field `usr_id`"), "{}", done.stderr);
+    assert!(
+        done.stderr.contains("unknown field `usr_id`"),
+        "{}",
+        done.stderr
+    );
 
     let done = put(&["--file", "/nonexistent/task.bin"])?;
     assert!(!done.status.success());
-    assert!(done.stderr.contains("/nonexistent/task.bin"), "{}", done.stderr);
+    assert!(
+        done.stderr.contains("/nonexistent/task.bin"),
+        "{}",
+        done.stderr
+    );
 
     let done = put(&["--json", "{}", "-X", "linger.ms"])?;
     assert!(!done.status.success());
     assert!(done.stderr.contains("KEY=VALUE"), "{}", done.stderr);
 
     // Nothing reached the topic: a tail from the beginning sees only this marker.
-    run_ok(&["put", "-b", &bootstrap, "--topic", "chat-ops", "--key", "marker", "--json", "{}"])?;
-    let out = run_ok(&["tail", "-b", &bootstrap, "--topic", "chat-ops", "--from-beginning", "--count", "1"])?;
+    run_ok(&[
+        "put", "-b", &bootstrap, "--topic", "chat-ops", "--key", "marker", "--json", "{}",
+    ])?;
+    let out = run_ok(&[
+        "tail",
+        "-b",
+        &bootstrap,
+        "--topic",
+        "chat-ops",
+        "--from-beginning",
+        "--count",
+        "1",
+    ])?;
     assert!(out.starts_with("chat-ops/0@0 key=\"marker\""), "{out}");
     Ok(())
 }
 
 /// Sends SIGTERM (through the `kill` utility; the tests link no libc).
 fn terminate(child: &Child) -> anyhow::Result<()> {
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
     anyhow::ensure!(status.success(), "kill -TERM failed");
     Ok(())
 }
@@ -261,7 +352,9 @@ fn dev_broker_prints_its_address_serves_and_stops_on_sigterm() -> anyhow::Result
         let _ = eof_tx.send(());
     });
     let result = (|| -> anyhow::Result<()> {
-        let first = line_rx.recv_timeout(TIMEOUT).context("dev-broker printed nothing")?;
+        let first = line_rx
+            .recv_timeout(TIMEOUT)
+            .context("dev-broker printed nothing")?;
         let bootstrap = first
             .trim()
             .strip_prefix("bootstrap=")
@@ -281,15 +374,47 @@ fn dev_broker_prints_its_address_serves_and_stops_on_sigterm() -> anyhow::Result
             r#"{"user_id":"u1"}"#,
         ])?)?;
         assert!((0..2).contains(&partition));
-        run_ok(&["put", "-b", &bootstrap, "--topic", "audit", "--key", "u1", "--json", "{}"])?;
+        run_ok(&[
+            "put", "-b", &bootstrap, "--topic", "audit", "--key", "u1", "--json", "{}",
+        ])?;
         // The topics exist with the partition counts asked for.
-        let done = run(&["tail", "-b", &bootstrap, "--topic", "chat-ops", "--partition", "2", "--count", "1"])?;
-        assert!(done.stderr.contains("has no partition 2 (it has 2)"), "{}", done.stderr);
-        let done = run(&["tail", "-b", &bootstrap, "--topic", "audit", "--partition", "1", "--count", "1"])?;
-        assert!(done.stderr.contains("has no partition 1 (it has 1)"), "{}", done.stderr);
+        let done = run(&[
+            "tail",
+            "-b",
+            &bootstrap,
+            "--topic",
+            "chat-ops",
+            "--partition",
+            "2",
+            "--count",
+            "1",
+        ])?;
+        assert!(
+            done.stderr.contains("has no partition 2 (it has 2)"),
+            "{}",
+            done.stderr
+        );
+        let done = run(&[
+            "tail",
+            "-b",
+            &bootstrap,
+            "--topic",
+            "audit",
+            "--partition",
+            "1",
+            "--count",
+            "1",
+        ])?;
+        assert!(
+            done.stderr.contains("has no partition 1 (it has 1)"),
+            "{}",
+            done.stderr
+        );
 
         terminate(&broker)?;
-        eof_rx.recv_timeout(TIMEOUT).context("dev-broker did not stop on SIGTERM")?;
+        eof_rx
+            .recv_timeout(TIMEOUT)
+            .context("dev-broker did not stop on SIGTERM")?;
         let status = broker.wait()?;
         let log = stderr.recv_timeout(TIMEOUT).unwrap_or_default();
         assert!(status.success(), "dev-broker exited with {status}: {log}");

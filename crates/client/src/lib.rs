@@ -85,7 +85,9 @@ pub struct PutOptions {
 }
 
 fn millis(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// Builds a [`TaskClient`].
@@ -135,7 +137,10 @@ impl<T: prost::Message> TaskClientBuilder<T> {
             .set("acks", "all")
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")
-            .set("message.timeout.ms", self.delivery_timeout.as_millis().to_string());
+            .set(
+                "message.timeout.ms",
+                self.delivery_timeout.as_millis().to_string(),
+            );
         let mut delivery_timeout = self.delivery_timeout;
         for (k, v) in &self.kafka {
             config.set(k, v);
@@ -170,7 +175,10 @@ pub struct TaskClient<T> {
 
 impl<T: prost::Message> TaskClient<T> {
     /// Starts building a client for `topic` on the cluster at `bootstrap_servers`.
-    pub fn builder(bootstrap_servers: impl Into<String>, topic: impl Into<String>) -> TaskClientBuilder<T> {
+    pub fn builder(
+        bootstrap_servers: impl Into<String>,
+        topic: impl Into<String>,
+    ) -> TaskClientBuilder<T> {
         TaskClientBuilder {
             bootstrap_servers: bootstrap_servers.into(),
             topic: topic.into(),
@@ -209,10 +217,22 @@ impl<T: prost::Message> TaskClient<T> {
             retry_count: 0,
             scheduled_time_millis: options.scheduled_time.map(millis).unwrap_or(0),
         };
-        self.send(key.as_ref(), &encode_metadata(&metadata), &task.encode_to_vec(), timestamp).await
+        self.send(
+            key.as_ref(),
+            &encode_metadata(&metadata),
+            &task.encode_to_vec(),
+            timestamp,
+        )
+        .await
     }
 
-    async fn send(&self, key: &[u8], header: &[u8], value: &[u8], timestamp: i64) -> Result<Delivered, ClientError> {
+    async fn send(
+        &self,
+        key: &[u8],
+        header: &[u8],
+        value: &[u8],
+        timestamp: i64,
+    ) -> Result<Delivered, ClientError> {
         let labels = [("topic", self.topic.clone())];
         metrics::counter!("decaton_client_puts_total", &labels).increment(1);
         let started = Instant::now();
@@ -220,14 +240,28 @@ impl<T: prost::Message> TaskClient<T> {
             .key(key)
             .payload(value)
             .timestamp(timestamp)
-            .headers(OwnedHeaders::new().insert(Header { key: METADATA_HEADER, value: Some(header) }));
+            .headers(OwnedHeaders::new().insert(Header {
+                key: METADATA_HEADER,
+                value: Some(header),
+            }));
         let result = self.producer.send(record, Timeout::Never).await;
-        metrics::histogram!("decaton_client_delivery_seconds", &labels).record(started.elapsed().as_secs_f64());
+        metrics::histogram!("decaton_client_delivery_seconds", &labels)
+            .record(started.elapsed().as_secs_f64());
         match result {
-            Ok(d) => Ok(Delivered { partition: d.partition, offset: d.offset }),
+            Ok(d) => Ok(Delivered {
+                partition: d.partition,
+                offset: d.offset,
+            }),
             Err((e, _)) => {
                 let err = self.classify(e, key.len() + value.len() + header.len());
-                metrics::counter!("decaton_client_errors_total", &[("topic", self.topic.clone()), ("kind", error_kind(&err).to_string())]).increment(1);
+                metrics::counter!(
+                    "decaton_client_errors_total",
+                    &[
+                        ("topic", self.topic.clone()),
+                        ("kind", error_kind(&err).to_string())
+                    ]
+                )
+                .increment(1);
                 Err(err)
             }
         }
@@ -235,11 +269,15 @@ impl<T: prost::Message> TaskClient<T> {
 
     fn classify(&self, e: KafkaError, size: usize) -> ClientError {
         match e.rdkafka_error_code() {
-            Some(RDKafkaErrorCode::MessageTimedOut) => ClientError::BrokerUnreachable(self.delivery_timeout),
+            Some(RDKafkaErrorCode::MessageTimedOut) => {
+                ClientError::BrokerUnreachable(self.delivery_timeout)
+            }
             Some(RDKafkaErrorCode::UnknownTopic | RDKafkaErrorCode::UnknownTopicOrPartition) => {
                 ClientError::UnknownTopic(self.topic.clone())
             }
-            Some(RDKafkaErrorCode::MessageSizeTooLarge) => ClientError::RecordTooLarge { size, source: e },
+            Some(RDKafkaErrorCode::MessageSizeTooLarge) => {
+                ClientError::RecordTooLarge { size, source: e }
+            }
             _ => ClientError::Kafka(e),
         }
     }
@@ -253,14 +291,17 @@ impl<T: prost::Message> TaskClient<T> {
             .await
             .map_err(|_| ClientError::Kafka(KafkaError::Canceled))?
             .map_err(|e| match e.rdkafka_error_code() {
-                Some(RDKafkaErrorCode::OperationTimedOut) => ClientError::BrokerUnreachable(timeout),
+                Some(RDKafkaErrorCode::OperationTimedOut) => {
+                    ClientError::BrokerUnreachable(timeout)
+                }
                 _ => ClientError::Kafka(e),
             })
     }
 
     /// Waits for every in-flight delivery (up to the delivery timeout) and closes the client.
     pub async fn close(self) -> Result<(), ClientError> {
-        self.flush(self.delivery_timeout + Duration::from_secs(1)).await
+        self.flush(self.delivery_timeout + Duration::from_secs(1))
+            .await
     }
 }
 
@@ -277,7 +318,11 @@ fn error_kind(e: &ClientError) -> &'static str {
 fn default_instance_id() -> String {
     std::env::var("HOSTNAME")
         .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()))
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "unknown-host".into())
 }

@@ -24,7 +24,12 @@ fn op(user: u64, seq: u64) -> ChatOp {
 }
 
 /// Reads `expected` records from every partition of `topic` from the beginning.
-fn read_all(bootstrap: &str, topic: &str, partitions: i32, expected: usize) -> anyhow::Result<Vec<(String, ChatOp, decaton_protocol::TaskMetadata)>> {
+fn read_all(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    expected: usize,
+) -> anyhow::Result<Vec<(String, ChatOp, decaton_protocol::TaskMetadata)>> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "round-trip-reader")
@@ -38,10 +43,20 @@ fn read_all(bootstrap: &str, topic: &str, partitions: i32, expected: usize) -> a
     let mut out = Vec::with_capacity(expected);
     let deadline = Instant::now() + Duration::from_secs(120);
     while out.len() < expected {
-        anyhow::ensure!(Instant::now() < deadline, "read only {} of {expected}", out.len());
-        let Some(m) = consumer.poll(Duration::from_millis(500)) else { continue };
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "read only {} of {expected}",
+            out.len()
+        );
+        let Some(m) = consumer.poll(Duration::from_millis(500)) else {
+            continue;
+        };
         let m = m?;
-        let header = m.headers().and_then(|h| h.iter().find(|h| h.key == METADATA_HEADER).and_then(|h| h.value));
+        let header = m.headers().and_then(|h| {
+            h.iter()
+                .find(|h| h.key == METADATA_HEADER)
+                .and_then(|h| h.value)
+        });
         let rec = decode_record(header, m.payload())?;
         let key = String::from_utf8(m.key().unwrap_or_default().to_vec())?;
         out.push((key, ChatOp::decode(&*rec.task)?, rec.metadata));
@@ -71,8 +86,17 @@ async fn round_trip(kind: BrokerKind) -> anyhow::Result<()> {
         .collect()
         .await;
     let acked = results.iter().filter(|r| r.is_ok()).count();
-    assert_eq!(acked as u64, TASKS, "first error: {:?}", results.iter().find(|r| r.is_err()));
-    println!("{}: {TASKS} puts acknowledged in {:?}", kind.name(), started.elapsed());
+    assert_eq!(
+        acked as u64,
+        TASKS,
+        "first error: {:?}",
+        results.iter().find(|r| r.is_err())
+    );
+    println!(
+        "{}: {TASKS} puts acknowledged in {:?}",
+        kind.name(),
+        started.elapsed()
+    );
     client.close().await?;
 
     let read = tokio::task::spawn_blocking({
@@ -108,15 +132,23 @@ async fn round_trip_100k_tansu() -> anyhow::Result<()> {
 #[tokio::test]
 async fn put_fails_within_timeout_when_no_broker_listens() -> anyhow::Result<()> {
     // A port nothing listens on: bind, read the port, close.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let client = TaskClient::<ChatOp>::builder(format!("127.0.0.1:{port}"), "chat-ops")
         .delivery_timeout(Duration::from_secs(2))
         .build()?;
     let started = Instant::now();
     let result = tokio::time::timeout(Duration::from_secs(20), client.put("u1", &op(1, 0))).await?;
     let elapsed = started.elapsed();
-    assert!(matches!(result, Err(ClientError::BrokerUnreachable(_))), "{result:?}");
-    assert!(elapsed >= Duration::from_millis(1500) && elapsed < Duration::from_secs(10), "took {elapsed:?}");
+    assert!(
+        matches!(result, Err(ClientError::BrokerUnreachable(_))),
+        "{result:?}"
+    );
+    assert!(
+        elapsed >= Duration::from_millis(1500) && elapsed < Duration::from_secs(10),
+        "took {elapsed:?}"
+    );
     Ok(())
 }
 
@@ -131,7 +163,11 @@ async fn oversized_record_is_a_typed_error() -> anyhow::Result<()> {
         let mut task = op(1, 0);
         task.payload = vec![7; 20_000];
         let r = client.put("u1", &task).await;
-        assert!(matches!(r, Err(ClientError::RecordTooLarge { .. })), "{}: {r:?}", kind.name());
+        assert!(
+            matches!(r, Err(ClientError::RecordTooLarge { .. })),
+            "{}: {r:?}",
+            kind.name()
+        );
         // The client still works for normal tasks afterwards.
         client.put("u1", &op(1, 1)).await?;
     }
@@ -158,7 +194,16 @@ async fn put_with_sets_scheduled_time_and_timestamp() -> anyhow::Result<()> {
     let client = TaskClient::<ChatOp>::builder(broker.bootstrap_servers(), "sched").build()?;
     let ts = std::time::UNIX_EPOCH + Duration::from_millis(1_700_000_000_000);
     let at = std::time::UNIX_EPOCH + Duration::from_millis(1_700_000_005_000);
-    client.put_with("u1", &op(1, 0), PutOptions { timestamp: Some(ts), scheduled_time: Some(at) }).await?;
+    client
+        .put_with(
+            "u1",
+            &op(1, 0),
+            PutOptions {
+                timestamp: Some(ts),
+                scheduled_time: Some(at),
+            },
+        )
+        .await?;
     let read = tokio::task::spawn_blocking({
         let b = broker.bootstrap_servers();
         move || read_all(&b, "sched", 1, 1)

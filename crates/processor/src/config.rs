@@ -108,7 +108,10 @@ impl ProcessorProperties {
     /// assert_eq!(p.partition_concurrency, 10);
     /// ```
     pub fn set(&mut self, name: &str, value: &str) -> Result<&mut Self, PropertyError> {
-        let bad = || PropertyError::InvalidValue { name: name.to_string(), value: value.to_string() };
+        let bad = || PropertyError::InvalidValue {
+            name: name.to_string(),
+            value: value.to_string(),
+        };
         let num = || value.trim().parse::<u64>().map_err(|_| bad());
         let ms = || num().map(Duration::from_millis);
         match name {
@@ -131,22 +134,31 @@ impl ProcessorProperties {
                     return Err(bad());
                 }
             }
-            "commit_interval" | "commit_interval_ms" | "decaton.commit.interval.ms" => self.commit_interval = ms()?,
-            "deferred_complete_timeout" | "deferred_complete_timeout_ms" | "decaton.deferred.complete.timeout.ms" => {
-                self.deferred_complete_timeout = match value.trim().parse::<i64>().map_err(|_| bad())? {
-                    v if v < 0 => None,
-                    v => Some(Duration::from_millis(v as u64)),
-                }
+            "commit_interval" | "commit_interval_ms" | "decaton.commit.interval.ms" => {
+                self.commit_interval = ms()?
             }
-            "shutdown_timeout" | "shutdown_timeout_ms" | "decaton.processing.shutdown.timeout.ms" => {
-                self.shutdown_timeout = ms()?
+            "deferred_complete_timeout"
+            | "deferred_complete_timeout_ms"
+            | "decaton.deferred.complete.timeout.ms" => {
+                self.deferred_complete_timeout =
+                    match value.trim().parse::<i64>().map_err(|_| bad())? {
+                        v if v < 0 => None,
+                        v => Some(Duration::from_millis(v as u64)),
+                    }
             }
+            "shutdown_timeout"
+            | "shutdown_timeout_ms"
+            | "decaton.processing.shutdown.timeout.ms" => self.shutdown_timeout = ms()?,
             "rebalance_timeout" | "rebalance_timeout_ms" | "decaton.group.rebalance.timeout.ms" => {
                 self.rebalance_timeout = ms()?
             }
             "ignore_keys" | "decaton.ignore.keys" => {
-                self.ignore_keys =
-                    value.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
+                self.ignore_keys = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect()
             }
             "offset_map" | "decaton.offset.map" => {
                 self.offset_map = value.trim().parse().map_err(|_| bad())?;
@@ -169,8 +181,12 @@ mod millis {
 mod opt_millis {
     use serde::{Deserialize, Deserializer};
     use std::time::Duration;
-    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        Ok(Option::<i64>::deserialize(d)?.filter(|v| *v >= 0).map(|v| Duration::from_millis(v as u64)))
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<i64>::deserialize(d)?
+            .filter(|v| *v >= 0)
+            .map(|v| Duration::from_millis(v as u64)))
     }
 }
 
@@ -188,7 +204,10 @@ mod tests {
         p.set("decaton.deferred.complete.timeout.ms", "-1").unwrap();
         assert_eq!(p.deferred_complete_timeout, None);
         assert!(matches!(p.set("nope", "1"), Err(PropertyError::Unknown(_))));
-        assert!(matches!(p.set("partition_concurrency", "0"), Err(PropertyError::InvalidValue { .. })));
+        assert!(matches!(
+            p.set("partition_concurrency", "0"),
+            Err(PropertyError::InvalidValue { .. })
+        ));
     }
 
     #[test]

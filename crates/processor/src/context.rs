@@ -100,7 +100,9 @@ impl CompletionInner {
                 m.failed.increment(1);
                 m.deferred_timeouts.increment(1);
                 self.counters.failed.fetch_add(1, Ordering::Relaxed);
-                self.counters.deferred_timeouts.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .deferred_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(topic = %self.partition.topic, partition = self.partition.partition, offset = self.offset,
                     "deferred task not completed in time; completed as failed");
             }
@@ -108,12 +110,15 @@ impl CompletionInner {
                 m.failed.increment(1);
                 m.leaked.increment(1);
                 self.counters.failed.fetch_add(1, Ordering::Relaxed);
-                self.counters.completions_leaked.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .completions_leaked
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(topic = %self.partition.topic, partition = self.partition.partition, offset = self.offset,
                     "Completion dropped without completing; task failed");
             }
         }
-        m.complete_seconds.record(self.started.elapsed().as_secs_f64());
+        m.complete_seconds
+            .record(self.started.elapsed().as_secs_f64());
         match &self.hook {
             Some(hook) => hook.on_complete(self.clone(), outcome),
             None => self.mark_done(),
@@ -176,7 +181,10 @@ impl ProcessingContext {
     /// successfully, applied to the store and appended to the changelog before the
     /// task's offset can be committed. A failed task's writes are dropped.
     pub fn state(&self) -> Option<&dyn decaton_state::StateStore> {
-        self.completion.state.as_ref().map(|s| &s.batch as &dyn decaton_state::StateStore)
+        self.completion
+            .state
+            .as_ref()
+            .map(|s| &s.batch as &dyn decaton_state::StateStore)
     }
 
     /// Defers completion: the task stays unfinished after `process` returns, until the
@@ -195,7 +203,10 @@ impl ProcessingContext {
                 *self.completion.timer.lock() = Some(task.abort_handle());
             }
         }
-        Completion { inner: self.completion.clone(), live: true }
+        Completion {
+            inner: self.completion.clone(),
+            live: true,
+        }
     }
 
     pub(crate) fn is_deferred(&self) -> bool {
@@ -234,7 +245,10 @@ impl Completion {
 
 impl Drop for Completion {
     fn drop(&mut self) {
-        if self.live && self.inner.handles.fetch_sub(1, Ordering::AcqRel) == 1 && !self.inner.is_done() {
+        if self.live
+            && self.inner.handles.fetch_sub(1, Ordering::AcqRel) == 1
+            && !self.inner.is_done()
+        {
             self.inner.finish(Outcome::Leaked);
         }
     }
@@ -242,6 +256,9 @@ impl Drop for Completion {
 
 impl std::fmt::Debug for Completion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Completion").field("offset", &self.inner.offset).field("done", &self.is_done()).finish()
+        f.debug_struct("Completion")
+            .field("offset", &self.inner.offset)
+            .field("done", &self.is_done())
+            .finish()
     }
 }

@@ -32,7 +32,11 @@ pub(crate) struct OffsetTracker {
 impl OffsetTracker {
     /// A tracker whose position starts at `position` (the committed offset), if known.
     pub(crate) fn starting_at(position: Option<i64>) -> Self {
-        OffsetTracker { base: position, done: VecDeque::new(), unfinished: 0 }
+        OffsetTracker {
+            base: position,
+            done: VecDeque::new(),
+            unfinished: 0,
+        }
     }
 
     /// Registers a dispatched task at `offset`. Offsets must increase; a lower or repeated
@@ -106,7 +110,9 @@ impl OffsetTracker {
     /// Finished offsets above the position, as a commit metadata string no longer than
     /// `max_len`; empty when there are none or the map would be too long.
     pub(crate) fn offset_map(&self, max_len: usize) -> String {
-        let Some(base) = self.base else { return String::new() };
+        let Some(base) = self.base else {
+            return String::new();
+        };
         if !self.done.iter().any(|d| *d) {
             return String::new();
         }
@@ -148,7 +154,11 @@ pub(crate) fn encode_offset_map(base: i64, done: &VecDeque<bool>) -> String {
         }
     }
     let b64 = base64::engine::general_purpose::STANDARD_NO_PAD;
-    let (kind, payload) = if runs.len() <= bits.len() { ('r', runs) } else { ('b', bits) };
+    let (kind, payload) = if runs.len() <= bits.len() {
+        ('r', runs)
+    } else {
+        ('b', bits)
+    };
     format!("{MAP_PREFIX}:{base}:{len}:{kind}{}", b64.encode(payload))
 }
 
@@ -193,7 +203,9 @@ pub(crate) fn decode_offset_map(position: i64, metadata: &str) -> Option<Vec<i64
     }
     // The kind is one ASCII byte; `get` refuses to split a multi-byte character.
     let kind = char::from(*body.as_bytes().first()?);
-    let payload = base64::engine::general_purpose::STANDARD_NO_PAD.decode(body.get(1..)?).ok()?;
+    let payload = base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(body.get(1..)?)
+        .ok()?;
     let mut out = Vec::new();
     match kind {
         'b' => {

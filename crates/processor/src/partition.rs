@@ -36,12 +36,23 @@ pub(crate) struct PartitionShared {
 }
 
 impl PartitionShared {
-    pub(crate) fn new(subscription: &str, topic: Arc<str>, partition: i32, tracker: OffsetTracker) -> Self {
+    pub(crate) fn new(
+        subscription: &str,
+        topic: Arc<str>,
+        partition: i32,
+        tracker: OffsetTracker,
+    ) -> Self {
         let metrics = PartitionMetrics::new(subscription, &topic, partition);
         PartitionShared {
             topic,
             partition,
-            core: Mutex::new(PartitionCore { tracker, running: 0, dispatched: 0, revoked: false, closed: false }),
+            core: Mutex::new(PartitionCore {
+                tracker,
+                running: 0,
+                dispatched: 0,
+                revoked: false,
+                closed: false,
+            }),
             changed: Condvar::new(),
             metrics,
         }
@@ -92,7 +103,11 @@ impl PartitionShared {
     }
 
     /// Waits until `pred` holds on the core or `deadline` passes; returns whether it held.
-    pub(crate) fn wait_until(&self, deadline: Instant, pred: impl Fn(&PartitionCore) -> bool) -> bool {
+    pub(crate) fn wait_until(
+        &self,
+        deadline: Instant,
+        pred: impl Fn(&PartitionCore) -> bool,
+    ) -> bool {
         let mut core = self.core.lock();
         while !pred(&core) {
             if self.changed.wait_until(&mut core, deadline).timed_out() {

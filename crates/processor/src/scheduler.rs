@@ -66,8 +66,13 @@ impl<T: Send + 'static, P: TaskProcessor<T>> Worker<T, P> {
                 }
             }
         }
-        let completion =
-            CompletionInner::new(partition.clone(), unit.offset, self.counters.clone(), self.hook.clone(), unit.state);
+        let completion = CompletionInner::new(
+            partition.clone(),
+            unit.offset,
+            self.counters.clone(),
+            self.hook.clone(),
+            unit.state,
+        );
         let ctx = ProcessingContext {
             subscription: self.subscription.clone(),
             key: unit.key,
@@ -77,8 +82,13 @@ impl<T: Send + 'static, P: TaskProcessor<T>> Worker<T, P> {
             deferred_timeout: self.deferred_timeout,
         };
         let started = Instant::now();
-        let result = AssertUnwindSafe(self.processor.process(&ctx, unit.task)).catch_unwind().await;
-        partition.metrics.process_seconds.record(started.elapsed().as_secs_f64());
+        let result = AssertUnwindSafe(self.processor.process(&ctx, unit.task))
+            .catch_unwind()
+            .await;
+        partition
+            .metrics
+            .process_seconds
+            .record(started.elapsed().as_secs_f64());
         let ok = match result {
             Ok(Ok(())) => {
                 partition.metrics.processed.increment(1);
@@ -101,7 +111,11 @@ impl<T: Send + 'static, P: TaskProcessor<T>> Worker<T, P> {
             }
         };
         if !ctx.is_deferred() {
-            completion.finish(if ok { Outcome::Done } else { Outcome::FailedCounted });
+            completion.finish(if ok {
+                Outcome::Done
+            } else {
+                Outcome::FailedCounted
+            });
         } else if !ok {
             completion.finish(Outcome::FailedCounted);
         }
@@ -115,8 +129,13 @@ type KeyQueues<T> = Arc<Mutex<HashMap<Arc<[u8]>, VecDeque<TaskUnit<T>>>>>;
 
 /// The lanes of one partition.
 pub(crate) enum PartitionScheduler<T> {
-    Bounded { lanes: Vec<mpsc::UnboundedSender<TaskUnit<T>>>, next_unkeyed: usize },
-    PerKey { queues: KeyQueues<T> },
+    Bounded {
+        lanes: Vec<mpsc::UnboundedSender<TaskUnit<T>>>,
+        next_unkeyed: usize,
+    },
+    PerKey {
+        queues: KeyQueues<T>,
+    },
 }
 
 impl<T: Send + 'static> PartitionScheduler<T> {
@@ -139,17 +158,32 @@ impl<T: Send + 'static> PartitionScheduler<T> {
                         tx
                     })
                     .collect();
-                PartitionScheduler::Bounded { lanes, next_unkeyed: 0 }
+                PartitionScheduler::Bounded {
+                    lanes,
+                    next_unkeyed: 0,
+                }
             }
-            SchedulingMode::PerKey => PartitionScheduler::PerKey { queues: Arc::new(Mutex::new(HashMap::new())) },
+            SchedulingMode::PerKey => PartitionScheduler::PerKey {
+                queues: Arc::new(Mutex::new(HashMap::new())),
+            },
         }
     }
 
-    pub(crate) fn dispatch<P: TaskProcessor<T>>(&mut self, unit: TaskUnit<T>, worker: &Arc<Worker<T, P>>, runtime: &Handle) {
+    pub(crate) fn dispatch<P: TaskProcessor<T>>(
+        &mut self,
+        unit: TaskUnit<T>,
+        worker: &Arc<Worker<T, P>>,
+        runtime: &Handle,
+    ) {
         match self {
-            PartitionScheduler::Bounded { lanes, next_unkeyed } => {
+            PartitionScheduler::Bounded {
+                lanes,
+                next_unkeyed,
+            } => {
                 let lane = match unit.key.as_deref() {
-                    Some(k) if !k.is_empty() => (KeyHasher::default().hash_one(k) % lanes.len() as u64) as usize,
+                    Some(k) if !k.is_empty() => {
+                        (KeyHasher::default().hash_one(k) % lanes.len() as u64) as usize
+                    }
                     _ => {
                         *next_unkeyed = (*next_unkeyed + 1) % lanes.len();
                         *next_unkeyed
@@ -228,7 +262,12 @@ mod tests {
             let now = self.probe.running.fetch_add(1, Ordering::SeqCst) + 1;
             self.probe.max_running.fetch_max(now, Ordering::SeqCst);
             if let Some(k) = &key {
-                self.probe.order.lock().entry(k.clone()).or_default().push(ctx.offset());
+                self.probe
+                    .order
+                    .lock()
+                    .entry(k.clone())
+                    .or_default()
+                    .push(ctx.offset());
                 let mut r = self.probe.running_keys.lock();
                 let n = r.entry(k.clone()).or_default();
                 *n += 1;
@@ -248,11 +287,23 @@ mod tests {
         }
     }
 
-    fn run_case(mode: SchedulingMode, lanes: usize, keys: Vec<Option<u8>>, yields: Vec<u8>) -> (Arc<Probe>, Option<i64>) {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    fn run_case(
+        mode: SchedulingMode,
+        lanes: usize,
+        keys: Vec<Option<u8>>,
+        yields: Vec<u8>,
+    ) -> (Arc<Probe>, Option<i64>) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
         let probe = Arc::new(Probe::default());
         let worker = Arc::new(Worker {
-            processor: Arc::new(ProbeProcessor { probe: probe.clone(), yields }),
+            processor: Arc::new(ProbeProcessor {
+                probe: probe.clone(),
+                yields,
+            }),
             subscription: Arc::from("s"),
             counters: Arc::new(Counters::default()),
             deferred_timeout: None,
@@ -262,7 +313,12 @@ mod tests {
         let mut props = ProcessorProperties::default();
         props.mode = mode;
         props.partition_concurrency = lanes;
-        let partition = Arc::new(PartitionShared::new("s", Arc::from("t"), 0, OffsetTracker::starting_at(Some(0))));
+        let partition = Arc::new(PartitionShared::new(
+            "s",
+            Arc::from("t"),
+            0,
+            OffsetTracker::starting_at(Some(0)),
+        ));
         let handle = rt.handle().clone();
         let mut sched = PartitionScheduler::new(&props, &worker, &handle);
         for (offset, key) in keys.iter().enumerate() {

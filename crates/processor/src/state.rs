@@ -46,12 +46,16 @@ pub(crate) struct StateSlot {
 
 impl StateSlot {
     pub(crate) fn task_state(self: &Arc<Self>) -> Option<TaskState> {
-        self.store.get().map(|s| TaskState { batch: s.task_batch(), slot: self.clone() })
+        self.store.get().map(|s| TaskState {
+            batch: s.task_batch(),
+            slot: self.clone(),
+        })
     }
 
     /// Whether the task at `offset` already has its effects in the store.
     pub(crate) fn is_applied(&self, offset: i64) -> bool {
-        self.store.get().is_some_and(|s| s.is_applied(offset)) || self.applied_here.lock().contains(&offset)
+        self.store.get().is_some_and(|s| s.is_applied(offset))
+            || self.applied_here.lock().contains(&offset)
     }
 }
 
@@ -106,20 +110,25 @@ impl StateRuntime {
     pub(crate) async fn ensure_changelog(&self, source_topic: &str) {
         // An existing changelog needs no admin call (the mock cluster has none to offer).
         let (bootstrap, topic) = (self.bootstrap.clone(), self.changelog_topic.clone());
-        let exists = tokio::task::spawn_blocking(move || {
-            use rdkafka::consumer::{BaseConsumer, Consumer};
-            let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-                .set("bootstrap.servers", &bootstrap)
-                .set("allow.auto.create.topics", "false")
-                .create()
-                .ok()?;
-            let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10)).ok()?;
-            Some(md.topics().iter().any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()))
-        })
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or(false);
+        let exists =
+            tokio::task::spawn_blocking(move || {
+                use rdkafka::consumer::{BaseConsumer, Consumer};
+                let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+                    .set("bootstrap.servers", &bootstrap)
+                    .set("allow.auto.create.topics", "false")
+                    .create()
+                    .ok()?;
+                let md = consumer
+                    .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                    .ok()?;
+                Some(md.topics().iter().any(|t| {
+                    t.name() == topic && t.error().is_none() && !t.partitions().is_empty()
+                }))
+            })
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(false);
         if exists {
             return;
         }
@@ -133,15 +142,24 @@ impl StateRuntime {
         )
         .await
         {
-            Ok(info) => tracing::info!(topic = %info.topic, partitions = info.partitions, created = info.created,
-                compacted = info.compacted, "changelog topic ready"),
-            Err(e) => tracing::warn!(topic = %self.changelog_topic, "could not create the changelog topic ({e}); assuming it exists"),
+            Ok(info) => {
+                tracing::info!(topic = %info.topic, partitions = info.partitions, created = info.created,
+                compacted = info.compacted, "changelog topic ready")
+            }
+            Err(e) => {
+                tracing::warn!(topic = %self.changelog_topic, "could not create the changelog topic ({e}); assuming it exists")
+            }
         }
     }
 
     /// Starts opening and restoring the store of `partition`; `ready` turns true once its
     /// tasks may run.
-    pub(crate) fn open_partition(&self, topic: &str, partition: i32, ready: Arc<AtomicBool>) -> Arc<StateSlot> {
+    pub(crate) fn open_partition(
+        &self,
+        topic: &str,
+        partition: i32,
+        ready: Arc<AtomicBool>,
+    ) -> Arc<StateSlot> {
         ready.store(false, Ordering::Release);
         let slot = Arc::new(StateSlot {
             partition,
@@ -152,8 +170,16 @@ impl StateRuntime {
             closed: AtomicBool::new(false),
         });
         self.slots.lock().insert(partition, slot.clone());
-        let (config, subscription, topic) = (self.config.clone(), self.subscription.clone(), topic.to_string());
-        let (bootstrap, kafka, changelog) = (self.bootstrap.clone(), self.kafka.clone(), self.changelog_topic.clone());
+        let (config, subscription, topic) = (
+            self.config.clone(),
+            self.subscription.clone(),
+            topic.to_string(),
+        );
+        let (bootstrap, kafka, changelog) = (
+            self.bootstrap.clone(),
+            self.kafka.clone(),
+            self.changelog_topic.clone(),
+        );
         let task_slot = slot.clone();
         let counters = self.counters.clone();
         let restored = metrics::counter!("decaton_state_restored_records_total", "subscription" => self.subscription.clone(),
@@ -164,7 +190,8 @@ impl StateRuntime {
             while !slot.closed.load(Ordering::Acquire) {
                 let opened = {
                     let (config, subscription, topic) = (config.clone(), subscription.clone(), topic.clone());
-                    tokio::task::spawn_blocking(move || PartitionStore::open(&config, &subscription, &topic, partition)).await
+                    tokio::task::spawn_blocking(move || PartitionStore::open(&config, &subscription, &topic, partition))
+                        .await
                 };
                 let result = match opened {
                     Ok(Ok((store, report))) => {
@@ -183,7 +210,9 @@ impl StateRuntime {
                         tracing::info!(partition, records = r.records_read, batches = r.batches_applied,
                             partial_ignored = r.partial_batches_ignored, next_offset = r.next_offset,
                             elapsed = ?r.elapsed, records_per_s = rate as u64, "state restored");
-                        counters.state_records_restored.fetch_add(r.records_read, Ordering::Relaxed);
+                        counters
+                            .state_records_restored
+                            .fetch_add(r.records_read, Ordering::Relaxed);
                         restored.increment(r.records_read);
                         slot.next_changelog_offset.store(r.next_offset, Ordering::Release);
                         let _ = slot.store.set(store);
@@ -191,7 +220,10 @@ impl StateRuntime {
                         return;
                     }
                     Err(e) => {
-                        tracing::error!(partition, "state store open/restore failed, retrying in {backoff:?}: {e}");
+                        tracing::error!(
+                            partition,
+                            "state store open/restore failed, retrying in {backoff:?}: {e}"
+                        );
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(10));
                     }
@@ -206,25 +238,39 @@ impl StateRuntime {
     pub(crate) fn close_partition(&self, slot: &Arc<StateSlot>, shared: &PartitionShared) {
         slot.closed.store(true, Ordering::Release);
         let mut slots = self.slots.lock();
-        if slots.get(&slot.partition).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+        if slots
+            .get(&slot.partition)
+            .is_some_and(|s| Arc::ptr_eq(s, slot))
+        {
             slots.remove(&slot.partition);
         }
         drop(slots);
-        let Some(store) = slot.store.get() else { return };
+        let Some(store) = slot.store.get() else {
+            return;
+        };
         let (running, position) = {
             let core = shared.core.lock();
             (core.running, core.tracker.position())
         };
         if slot.failed.load(Ordering::Acquire) || running > 0 {
-            tracing::warn!(partition = slot.partition, "state store released without a checkpoint (a write failed or a task \
-                was abandoned); its next owner rebuilds it from the changelog");
+            tracing::warn!(
+                partition = slot.partition,
+                "state store released without a checkpoint (a write failed or a task \
+                was abandoned); its next owner rebuilds it from the changelog"
+            );
             return;
         }
         let from = position.unwrap_or(0);
-        let mut applied: BTreeSet<i64> = store.applied_source_offsets().range(from..).copied().collect();
+        let mut applied: BTreeSet<i64> = store
+            .applied_source_offsets()
+            .range(from..)
+            .copied()
+            .collect();
         applied.extend(slot.applied_here.lock().range(from..).copied());
         let applied: Vec<i64> = applied.into_iter().collect();
-        if let Err(e) = store.close_clean(slot.next_changelog_offset.load(Ordering::Acquire), &applied) {
+        if let Err(e) =
+            store.close_clean(slot.next_changelog_offset.load(Ordering::Acquire), &applied)
+        {
             tracing::warn!(partition = slot.partition, "state checkpoint failed: {e}");
         }
     }
@@ -271,7 +317,8 @@ impl CompletionHook for StateRuntime {
                     match pending.wait().await {
                         Ok(last) => {
                             if let Some(last) = last {
-                                slot.next_changelog_offset.fetch_max(last + 1, Ordering::AcqRel);
+                                slot.next_changelog_offset
+                                    .fetch_max(last + 1, Ordering::AcqRel);
                             }
                             slot.applied_here.lock().insert(inner.offset);
                             inner.mark_done();
@@ -288,10 +335,20 @@ impl CompletionHook for StateRuntime {
 /// The task's effects may be in the local store but not in the changelog: its offset must
 /// never be committed (it stays unfinished, pinning the position, and runs again on the
 /// next owner after a rebuild), and this store must never be checkpointed.
-fn state_write_failed(slot: &StateSlot, inner: &CompletionInner, e: &StateError, counters: &Counters) {
+fn state_write_failed(
+    slot: &StateSlot,
+    inner: &CompletionInner,
+    e: &StateError,
+    counters: &Counters,
+) {
     slot.failed.store(true, Ordering::Release);
-    counters.state_write_failures.fetch_add(1, Ordering::Relaxed);
-    tracing::error!(partition = slot.partition, offset = inner.offset,
-        "state write failed; the offset stays uncommitted and the partition's position is held: {e}");
+    counters
+        .state_write_failures
+        .fetch_add(1, Ordering::Relaxed);
+    tracing::error!(
+        partition = slot.partition,
+        offset = inner.offset,
+        "state write failed; the offset stays uncommitted and the partition's position is held: {e}"
+    );
     inner.partition.release();
 }

@@ -27,8 +27,8 @@ use crate::config::ProcessorProperties;
 use crate::offsets::{decode_offset_map, OffsetTracker};
 use crate::partition::PartitionShared;
 use crate::scheduler::{PartitionScheduler, TaskUnit, Worker};
-use crate::stats::{Counters, SubscriptionStats};
 use crate::state::StateRuntime;
+use crate::stats::{Counters, SubscriptionStats};
 use crate::TaskProcessor;
 
 /// Why a subscription could not start or stopped abnormally.
@@ -101,16 +101,26 @@ where
 
     /// Validates and creates the subscription (nothing is contacted yet).
     pub fn build(self) -> Result<Subscription<T, P>, SubscriptionError> {
-        let bootstrap = self.bootstrap.ok_or_else(|| SubscriptionError::Config("bootstrap_servers is required".into()))?;
-        let topic = self.topic.ok_or_else(|| SubscriptionError::Config("topic is required".into()))?;
+        let bootstrap = self
+            .bootstrap
+            .ok_or_else(|| SubscriptionError::Config("bootstrap_servers is required".into()))?;
+        let topic = self
+            .topic
+            .ok_or_else(|| SubscriptionError::Config("topic is required".into()))?;
         if self.id.is_empty() {
-            return Err(SubscriptionError::Config("subscription id must not be empty".into()));
+            return Err(SubscriptionError::Config(
+                "subscription id must not be empty".into(),
+            ));
         }
         if self.kafka.contains_key("group.id") {
-            return Err(SubscriptionError::Config("group.id is the subscription id; do not set it".into()));
+            return Err(SubscriptionError::Config(
+                "group.id is the subscription id; do not set it".into(),
+            ));
         }
         if self.properties.partition_concurrency == 0 || self.properties.max_pending == 0 {
-            return Err(SubscriptionError::Config("partition_concurrency and max_pending must be > 0".into()));
+            return Err(SubscriptionError::Config(
+                "partition_concurrency and max_pending must be > 0".into(),
+            ));
         }
         Ok(Subscription {
             id: self.id,
@@ -120,7 +130,9 @@ where
             properties: self.properties,
             kafka: self.kafka,
             state: self.state,
-            handle: SubscriptionHandle { inner: Arc::new(HandleInner::default()) },
+            handle: SubscriptionHandle {
+                inner: Arc::new(HandleInner::default()),
+            },
             _task: std::marker::PhantomData,
         })
     }
@@ -154,7 +166,9 @@ impl SubscriptionHandle {
 
 impl std::fmt::Debug for SubscriptionHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SubscriptionHandle").field("stats", &self.stats()).finish()
+        f.debug_struct("SubscriptionHandle")
+            .field("stats", &self.stats())
+            .finish()
     }
 }
 
@@ -245,7 +259,14 @@ where
         let counters = self.handle.inner.counters.clone();
         let state = match &self.state {
             Some(cfg) => {
-                let s = Arc::new(StateRuntime::new(cfg.clone(), &self.id, &self.bootstrap, &self.kafka, runtime.clone(), counters.clone())?);
+                let s = Arc::new(StateRuntime::new(
+                    cfg.clone(),
+                    &self.id,
+                    &self.bootstrap,
+                    &self.kafka,
+                    runtime.clone(),
+                    counters.clone(),
+                )?);
                 s.ensure_changelog(&self.topic).await;
                 Some(s)
             }
@@ -256,7 +277,9 @@ where
             subscription: subscription.clone(),
             counters: counters.clone(),
             deferred_timeout: self.properties.deferred_complete_timeout,
-            hook: state.clone().map(|s| s as Arc<dyn crate::context::CompletionHook>),
+            hook: state
+                .clone()
+                .map(|s| s as Arc<dyn crate::context::CompletionHook>),
             _task: std::marker::PhantomData,
         });
         let core = Arc::new(RuntimeCore {
@@ -286,7 +309,9 @@ where
                 let _ = done_tx.send(core.counters.snapshot());
             })
             .map_err(|e| SubscriptionError::Thread(e.to_string()))?;
-        done_rx.await.map_err(|_| SubscriptionError::Thread("consumer thread panicked".into()))
+        done_rx
+            .await
+            .map_err(|_| SubscriptionError::Thread("consumer thread panicked".into()))
     }
 }
 
@@ -357,7 +382,8 @@ where
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let parts = self.core.own_partitions(tpl);
-            self.core.revoke(consumer, &parts, self.core.props.rebalance_timeout, false);
+            self.core
+                .revoke(consumer, &parts, self.core.props.rebalance_timeout, false);
         }
     }
 
@@ -368,7 +394,9 @@ where
                 self.core.assign(consumer, &parts);
             }
             Rebalance::Revoke(_) => {}
-            Rebalance::Error(e) => tracing::warn!(subscription = %self.core.subscription, "rebalance error: {e}"),
+            Rebalance::Error(e) => {
+                tracing::warn!(subscription = %self.core.subscription, "rebalance error: {e}")
+            }
         }
     }
 
@@ -377,7 +405,11 @@ where
             tracing::warn!(subscription = %self.core.subscription, "commit of {} partitions failed: {e}", offsets.count());
             // Forget what we believed committed so the next round sends it again.
             let mut parts = self.core.partitions.lock();
-            for e in offsets.elements().iter().filter(|e| e.topic() == &*self.core.topic) {
+            for e in offsets
+                .elements()
+                .iter()
+                .filter(|e| e.topic() == &*self.core.topic)
+            {
                 if let Some(entry) = parts.get_mut(&e.partition()) {
                     entry.last_committed = None;
                 }
@@ -386,8 +418,11 @@ where
     }
 }
 
-fn consumer_loop<T, P>(consumer: &BaseConsumer<RuntimeContext<T, P>>, core: &Arc<RuntimeCore<T, P>>, shutdown: &HandleInner)
-where
+fn consumer_loop<T, P>(
+    consumer: &BaseConsumer<RuntimeContext<T, P>>,
+    core: &Arc<RuntimeCore<T, P>>,
+    shutdown: &HandleInner,
+) where
     T: prost::Message + Default + Send + 'static,
     P: TaskProcessor<T>,
 {
@@ -395,10 +430,16 @@ where
     let mut last_flow = Instant::now();
     let mut throttled = false;
     while !shutdown.shutdown.load(Ordering::Acquire) {
-        let timeout = if throttled { Duration::from_millis(2) } else { Duration::from_millis(50) };
+        let timeout = if throttled {
+            Duration::from_millis(2)
+        } else {
+            Duration::from_millis(50)
+        };
         match consumer.poll(timeout) {
             Some(Ok(msg)) => throttled |= core.on_message(&msg),
-            Some(Err(e)) => tracing::warn!(subscription = %core.subscription, "consumer error: {e}"),
+            Some(Err(e)) => {
+                tracing::warn!(subscription = %core.subscription, "consumer error: {e}")
+            }
             None => {}
         }
         if throttled || last_flow.elapsed() >= Duration::from_millis(20) {
@@ -419,7 +460,11 @@ where
 {
     /// The partitions of this subscription's topic in `tpl`.
     fn own_partitions(&self, tpl: &TopicPartitionList) -> Vec<i32> {
-        tpl.elements().iter().filter(|e| e.topic() == &*self.topic).map(|e| e.partition()).collect()
+        tpl.elements()
+            .iter()
+            .filter(|e| e.topic() == &*self.topic)
+            .map(|e| e.partition())
+            .collect()
     }
 
     /// Takes one record; returns true when it had to wait in the overflow (flow control
@@ -431,11 +476,16 @@ where
         let offset = msg.offset();
         let mut parts = self.partitions.lock();
         let Some(entry) = parts.get_mut(&msg.partition()) else {
-            tracing::debug!(partition = msg.partition(), offset, "record for a partition not assigned here; ignored");
+            tracing::debug!(
+                partition = msg.partition(),
+                offset,
+                "record for a partition not assigned here; ignored"
+            );
             return false;
         };
         let incoming = self.decode(entry, msg);
-        if entry.overflow.is_empty() && entry.ready.load(Ordering::Acquire) && self.has_room(entry) {
+        if entry.overflow.is_empty() && entry.ready.load(Ordering::Acquire) && self.has_room(entry)
+        {
             self.dispatch(entry, incoming);
             false
         } else {
@@ -447,9 +497,11 @@ where
     fn decode(&self, entry: &PartitionEntry<T>, msg: &BorrowedMessage<'_>) -> Incoming<T> {
         let offset = msg.offset();
         let shared = &entry.shared;
-        let header = msg
-            .headers()
-            .and_then(|h| h.iter().find(|h| h.key == METADATA_HEADER).map(|h| h.value.unwrap_or_default()));
+        let header = msg.headers().and_then(|h| {
+            h.iter()
+                .find(|h| h.key == METADATA_HEADER)
+                .map(|h| h.value.unwrap_or_default())
+        });
         let discard = |what: &dyn std::fmt::Display| {
             tracing::warn!(subscription = %self.subscription, topic = %shared.topic, partition = shared.partition, offset,
                 "discarding undecodable record: {what}");
@@ -467,7 +519,9 @@ where
         };
         let key = msg.key().filter(|k| !k.is_empty());
         if let Some(k) = key {
-            if !self.props.ignore_keys.is_empty() && self.props.ignore_keys.iter().any(|i| i.as_bytes() == k) {
+            if !self.props.ignore_keys.is_empty()
+                && self.props.ignore_keys.iter().any(|i| i.as_bytes() == k)
+            {
                 shared.metrics.discarded.increment(1);
                 self.counters.discarded.fetch_add(1, Ordering::Relaxed);
                 return Incoming::Skip(offset);
@@ -489,8 +543,8 @@ where
 
     fn dispatch(&self, entry: &mut PartitionEntry<T>, incoming: Incoming<T>) {
         let offset = incoming.offset();
-        let skip_done =
-            entry.already_done.remove(&offset) || entry.state.as_ref().is_some_and(|s| s.is_applied(offset));
+        let skip_done = entry.already_done.remove(&offset)
+            || entry.state.as_ref().is_some_and(|s| s.is_applied(offset));
         let mut core = entry.shared.core.lock();
         if !core.tracker.register(offset) {
             return; // a redelivery of something already registered
@@ -507,7 +561,11 @@ where
             }
             Incoming::Task(mut unit) => {
                 core.dispatched += 1;
-                entry.shared.metrics.pending.set(core.tracker.unfinished() as f64);
+                entry
+                    .shared
+                    .metrics
+                    .pending
+                    .set(core.tracker.unfinished() as f64);
                 drop(core);
                 unit.state = entry.state.as_ref().and_then(|s| s.task_state());
                 entry.scheduler.dispatch(unit, &self.worker, &self.runtime);
@@ -528,13 +586,22 @@ where
                     }
                 }
             }
-            let want_paused = !entry.overflow.is_empty() || !self.has_room(entry) || !entry.ready.load(Ordering::Acquire);
+            let want_paused = !entry.overflow.is_empty()
+                || !self.has_room(entry)
+                || !entry.ready.load(Ordering::Acquire);
             if want_paused != entry.paused {
                 let mut tpl = TopicPartitionList::new();
                 tpl.add_partition(&self.topic, entry.shared.partition);
-                let result = if want_paused { consumer.pause(&tpl) } else { consumer.resume(&tpl) };
+                let result = if want_paused {
+                    consumer.pause(&tpl)
+                } else {
+                    consumer.resume(&tpl)
+                };
                 if let Err(e) = result {
-                    tracing::warn!(partition = entry.shared.partition, "pause/resume failed: {e}");
+                    tracing::warn!(
+                        partition = entry.shared.partition,
+                        "pause/resume failed: {e}"
+                    );
                 }
                 self.pause(entry, want_paused);
             }
@@ -551,33 +618,55 @@ where
         entry.paused = paused;
         if paused {
             self.counters.pauses.fetch_add(1, Ordering::Relaxed);
-            self.counters.paused_partitions.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .paused_partitions
+                .fetch_add(1, Ordering::Relaxed);
         } else {
-            self.counters.paused_partitions.fetch_sub(1, Ordering::Relaxed);
+            self.counters
+                .paused_partitions
+                .fetch_sub(1, Ordering::Relaxed);
         }
-        self.paused_gauge.set(self.counters.paused_partitions.load(Ordering::Relaxed) as f64);
+        self.paused_gauge
+            .set(self.counters.paused_partitions.load(Ordering::Relaxed) as f64);
     }
 
     /// Commits every owned partition whose position or offset map changed.
     fn commit(&self, consumer: &BaseConsumer<RuntimeContext<T, P>>, mode: CommitMode) {
-        let use_map = self.props.offset_map && self.metadata_support.load(Ordering::Acquire) != METADATA_UNSUPPORTED;
+        let use_map = self.props.offset_map
+            && self.metadata_support.load(Ordering::Acquire) != METADATA_UNSUPPORTED;
         let mut tpl = TopicPartitionList::new();
         let mut probe: Option<(i32, String)> = None;
         {
             let mut parts = self.partitions.lock();
             for entry in parts.values_mut() {
                 let core = entry.shared.core.lock();
-                let Some(position) = core.tracker.position() else { continue };
-                let map = if use_map { core.tracker.offset_map(self.props.offset_map_max_bytes) } else { String::new() };
+                let Some(position) = core.tracker.position() else {
+                    continue;
+                };
+                let map = if use_map {
+                    core.tracker.offset_map(self.props.offset_map_max_bytes)
+                } else {
+                    String::new()
+                };
                 drop(core);
                 let commit = (position, map);
                 if entry.last_committed.as_ref() == Some(&commit) {
                     continue;
                 }
-                if !commit.1.is_empty() && probe.is_none() && self.metadata_support.load(Ordering::Acquire) == METADATA_UNKNOWN {
+                if !commit.1.is_empty()
+                    && probe.is_none()
+                    && self.metadata_support.load(Ordering::Acquire) == METADATA_UNKNOWN
+                {
                     probe = Some((entry.shared.partition, commit.1.clone()));
                 }
-                if tpl.add_partition_offset(&self.topic, entry.shared.partition, Offset::Offset(commit.0)).is_ok() {
+                if tpl
+                    .add_partition_offset(
+                        &self.topic,
+                        entry.shared.partition,
+                        Offset::Offset(commit.0),
+                    )
+                    .is_ok()
+                {
                     if let Some(mut e) = tpl.find_partition(&self.topic, entry.shared.partition) {
                         e.set_metadata(commit.1.clone());
                     }
@@ -591,7 +680,11 @@ where
         }
         // The first commit carrying an offset map is synchronous and read back, to learn
         // whether this broker keeps commit metadata at all.
-        let mode = if probe.is_some() { CommitMode::Sync } else { mode };
+        let mode = if probe.is_some() {
+            CommitMode::Sync
+        } else {
+            mode
+        };
         if let Err(e) = consumer.commit(&tpl, mode) {
             tracing::warn!(subscription = %self.subscription, "commit failed: {e}");
             // Forget what we think is committed so the next round retries.
@@ -608,19 +701,29 @@ where
         }
     }
 
-    fn probe_metadata_support(&self, consumer: &BaseConsumer<RuntimeContext<T, P>>, partition: i32, sent: &str) {
+    fn probe_metadata_support(
+        &self,
+        consumer: &BaseConsumer<RuntimeContext<T, P>>,
+        partition: i32,
+        sent: &str,
+    ) {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&self.topic, partition);
         match consumer.committed_offsets(tpl, Duration::from_secs(10)) {
             Ok(back) => {
-                let got = back.find_partition(&self.topic, partition).map(|e| e.metadata().to_string()).unwrap_or_default();
+                let got = back
+                    .find_partition(&self.topic, partition)
+                    .map(|e| e.metadata().to_string())
+                    .unwrap_or_default();
                 if got.is_empty() {
-                    self.metadata_support.store(METADATA_UNSUPPORTED, Ordering::Release);
+                    self.metadata_support
+                        .store(METADATA_UNSUPPORTED, Ordering::Release);
                     tracing::warn!(subscription = %self.subscription,
                         "the broker does not return offset-commit metadata; offset map disabled, committing positions only \
                          (tasks finished above the position will run again after a partition moves)");
                 } else {
-                    self.metadata_support.store(METADATA_SUPPORTED, Ordering::Release);
+                    self.metadata_support
+                        .store(METADATA_SUPPORTED, Ordering::Release);
                     if got != sent {
                         tracing::debug!("committed metadata changed since the probe commit");
                     }
@@ -672,7 +775,10 @@ where
                 OffsetTracker::starting_at(position),
             ));
             let ready = Arc::new(AtomicBool::new(true));
-            let state = self.state.as_ref().map(|s| s.open_partition(&self.topic, p, ready.clone()));
+            let state = self
+                .state
+                .as_ref()
+                .map(|s| s.open_partition(&self.topic, p, ready.clone()));
             tracing::info!(subscription = %self.subscription, topic = %self.topic, partition = p, ?position,
                 skipping = already_done.len(), "partition assigned");
             parts.insert(
@@ -689,17 +795,28 @@ where
                 },
             );
         }
-        self.counters.assigned_partitions.store(parts.len() as u64, Ordering::Relaxed);
+        self.counters
+            .assigned_partitions
+            .store(parts.len() as u64, Ordering::Relaxed);
     }
 
     /// Stops dispatching `partitions`, waits up to `timeout` for their tasks (running ones
     /// only on revocation; every dispatched one on shutdown), commits their positions and
     /// forgets them.
-    fn revoke(&self, consumer: &BaseConsumer<RuntimeContext<T, P>>, partitions: &[i32], timeout: Duration, drain: bool) {
+    fn revoke(
+        &self,
+        consumer: &BaseConsumer<RuntimeContext<T, P>>,
+        partitions: &[i32],
+        timeout: Duration,
+        drain: bool,
+    ) {
         let deadline = Instant::now() + timeout;
         let shared: Vec<Arc<PartitionShared>> = {
             let parts = self.partitions.lock();
-            partitions.iter().filter_map(|p| parts.get(p).map(|e| e.shared.clone())).collect()
+            partitions
+                .iter()
+                .filter_map(|p| parts.get(p).map(|e| e.shared.clone()))
+                .collect()
         };
         if shared.is_empty() {
             return;
@@ -718,7 +835,9 @@ where
             let mut core = s.core.lock();
             core.revoked = true;
             if !finished && core.running > 0 {
-                self.counters.abandoned.fetch_add(core.running as u64, Ordering::Relaxed);
+                self.counters
+                    .abandoned
+                    .fetch_add(core.running as u64, Ordering::Relaxed);
                 tracing::warn!(subscription = %self.subscription, partition = s.partition, running = core.running,
                     "tasks still running after the timeout are abandoned; their completion will commit nothing");
             }
@@ -740,15 +859,20 @@ where
         for s in &shared {
             if let Some(entry) = parts.remove(&s.partition) {
                 if entry.paused {
-                    self.counters.paused_partitions.fetch_sub(1, Ordering::Relaxed);
+                    self.counters
+                        .paused_partitions
+                        .fetch_sub(1, Ordering::Relaxed);
                 }
                 if let (Some(state), Some(slot)) = (&self.state, &entry.state) {
                     state.close_partition(slot, s);
                 }
             }
         }
-        self.paused_gauge.set(self.counters.paused_partitions.load(Ordering::Relaxed) as f64);
-        self.counters.assigned_partitions.store(parts.len() as u64, Ordering::Relaxed);
+        self.paused_gauge
+            .set(self.counters.paused_partitions.load(Ordering::Relaxed) as f64);
+        self.counters
+            .assigned_partitions
+            .store(parts.len() as u64, Ordering::Relaxed);
         tracing::info!(subscription = %self.subscription, partitions = ?partitions, "partitions released");
     }
 
@@ -764,7 +888,11 @@ where
         }
         let _ = consumer.pause(&tpl);
         loop {
-            let idle = self.partitions.lock().values().all(|e| e.shared.core.lock().dispatched == 0);
+            let idle = self
+                .partitions
+                .lock()
+                .values()
+                .all(|e| e.shared.core.lock().dispatched == 0);
             if idle || Instant::now() >= deadline {
                 break;
             }

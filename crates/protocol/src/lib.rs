@@ -95,8 +95,11 @@ pub fn decode_metadata(bytes: &[u8]) -> Result<TaskMetadata, ProtocolError> {
 /// Builds a legacy envelope (what Decaton producers before the header format wrote as the
 /// record value).
 pub fn encode_legacy_envelope(metadata: &TaskMetadata, task: &[u8]) -> Vec<u8> {
-    proto::DecatonTaskRequest { metadata: Some(metadata.clone()), serialized_task: task.to_vec() }
-        .encode_to_vec()
+    proto::DecatonTaskRequest {
+        metadata: Some(metadata.clone()),
+        serialized_task: task.to_vec(),
+    }
+    .encode_to_vec()
 }
 
 /// Decodes a task record from its `dt_meta` header (if any) and its value.
@@ -114,10 +117,13 @@ pub fn decode_record<'a>(
             task: std::borrow::Cow::Borrowed(value),
         }),
         None => {
-            let envelope = proto::DecatonTaskRequest::decode(value)
-                .map_err(ProtocolError::InvalidEnvelope)?;
+            let envelope =
+                proto::DecatonTaskRequest::decode(value).map_err(ProtocolError::InvalidEnvelope)?;
             let metadata = envelope.metadata.ok_or(ProtocolError::MissingMetadata)?;
-            Ok(TaskRecord { metadata, task: std::borrow::Cow::Owned(envelope.serialized_task) })
+            Ok(TaskRecord {
+                metadata,
+                task: std::borrow::Cow::Owned(envelope.serialized_task),
+            })
         }
     }
 }
@@ -175,7 +181,11 @@ mod tests {
     #[test]
     fn decaton_field_numbers_are_on_the_wire() {
         // timestamp_millis = 1 (varint) -> tag 0x08; retry_count = 4 -> tag 0x20.
-        let bytes = encode_metadata(&TaskMetadata { timestamp_millis: 1, retry_count: 3, ..Default::default() });
+        let bytes = encode_metadata(&TaskMetadata {
+            timestamp_millis: 1,
+            retry_count: 3,
+            ..Default::default()
+        });
         assert_eq!(bytes, vec![0x08, 0x01, 0x20, 0x03]);
         // envelope: metadata = 1 (length-delimited) -> 0x0a; serialized_task = 2 -> 0x12.
         let env = encode_legacy_envelope(&TaskMetadata::default(), b"x");
@@ -185,8 +195,15 @@ mod tests {
     #[test]
     fn missing_value_and_missing_metadata_are_errors() {
         assert_eq!(decode_record(None, None), Err(ProtocolError::MissingValue));
-        let env = proto::DecatonTaskRequest { metadata: None, serialized_task: b"x".to_vec() }.encode_to_vec();
-        assert_eq!(decode_record(None, Some(&env)), Err(ProtocolError::MissingMetadata));
+        let env = proto::DecatonTaskRequest {
+            metadata: None,
+            serialized_task: b"x".to_vec(),
+        }
+        .encode_to_vec();
+        assert_eq!(
+            decode_record(None, Some(&env)),
+            Err(ProtocolError::MissingMetadata)
+        );
     }
 
     #[test]

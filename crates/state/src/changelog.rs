@@ -96,7 +96,10 @@ pub(crate) fn client_config(bootstrap: &str, kafka: &BTreeMap<String, String>) -
 pub(crate) fn producer_config(bootstrap: &str, kafka: &BTreeMap<String, String>) -> ClientConfig {
     let mut cfg = client_config(bootstrap, kafka);
     for (k, v) in [("acks", "all"), ("enable.idempotence", "true")] {
-        if let Some(given) = kafka.get(k).filter(|given| given.as_str() != v && !(k == "acks" && given.as_str() == "-1")) {
+        if let Some(given) = kafka
+            .get(k)
+            .filter(|given| given.as_str() != v && !(k == "acks" && given.as_str() == "-1"))
+        {
             tracing::warn!("changelog producer ignores {k}={given}: it needs {k}={v}");
         }
         cfg.set(k, v);
@@ -119,7 +122,9 @@ pub struct ChangelogWriter {
 
 impl std::fmt::Debug for ChangelogWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChangelogWriter").field("writer_id", &self.writer_id).finish_non_exhaustive()
+        f.debug_struct("ChangelogWriter")
+            .field("writer_id", &self.writer_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -128,7 +133,11 @@ impl ChangelogWriter {
     /// `acks=all` and `enable.idempotence=true` forced.
     pub fn new(bootstrap: &str, kafka: &BTreeMap<String, String>) -> Result<Self, StateError> {
         let producer: FutureProducer = producer_config(bootstrap, kafka).create()?;
-        Ok(ChangelogWriter { producer, writer_id: rand::random(), seqs: Mutex::new(HashMap::new()) })
+        Ok(ChangelogWriter {
+            producer,
+            writer_id: rand::random(),
+            seqs: Mutex::new(HashMap::new()),
+        })
     }
 
     /// The random id this writer stamps on its records (`dt_writer`).
@@ -150,7 +159,9 @@ impl ChangelogWriter {
         source_offset: i64,
         mutations: &[Mutation],
     ) -> Result<Option<i64>, StateError> {
-        self.enqueue(changelog_topic, partition, source_offset, mutations)?.wait().await
+        self.enqueue(changelog_topic, partition, source_offset, mutations)?
+            .wait()
+            .await
     }
 
     /// The first half of [`append`](Self::append): hands every record of the batch to
@@ -179,20 +190,43 @@ impl ChangelogWriter {
         })?;
         let batch: u64 = rand::random();
         let mut seqs = self.seqs.lock();
-        let next = seqs.entry((changelog_topic.to_string(), partition)).or_insert(0);
+        let next = seqs
+            .entry((changelog_topic.to_string(), partition))
+            .or_insert(0);
         let base = *next;
         // The whole range is used even if sending fails part-way: missing numbers are
         // exactly what marks a torn batch.
         *next += u64::from(size);
         for (index, m) in (0u32..).zip(mutations) {
             let headers = OwnedHeaders::new_with_capacity(6)
-                .insert(Header { key: headers::SRC_OFFSET, value: Some(&source_offset.to_be_bytes()) })
-                .insert(Header { key: headers::BATCH, value: Some(&batch.to_be_bytes()) })
-                .insert(Header { key: headers::BATCH_INDEX, value: Some(&index.to_be_bytes()) })
-                .insert(Header { key: headers::BATCH_SIZE, value: Some(&size.to_be_bytes()) })
-                .insert(Header { key: headers::WRITER, value: Some(&self.writer_id.to_be_bytes()) })
-                .insert(Header { key: headers::SEQ, value: Some(&(base + u64::from(index)).to_be_bytes()) });
-            let mut record = FutureRecord::to(changelog_topic).partition(partition).key(m.key.as_slice()).headers(headers);
+                .insert(Header {
+                    key: headers::SRC_OFFSET,
+                    value: Some(&source_offset.to_be_bytes()),
+                })
+                .insert(Header {
+                    key: headers::BATCH,
+                    value: Some(&batch.to_be_bytes()),
+                })
+                .insert(Header {
+                    key: headers::BATCH_INDEX,
+                    value: Some(&index.to_be_bytes()),
+                })
+                .insert(Header {
+                    key: headers::BATCH_SIZE,
+                    value: Some(&size.to_be_bytes()),
+                })
+                .insert(Header {
+                    key: headers::WRITER,
+                    value: Some(&self.writer_id.to_be_bytes()),
+                })
+                .insert(Header {
+                    key: headers::SEQ,
+                    value: Some(&(base + u64::from(index)).to_be_bytes()),
+                });
+            let mut record = FutureRecord::to(changelog_topic)
+                .partition(partition)
+                .key(m.key.as_slice())
+                .headers(headers);
             if let Some(v) = &m.value {
                 record = record.payload(v.as_slice());
             }
@@ -204,7 +238,11 @@ impl ChangelogWriter {
                         // would follow it: say right behind it that it is torn.
                         self.enqueue_abort_marker(changelog_topic, partition, batch);
                     }
-                    return Err(StateError::Delivery { topic: changelog_topic.to_string(), partition, error });
+                    return Err(StateError::Delivery {
+                        topic: changelog_topic.to_string(),
+                        partition,
+                        error,
+                    });
                 }
             }
         }
@@ -229,18 +267,31 @@ impl ChangelogWriter {
 
     fn enqueue_abort_marker(&self, topic: &str, partition: i32, batch: u64) {
         if let Err(e) = self.send_abort_marker(topic, partition, batch) {
-            tracing::error!(topic, partition, batch, "could not mark a torn changelog batch: {e}");
+            tracing::error!(
+                topic,
+                partition,
+                batch,
+                "could not mark a torn changelog batch: {e}"
+            );
         }
     }
 
-    fn send_abort_marker(&self, topic: &str, partition: i32, batch: u64) -> Result<DeliveryFuture, KafkaError> {
+    fn send_abort_marker(
+        &self,
+        topic: &str,
+        partition: i32,
+        batch: u64,
+    ) -> Result<DeliveryFuture, KafkaError> {
         let key = abort_marker_key(batch);
         let value: &[u8] = &[];
         let record = FutureRecord::to(topic)
             .partition(partition)
             .key(key.as_slice())
             .payload(value)
-            .headers(OwnedHeaders::new().insert(Header { key: headers::ABORT, value: Some(&batch.to_be_bytes()) }));
+            .headers(OwnedHeaders::new().insert(Header {
+                key: headers::ABORT,
+                value: Some(&batch.to_be_bytes()),
+            }));
         self.send(record)
     }
 
@@ -251,11 +302,19 @@ impl ChangelogWriter {
         partition: i32,
         batches: &[u64],
     ) -> Result<PendingAppend, StateError> {
-        let mut pending = PendingAppend { topic: topic.to_string(), partition, deliveries: Vec::new() };
+        let mut pending = PendingAppend {
+            topic: topic.to_string(),
+            partition,
+            deliveries: Vec::new(),
+        };
         for batch in batches {
             let delivery = self
                 .send_abort_marker(topic, partition, *batch)
-                .map_err(|error| StateError::Delivery { topic: topic.to_string(), partition, error })?;
+                .map_err(|error| StateError::Delivery {
+                    topic: topic.to_string(),
+                    partition,
+                    error,
+                })?;
             pending.deliveries.push(delivery);
         }
         Ok(pending)
@@ -304,7 +363,11 @@ impl PendingAppend {
                 Ok(Err((error, _))) => error,
                 Err(_canceled) => KafkaError::Canceled,
             };
-            return Err(StateError::Delivery { topic: self.topic, partition: self.partition, error });
+            return Err(StateError::Delivery {
+                topic: self.topic,
+                partition: self.partition,
+                error,
+            });
         }
         Ok(last)
     }
@@ -356,7 +419,10 @@ pub async fn create_changelog_topic(
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     // Most protective settings first; a broker that rejects them gets fewer.
     let attempts: [&[(&str, &str)]; 3] = [
-        &[("cleanup.policy", "compact"), ("min.compaction.lag.ms", MIN_COMPACTION_LAG_MS)],
+        &[
+            ("cleanup.policy", "compact"),
+            ("min.compaction.lag.ms", MIN_COMPACTION_LAG_MS),
+        ],
         &[("cleanup.policy", "compact")],
         &[],
     ];
@@ -377,13 +443,23 @@ pub async fn create_changelog_topic(
         }
     }
     let Some((created, compacted)) = outcome else {
-        return Err(StateError::Changelog { topic, detail: format!("create topic refused: {}", rejected.join("; ")) });
+        return Err(StateError::Changelog {
+            topic,
+            detail: format!("create topic refused: {}", rejected.join("; ")),
+        });
     };
     if !rejected.is_empty() {
-        tracing::warn!(topic, "broker rejected changelog topic settings ({}); created with fewer", rejected.join("; "));
+        tracing::warn!(
+            topic,
+            "broker rejected changelog topic settings ({}); created with fewer",
+            rejected.join("; ")
+        );
     }
     if created && !compacted {
-        tracing::warn!(topic, "changelog created without cleanup.policy=compact: it keeps every record, not the latest per key");
+        tracing::warn!(
+            topic,
+            "changelog created without cleanup.policy=compact: it keeps every record, not the latest per key"
+        );
     }
 
     // Wait until the topic is visible with all its partitions.
@@ -397,21 +473,33 @@ pub async fn create_changelog_topic(
             Some(n) if n < partitions && !created => {
                 return Err(StateError::Changelog {
                     topic,
-                    detail: format!("has {n} partitions, fewer than the {partitions} of {source_topic}"),
+                    detail: format!(
+                        "has {n} partitions, fewer than the {partitions} of {source_topic}"
+                    ),
                 });
             }
             // Just created: the metadata does not show every partition yet.
             Some(n) if n < partitions => {}
             Some(n) => {
                 if n > partitions {
-                    tracing::warn!(topic, "changelog has {n} partitions, more than the {partitions} of {source_topic}");
+                    tracing::warn!(
+                        topic,
+                        "changelog has {n} partitions, more than the {partitions} of {source_topic}"
+                    );
                 }
-                return Ok(ChangelogTopicInfo { topic, partitions: n, created, compacted });
+                return Ok(ChangelogTopicInfo {
+                    topic,
+                    partitions: n,
+                    created,
+                    compacted,
+                });
             }
             None => {}
         }
         if Instant::now() > deadline {
-            return Err(StateError::Timeout(format!("changelog topic {topic} not visible after creation")));
+            return Err(StateError::Timeout(format!(
+                "changelog topic {topic} not visible after creation"
+            )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -428,12 +516,19 @@ async fn create_one(
         Some(Ok(_)) => Ok(Ok(true)),
         Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => Ok(Ok(false)),
         Some(Err((_, code))) => Ok(Err(code)),
-        None => Err(StateError::Internal("create_topics returned no result".into())),
+        None => Err(StateError::Internal(
+            "create_topics returned no result".into(),
+        )),
     }
 }
 
-fn partition_count(admin: &AdminClient<DefaultClientContext>, topic: &str) -> Result<Option<i32>, StateError> {
-    let md = admin.inner().fetch_metadata(Some(topic), Duration::from_secs(10))?;
+fn partition_count(
+    admin: &AdminClient<DefaultClientContext>,
+    topic: &str,
+) -> Result<Option<i32>, StateError> {
+    let md = admin
+        .inner()
+        .fetch_metadata(Some(topic), Duration::from_secs(10))?;
     Ok(md
         .topics()
         .iter()

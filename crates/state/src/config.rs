@@ -59,12 +59,16 @@ mod tests {
 
     #[test]
     fn changelog_topic_name() {
-        assert_eq!(changelog_topic("billing", "state"), "billing-state-changelog");
+        assert_eq!(
+            changelog_topic("billing", "state"),
+            "billing-state-changelog"
+        );
     }
 
     #[test]
     fn defaults_fill_missing_fields() -> anyhow::Result<()> {
-        let cfg: StateConfig = serde_json::from_str(r#"{"state_dir": "/var/lib/x", "backend": "memory"}"#)?;
+        let cfg: StateConfig =
+            serde_json::from_str(r#"{"state_dir": "/var/lib/x", "backend": "memory"}"#)?;
         assert_eq!(cfg.state_dir, PathBuf::from("/var/lib/x"));
         assert_eq!(cfg.backend, Backend::Memory);
         assert_eq!(cfg.store_name, "state");

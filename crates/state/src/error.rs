@@ -68,6 +68,9 @@ pub enum StateError {
 
 impl StateError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> StateError {
-        StateError::Io { path: path.into(), source }
+        StateError::Io {
+            path: path.into(),
+            source,
+        }
     }
 }

@@ -127,7 +127,10 @@ pub async fn restore(
 ) -> Result<RestoreReport, StateError> {
     let started = Instant::now();
     // Big fetches suit a replay; the pass-through settings may still say otherwise.
-    let mut with_defaults = BTreeMap::from([("max.partition.fetch.bytes".to_string(), "16777216".to_string())]);
+    let mut with_defaults = BTreeMap::from([(
+        "max.partition.fetch.bytes".to_string(),
+        "16777216".to_string(),
+    )]);
     with_defaults.extend(kafka.iter().map(|(k, v)| (k.clone(), v.clone())));
     let mut consumer_cfg = client_config(bootstrap, &with_defaults);
     // librdkafka's assign() needs a group handle, so a group id is set, but the consumer
@@ -139,7 +142,12 @@ pub async fn restore(
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "error")
         .set("fetch.wait.max.ms", "100");
-    let Replayed { mut report, torn, dangling, tail_ops } = {
+    let Replayed {
+        mut report,
+        torn,
+        dangling,
+        tail_ops,
+    } = {
         let store = store.clone();
         let topic = changelog_topic.to_string();
         blocking(move || replay(&store, &consumer_cfg, &topic, partition, from_offset)).await?
@@ -152,12 +160,20 @@ pub async fn restore(
         // of its key and delete the valid one before it.
         let compensation = dangling
             .into_iter()
-            .map(|key| Ok(Mutation { value: store.get(&key)?, key }))
+            .map(|key| {
+                Ok(Mutation {
+                    value: store.get(&key)?,
+                    key,
+                })
+            })
             .collect::<Result<Vec<_>, StateError>>()?;
         let writer = ChangelogWriter::new(bootstrap, kafka)?;
         let markers = writer.enqueue_abort_markers(changelog_topic, partition, &torn)?;
         let rewrite = writer.enqueue(changelog_topic, partition, NO_TASK, &compensation)?;
-        for last in [markers.wait().await?, rewrite.wait().await?].into_iter().flatten() {
+        for last in [markers.wait().await?, rewrite.wait().await?]
+            .into_iter()
+            .flatten()
+        {
             report.next_offset = report.next_offset.max(last + 1);
         }
         report.abort_markers_written = torn.len() as u64;
@@ -217,19 +233,30 @@ fn replay(
     from_offset: Option<i64>,
 ) -> Result<Replayed, StateError> {
     let consumer: BaseConsumer = cfg.create()?;
-    let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(30)).map_err(|e| {
-        StateError::Changelog { topic: topic.to_string(), detail: format!("watermarks of partition {partition}: {e}") }
-    })?;
+    let (low, high) = consumer
+        .fetch_watermarks(topic, partition, Duration::from_secs(30))
+        .map_err(|e| StateError::Changelog {
+            topic: topic.to_string(),
+            detail: format!("watermarks of partition {partition}: {e}"),
+        })?;
     let mut report = RestoreReport::default();
     let discard = |report: &mut RestoreReport, why: &str| -> Result<(), StateError> {
-        tracing::warn!(store = store.label(), changelog = topic, partition, "{why}: restoring from the beginning");
+        tracing::warn!(
+            store = store.label(),
+            changelog = topic,
+            partition,
+            "{why}: restoring from the beginning"
+        );
         store.clear_local()?;
         report.checkpoint_discarded = true;
         Ok(())
     };
     let start = match from_offset {
         Some(offset) if offset < low => {
-            discard(&mut report, &format!("checkpoint offset {offset} is before the changelog's start {low}"))?;
+            discard(
+                &mut report,
+                &format!("checkpoint offset {offset} is before the changelog's start {low}"),
+            )?;
             low
         }
         Some(offset) => offset,
@@ -240,7 +267,10 @@ fn replay(
         Consumed::OutOfRange if from_offset.is_some() && !report.checkpoint_discarded => {
             // The checkpoint points past the changelog's end: the topic was recreated
             // or truncated, so the local data belongs to another history.
-            discard(&mut report, &format!("checkpoint offset {start} is outside the changelog"))?;
+            discard(
+                &mut report,
+                &format!("checkpoint offset {start} is outside the changelog"),
+            )?;
             match consume(store, &consumer, topic, partition, low, high, &mut report)? {
                 Consumed::Done(asm) => Ok(finish(store, topic, partition, report, *asm)),
                 Consumed::OutOfRange => Err(StateError::Changelog {
@@ -304,8 +334,18 @@ fn consume(
                 report.records_read += 1;
                 report.next_offset = report.next_offset.max(offset + 1);
                 unflushed += 1;
-                let kind = classify(msg.headers().into_iter().flat_map(|h| h.iter()).map(|h| (h.key, h.value)));
-                asm.push(offset, msg.key().map(<[u8]>::to_vec), msg.payload().map(<[u8]>::to_vec), kind);
+                let kind = classify(
+                    msg.headers()
+                        .into_iter()
+                        .flat_map(|h| h.iter())
+                        .map(|h| (h.key, h.value)),
+                );
+                asm.push(
+                    offset,
+                    msg.key().map(<[u8]>::to_vec),
+                    msg.payload().map(<[u8]>::to_vec),
+                    kind,
+                );
                 if asm.ops.len() >= FLUSH_EVERY {
                     store.write_restored(&asm.ops)?;
                     asm.ops.clear();
@@ -327,10 +367,10 @@ fn consume(
                 continue;
             }
             Some(Err(KafkaError::PartitionEOF(_))) => {
-                let position = consumer
-                    .position()
-                    .ok()
-                    .and_then(|tpl| tpl.find_partition(topic, partition).and_then(|p| p.offset().to_raw()));
+                let position = consumer.position().ok().and_then(|tpl| {
+                    tpl.find_partition(topic, partition)
+                        .and_then(|p| p.offset().to_raw())
+                });
                 // Nothing consumed yet: the position is unknown, and the start is it.
                 let position = position.unwrap_or(report.next_offset);
                 if at_end(position) {
@@ -356,7 +396,12 @@ fn consume(
                 });
             }
             Some(Err(e)) if last_error_log.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) => {
-                tracing::warn!(store = store.label(), changelog = topic, partition, "restore consumer: {e}");
+                tracing::warn!(
+                    store = store.label(),
+                    changelog = topic,
+                    partition,
+                    "restore consumer: {e}"
+                );
                 last_error_log = Some(Instant::now());
             }
             Some(Err(_)) => {}
@@ -379,7 +424,13 @@ fn consume(
 }
 
 /// Settles what is left at the end of the changelog and fills in the report.
-fn finish(store: &PartitionStore, topic: &str, partition: i32, mut report: RestoreReport, mut asm: Assembler) -> Replayed {
+fn finish(
+    store: &PartitionStore,
+    topic: &str,
+    partition: i32,
+    mut report: RestoreReport,
+    mut asm: Assembler,
+) -> Replayed {
     let torn = asm.finish();
     // `finish` may apply compacted batches; `restore` writes them with the compensation.
     let tail_ops = std::mem::take(&mut asm.ops);
@@ -398,7 +449,12 @@ fn finish(store: &PartitionStore, topic: &str, partition: i32, mut report: Resto
     report.unframed_records = asm.unframed_records;
     report.skipped_records = asm.skipped_records;
     report.applied_source_offsets = std::mem::take(&mut asm.applied_sources);
-    Replayed { report, torn, dangling: asm.dangling_keys(), tail_ops }
+    Replayed {
+        report,
+        torn,
+        dangling: asm.dangling_keys(),
+        tail_ops,
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -429,7 +485,8 @@ fn be<const N: usize>(v: Option<&[u8]>) -> Option<[u8; N]> {
 
 /// Classifies a record by its headers.
 pub(crate) fn classify<'a>(hdrs: impl Iterator<Item = (&'a str, Option<&'a [u8]>)>) -> Kind {
-    let (mut src, mut batch, mut index, mut size, mut writer, mut seq) = (None, None, None, None, None, None);
+    let (mut src, mut batch, mut index, mut size, mut writer, mut seq) =
+        (None, None, None, None, None, None);
     for (key, value) in hdrs {
         match key {
             headers::SRC_OFFSET => src = be::<8>(value).map(i64::from_be_bytes),
@@ -447,13 +504,15 @@ pub(crate) fn classify<'a>(hdrs: impl Iterator<Item = (&'a str, Option<&'a [u8]>
         }
     }
     match (src, batch, index, size) {
-        (Some(src_offset), Some(batch), Some(index), Some(size)) if index < size => Kind::Framed(Frame {
-            src_offset,
-            batch,
-            index,
-            size,
-            seq: writer.zip(seq),
-        }),
+        (Some(src_offset), Some(batch), Some(index), Some(size)) if index < size => {
+            Kind::Framed(Frame {
+                src_offset,
+                batch,
+                index,
+                size,
+                seq: writer.zip(seq),
+            })
+        }
         _ => Kind::Unframed,
     }
 }
@@ -503,7 +562,13 @@ pub(crate) struct Assembler {
 }
 
 impl Assembler {
-    pub(crate) fn push(&mut self, offset: i64, key: Option<Vec<u8>>, value: Option<Vec<u8>>, kind: Kind) {
+    pub(crate) fn push(
+        &mut self,
+        offset: i64,
+        key: Option<Vec<u8>>,
+        value: Option<Vec<u8>>,
+        kind: Kind,
+    ) {
         match kind {
             Kind::Abort(batch) => {
                 if let Some(p) = self.take(batch) {
@@ -566,7 +631,13 @@ impl Assembler {
         if p.records.contains_key(&f.index) {
             return; // a duplicate (non-idempotent producer retry)
         }
-        self.watch.entry(key.clone()).or_insert(Watch { refs: 0, last_applied: -1 }).refs += 1;
+        self.watch
+            .entry(key.clone())
+            .or_insert(Watch {
+                refs: 0,
+                last_applied: -1,
+            })
+            .refs += 1;
         p.records.insert(f.index, Rec { offset, key, value });
         if p.records.len() >= p.size as usize {
             if let Some(p) = self.take(batch) {
@@ -622,7 +693,10 @@ impl Assembler {
             self.applied_sources.insert(p.src_offset);
         }
         for rec in p.records.into_values() {
-            let superseded = self.watch.get(&rec.key).is_some_and(|w| w.last_applied > rec.offset);
+            let superseded = self
+                .watch
+                .get(&rec.key)
+                .is_some_and(|w| w.last_applied > rec.offset);
             if apply && !superseded {
                 self.emit(rec.offset, rec.key.clone(), rec.value);
             } else if !apply && !superseded {
@@ -642,7 +716,11 @@ impl Assembler {
         if let Some(w) = self.watch.get_mut(&key) {
             w.last_applied = w.last_applied.max(offset);
         }
-        if self.dangling.get(&key).is_some_and(|torn_at| offset > *torn_at) {
+        if self
+            .dangling
+            .get(&key)
+            .is_some_and(|torn_at| offset > *torn_at)
+        {
             self.dangling.remove(&key);
         }
         self.ops.push((key, value));
@@ -651,12 +729,18 @@ impl Assembler {
     /// Settles what is still pending at the end of the changelog and returns the torn
     /// batches (to be marked aborted).
     pub(crate) fn finish(&mut self) -> Vec<u64> {
-        let mut rest: Vec<(i64, u64)> = self.pending.iter().map(|(b, p)| (p.first_offset, *b)).collect();
+        let mut rest: Vec<(i64, u64)> = self
+            .pending
+            .iter()
+            .map(|(b, p)| (p.first_offset, *b))
+            .collect();
         rest.sort_unstable();
         let mut torn = Vec::new();
         for (_, batch) in rest {
             let Some(p) = self.take(batch) else { continue };
-            let compacted = p.writer.is_some_and(|(w, last)| self.max_seq.get(&w).is_some_and(|max| last <= *max));
+            let compacted = p
+                .writer
+                .is_some_and(|(w, last)| self.max_seq.get(&w).is_some_and(|max| last <= *max));
             if compacted {
                 self.settle(p, Settle::Compacted);
             } else {
@@ -708,9 +792,18 @@ mod tests {
 
     impl Writer {
         fn new(id: u64) -> Writer {
-            Writer { id, seq: 0, next_batch: id << 32 }
+            Writer {
+                id,
+                seq: 0,
+                next_batch: id << 32,
+            }
         }
-        fn batch(&mut self, log: &mut Vec<Record>, src: i64, muts: &[(&[u8], Option<&[u8]>)]) -> u64 {
+        fn batch(
+            &mut self,
+            log: &mut Vec<Record>,
+            src: i64,
+            muts: &[(&[u8], Option<&[u8]>)],
+        ) -> u64 {
             self.next_batch += 1;
             let size = muts.len() as u32;
             for (i, (k, v)) in muts.iter().enumerate() {
@@ -754,7 +847,12 @@ mod tests {
             };
         }
         let dangling = asm.dangling_keys();
-        Replay { state, asm, torn, dangling }
+        Replay {
+            state,
+            asm,
+            torn,
+            dangling,
+        }
     }
 
     /// What `restore` appends after a replay: abort markers, then the compensation batch
@@ -764,9 +862,15 @@ mod tests {
             abort(log, *batch);
         }
         if !r.dangling.is_empty() {
-            let values: Vec<(Vec<u8>, Option<Vec<u8>>)> =
-                r.dangling.iter().map(|k| (k.clone(), r.state.get(k).cloned())).collect();
-            let refs: Vec<(&[u8], Option<&[u8]>)> = values.iter().map(|(k, v)| (k.as_slice(), v.as_deref())).collect();
+            let values: Vec<(Vec<u8>, Option<Vec<u8>>)> = r
+                .dangling
+                .iter()
+                .map(|k| (k.clone(), r.state.get(k).cloned()))
+                .collect();
+            let refs: Vec<(&[u8], Option<&[u8]>)> = values
+                .iter()
+                .map(|(k, v)| (k.as_slice(), v.as_deref()))
+                .collect();
             Writer::new(writer_id).batch(log, NO_TASK, &refs);
         }
     }
@@ -783,7 +887,8 @@ mod tests {
         log.iter()
             .filter(|r| {
                 r.offset >= cut
-                    || (newest.get(r.key.as_slice()) == Some(&r.offset) && (r.value.is_some() || !drop_tombstones))
+                    || (newest.get(r.key.as_slice()) == Some(&r.offset)
+                        && (r.value.is_some() || !drop_tombstones))
             })
             .cloned()
             .collect()
@@ -798,17 +903,27 @@ mod tests {
             newest.insert(r.key.clone(), r.offset);
         }
         log.retain(|r| {
-            r.offset >= cut || (newest.get(&r.key) == Some(&r.offset) && (r.value.is_some() || !drop_tombstones))
+            r.offset >= cut
+                || (newest.get(&r.key) == Some(&r.offset)
+                    && (r.value.is_some() || !drop_tombstones))
         });
     }
 
     fn abort(log: &mut Vec<Record>, batch: u64) {
         let offset = log.last().map_or(0, |r| r.offset + 1);
-        log.push(Record { offset, key: abort_marker_key(batch), value: Some(vec![]), kind: Kind::Abort(batch) });
+        log.push(Record {
+            offset,
+            key: abort_marker_key(batch),
+            value: Some(vec![]),
+            kind: Kind::Abort(batch),
+        });
     }
 
     fn map(entries: &[(&[u8], &[u8])]) -> State {
-        entries.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect()
+        entries
+            .iter()
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .collect()
     }
 
     #[test]
@@ -825,12 +940,24 @@ mod tests {
         ];
         assert_eq!(
             classify(hs.iter().copied()),
-            Kind::Framed(Frame { src_offset: 7, batch: 9, index: 1, size: 2, seq: None })
+            Kind::Framed(Frame {
+                src_offset: 7,
+                batch: 9,
+                index: 1,
+                size: 2,
+                seq: None
+            })
         );
         assert_eq!(classify(hs[..3].iter().copied()), Kind::Unframed);
         let bad = [(headers::BATCH_INDEX, Some(&b"\x01"[..]))];
-        assert_eq!(classify(hs[..2].iter().copied().chain(bad).chain([hs[3]])), Kind::Unframed);
-        assert_eq!(classify([(headers::ABORT, Some(&batch[..]))].into_iter()), Kind::Abort(9));
+        assert_eq!(
+            classify(hs[..2].iter().copied().chain(bad).chain([hs[3]])),
+            Kind::Unframed
+        );
+        assert_eq!(
+            classify([(headers::ABORT, Some(&batch[..]))].into_iter()),
+            Kind::Abort(9)
+        );
     }
 
     #[test]
@@ -889,11 +1016,23 @@ mod tests {
     fn compacted_batches_are_applied_in_log_order() {
         let mut log = Vec::new();
         let mut w1 = Writer::new(1);
-        w1.batch(&mut log, 0, &[(b"counter", Some(b"1")), (b"user/x", Some(b"x"))]);
-        w1.batch(&mut log, 1, &[(b"counter", Some(b"2")), (b"user/y", Some(b"y"))]);
+        w1.batch(
+            &mut log,
+            0,
+            &[(b"counter", Some(b"1")), (b"user/x", Some(b"x"))],
+        );
+        w1.batch(
+            &mut log,
+            1,
+            &[(b"counter", Some(b"2")), (b"user/y", Some(b"y"))],
+        );
         let mut w2 = Writer::new(2);
         w2.batch(&mut log, 2, &[(b"counter", Some(b"3")), (b"user/x", None)]);
-        w2.batch(&mut log, 3, &[(b"user/z", Some(b"z")), (b"counter", Some(b"4"))]);
+        w2.batch(
+            &mut log,
+            3,
+            &[(b"user/z", Some(b"z")), (b"counter", Some(b"4"))],
+        );
         let full = replay(&log).state;
         let compacted = compact(&log, log.len() as i64, false);
         assert!(compacted.len() < log.len());
@@ -921,9 +1060,24 @@ mod tests {
     #[test]
     fn records_without_headers_are_applied_one_by_one() {
         let log = vec![
-            Record { offset: 0, key: b"k".to_vec(), value: Some(b"v".to_vec()), kind: Kind::Unframed },
-            Record { offset: 1, key: b"j".to_vec(), value: Some(b"w".to_vec()), kind: Kind::Unframed },
-            Record { offset: 2, key: b"k".to_vec(), value: None, kind: Kind::Unframed },
+            Record {
+                offset: 0,
+                key: b"k".to_vec(),
+                value: Some(b"v".to_vec()),
+                kind: Kind::Unframed,
+            },
+            Record {
+                offset: 1,
+                key: b"j".to_vec(),
+                value: Some(b"w".to_vec()),
+                kind: Kind::Unframed,
+            },
+            Record {
+                offset: 2,
+                key: b"k".to_vec(),
+                value: None,
+                kind: Kind::Unframed,
+            },
         ];
         let r = replay(&log);
         assert_eq!(r.state, map(&[(b"j", b"w")]));

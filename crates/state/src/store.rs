@@ -128,7 +128,11 @@ struct Identity {
 
 impl std::fmt::Display for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}/{}-{}", self.subscription, self.store, self.topic, self.partition)
+        write!(
+            f,
+            "{}/{}/{}-{}",
+            self.subscription, self.store, self.topic, self.partition
+        )
     }
 }
 
@@ -149,7 +153,9 @@ pub struct PartitionStore {
 
 impl std::fmt::Debug for PartitionStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PartitionStore").field("id", &self.inner.id.to_string()).finish_non_exhaustive()
+        f.debug_struct("PartitionStore")
+            .field("id", &self.inner.id.to_string())
+            .finish_non_exhaustive()
     }
 }
 
@@ -167,7 +173,11 @@ struct Inner {
 }
 
 enum Local {
-    Sled { db: sled::Db, data: sled::Tree, meta: sled::Tree },
+    Sled {
+        db: sled::Db,
+        data: sled::Tree,
+        meta: sled::Tree,
+    },
     Memory(Mutex<BTreeMap<Vec<u8>, Vec<u8>>>),
 }
 
@@ -190,12 +200,12 @@ impl Drop for DirClaim {
 }
 
 fn check_name(what: &'static str, name: &str) -> Result<(), StateError> {
-    let bad = name.is_empty()
-        || name == "."
-        || name == ".."
-        || name.contains(['/', '\\', '\0']);
+    let bad = name.is_empty() || name == "." || name == ".." || name.contains(['/', '\\', '\0']);
     if bad {
-        return Err(StateError::InvalidName { what, name: name.to_string() });
+        return Err(StateError::InvalidName {
+            what,
+            name: name.to_string(),
+        });
     }
     Ok(())
 }
@@ -226,7 +236,12 @@ impl PartitionStore {
         };
         let label = id.to_string();
         let (local, report, applied, claim) = match cfg.backend {
-            Backend::Memory => (Local::Memory(Mutex::new(BTreeMap::new())), OpenReport::Fresh, Vec::new(), None),
+            Backend::Memory => (
+                Local::Memory(Mutex::new(BTreeMap::new())),
+                OpenReport::Fresh,
+                Vec::new(),
+                None,
+            ),
             Backend::Sled => {
                 let dir = cfg
                     .state_dir
@@ -255,7 +270,10 @@ impl PartitionStore {
     /// A fresh per-task view: reads see the task's own writes first, writes are buffered
     /// until [`apply`](Self::apply).
     pub fn task_batch(&self) -> TaskBatch {
-        TaskBatch { store: self.clone(), writes: Arc::new(Mutex::new(BTreeMap::new())) }
+        TaskBatch {
+            store: self.clone(),
+            writes: Arc::new(Mutex::new(BTreeMap::new())),
+        }
     }
 
     /// Applies the batch's buffered writes to the local store atomically and returns them
@@ -282,7 +300,12 @@ impl PartitionStore {
     ) -> Result<PendingAppend, StateError> {
         let _order = self.inner.write_lock.lock();
         let mutations = self.apply_locked(batch)?;
-        writer.enqueue(&self.inner.id.changelog_topic, self.inner.id.partition, source_offset, &mutations)
+        writer.enqueue(
+            &self.inner.id.changelog_topic,
+            self.inner.id.partition,
+            source_offset,
+            &mutations,
+        )
     }
 
     fn apply_locked(&self, batch: &TaskBatch) -> Result<Vec<Mutation>, StateError> {
@@ -303,7 +326,10 @@ impl PartitionStore {
             current.extend(newer);
             return Err(e);
         }
-        Ok(writes.into_iter().map(|(key, value)| Mutation { key, value }).collect())
+        Ok(writes
+            .into_iter()
+            .map(|(key, value)| Mutation { key, value })
+            .collect())
     }
 
     /// Writes a checkpoint and flushes. `changelog_next_offset` is the first changelog
@@ -315,7 +341,11 @@ impl PartitionStore {
     /// accepts no more writes; drop it. Call it only if every changelog append of this
     /// store succeeded — otherwise drop the store without closing, and the next open
     /// rebuilds it from the changelog. The in-memory backend keeps no checkpoint.
-    pub fn close_clean(&self, changelog_next_offset: i64, applied_source_offsets: &[i64]) -> Result<(), StateError> {
+    pub fn close_clean(
+        &self,
+        changelog_next_offset: i64,
+        applied_source_offsets: &[i64],
+    ) -> Result<(), StateError> {
         let _order = self.inner.write_lock.lock();
         self.inner.closed.store(true, Ordering::Release);
         match &self.inner.local {
@@ -368,7 +398,10 @@ impl PartitionStore {
         match &self.inner.local {
             Local::Sled { data, .. } => data
                 .scan_prefix(prefix)
-                .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(StateError::from))
+                .map(|kv| {
+                    kv.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                        .map_err(StateError::from)
+                })
                 .collect(),
             Local::Memory(map) => Ok(map
                 .lock()
@@ -415,7 +448,10 @@ impl PartitionStore {
     }
 
     /// Applies restored changelog writes, in order, in one atomic local batch.
-    pub(crate) fn write_restored(&self, ops: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), StateError> {
+    pub(crate) fn write_restored(
+        &self,
+        ops: &[(Vec<u8>, Option<Vec<u8>>)],
+    ) -> Result<(), StateError> {
         if ops.is_empty() {
             return Ok(());
         }
@@ -440,7 +476,10 @@ impl PartitionStore {
         self.inner.applied.lock().extend(offsets.iter().copied());
     }
 
-    fn write_local<'a>(&self, ops: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)>) -> Result<(), StateError> {
+    fn write_local<'a>(
+        &self,
+        ops: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+    ) -> Result<(), StateError> {
         match &self.inner.local {
             Local::Sled { data, .. } => {
                 let mut batch = sled::Batch::default();
@@ -516,7 +555,9 @@ impl StateStore for TaskBatch {
     }
 
     fn put(&self, key: &[u8], value: &[u8]) -> Result<(), StateError> {
-        self.writes.lock().insert(key.to_vec(), Some(value.to_vec()));
+        self.writes
+            .lock()
+            .insert(key.to_vec(), Some(value.to_vec()));
         Ok(())
     }
 
@@ -526,9 +567,13 @@ impl StateStore for TaskBatch {
     }
 
     fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StateError> {
-        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = self.store.scan_prefix(prefix)?.into_iter().collect();
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> =
+            self.store.scan_prefix(prefix)?.into_iter().collect();
         let writes = self.writes.lock();
-        for (k, v) in writes.range(prefix.to_vec()..).take_while(|(k, _)| k.starts_with(prefix)) {
+        for (k, v) in writes
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+        {
             match v {
                 Some(v) => merged.insert(k.clone(), v.clone()),
                 None => merged.remove(k),
@@ -542,13 +587,25 @@ impl StateStore for TaskBatch {
 // Opening a sled database.
 
 enum Inspected {
-    Ready { local: Local, report: OpenReport, applied: Vec<i64> },
+    Ready {
+        local: Local,
+        report: OpenReport,
+        applied: Vec<i64>,
+    },
     Rebuild(RebuildReason),
 }
 
-fn open_sled(cfg: &StateConfig, id: &Identity, dir: &Path) -> Result<(Local, OpenReport, Vec<i64>), StateError> {
+fn open_sled(
+    cfg: &StateConfig,
+    id: &Identity,
+    dir: &Path,
+) -> Result<(Local, OpenReport, Vec<i64>), StateError> {
     let reason = match catch_unwind(AssertUnwindSafe(|| inspect(cfg, id, dir))) {
-        Ok(Ok(Inspected::Ready { local, report, applied })) => return Ok((local, report, applied)),
+        Ok(Ok(Inspected::Ready {
+            local,
+            report,
+            applied,
+        })) => return Ok((local, report, applied)),
         Ok(Ok(Inspected::Rebuild(reason))) => reason,
         Ok(Err(e)) => return Err(e),
         Err(panic) => RebuildReason::Panicked(panic_message(&*panic)),
@@ -584,10 +641,14 @@ fn inspect(cfg: &StateConfig, id: &Identity, dir: &Path) -> Result<Inspected, St
     std::fs::create_dir_all(dir).map_err(|e| StateError::io(dir, e))?;
     let db = match open_db(cfg, dir) {
         Ok(db) => db,
-        Err(StateError::Storage(e)) => return Ok(Inspected::Rebuild(RebuildReason::OpenFailed(e.to_string()))),
+        Err(StateError::Storage(e)) => {
+            return Ok(Inspected::Rebuild(RebuildReason::OpenFailed(e.to_string())))
+        }
         Err(e) => return Err(e),
     };
-    let trees = db.open_tree(META_TREE).and_then(|meta| Ok((meta, db.open_tree(DATA_TREE)?)));
+    let trees = db
+        .open_tree(META_TREE)
+        .and_then(|meta| Ok((meta, db.open_tree(DATA_TREE)?)));
     let (meta, data) = match trees {
         Ok(t) => t,
         Err(e) => return Ok(Inspected::Rebuild(RebuildReason::OpenFailed(e.to_string()))),
@@ -602,12 +663,23 @@ fn inspect(cfg: &StateConfig, id: &Identity, dir: &Path) -> Result<Inspected, St
         }
         None => {
             write_identity(&db, &meta, id)?;
-            return Ok(Inspected::Ready { local: Local::Sled { db, data, meta }, report: OpenReport::Fresh, applied: Vec::new() });
+            return Ok(Inspected::Ready {
+                local: Local::Sled { db, data, meta },
+                report: OpenReport::Fresh,
+                applied: Vec::new(),
+            });
         }
         Some(bytes) => match serde_json::from_slice::<Identity>(&bytes) {
-            Err(e) => return Ok(Inspected::Rebuild(RebuildReason::UnreadableIdentity(e.to_string()))),
+            Err(e) => {
+                return Ok(Inspected::Rebuild(RebuildReason::UnreadableIdentity(
+                    e.to_string(),
+                )))
+            }
             Ok(found) if &found != id => {
-                return Ok(Inspected::Rebuild(RebuildReason::ForeignIdentity(format!("{found} (format {})", found.format))))
+                return Ok(Inspected::Rebuild(RebuildReason::ForeignIdentity(format!(
+                    "{found} (format {})",
+                    found.format
+                ))))
             }
             Ok(_) => {}
         },
@@ -618,19 +690,26 @@ fn inspect(cfg: &StateConfig, id: &Identity, dir: &Path) -> Result<Inspected, St
     };
     let Some(bytes) = checkpoint else {
         if data.is_empty() {
-            return Ok(Inspected::Ready { local: Local::Sled { db, data, meta }, report: OpenReport::Fresh, applied: Vec::new() });
+            return Ok(Inspected::Ready {
+                local: Local::Sled { db, data, meta },
+                report: OpenReport::Fresh,
+                applied: Vec::new(),
+            });
         }
         return Ok(Inspected::Rebuild(RebuildReason::NoCheckpoint));
     };
     let checkpoint = match serde_json::from_slice::<Checkpoint>(&bytes) {
         Ok(c) if c.changelog_next_offset >= 0 => c,
         Ok(c) => {
-            return Ok(Inspected::Rebuild(RebuildReason::UnreadableCheckpoint(format!(
-                "negative changelog offset {}",
-                c.changelog_next_offset
-            ))))
+            return Ok(Inspected::Rebuild(RebuildReason::UnreadableCheckpoint(
+                format!("negative changelog offset {}", c.changelog_next_offset),
+            )))
         }
-        Err(e) => return Ok(Inspected::Rebuild(RebuildReason::UnreadableCheckpoint(e.to_string()))),
+        Err(e) => {
+            return Ok(Inspected::Rebuild(RebuildReason::UnreadableCheckpoint(
+                e.to_string(),
+            )))
+        }
     };
     // From here until the next clean close the local store may run ahead of the
     // changelog, so the checkpoint must not survive a crash.
@@ -638,13 +717,16 @@ fn inspect(cfg: &StateConfig, id: &Identity, dir: &Path) -> Result<Inspected, St
     db.flush()?;
     Ok(Inspected::Ready {
         local: Local::Sled { db, data, meta },
-        report: OpenReport::Checkpoint { offset: checkpoint.changelog_next_offset },
+        report: OpenReport::Checkpoint {
+            offset: checkpoint.changelog_next_offset,
+        },
         applied: checkpoint.applied_source_offsets,
     })
 }
 
 fn write_identity(db: &sled::Db, meta: &sled::Tree, id: &Identity) -> Result<(), StateError> {
-    let bytes = serde_json::to_vec(id).map_err(|e| StateError::Internal(format!("encoding identity: {e}")))?;
+    let bytes = serde_json::to_vec(id)
+        .map_err(|e| StateError::Internal(format!("encoding identity: {e}")))?;
     meta.insert(IDENTITY_KEY, bytes)?;
     db.flush()?;
     Ok(())
@@ -655,7 +737,11 @@ fn write_identity(db: &sled::Db, meta: &sled::Tree, id: &Identity) -> Result<(),
 fn open_db(cfg: &StateConfig, dir: &Path) -> Result<sled::Db, StateError> {
     let deadline = Instant::now() + LOCK_WAIT;
     loop {
-        match sled::Config::new().path(dir).cache_capacity(cfg.sled_cache_bytes).open() {
+        match sled::Config::new()
+            .path(dir)
+            .cache_capacity(cfg.sled_cache_bytes)
+            .open()
+        {
             Ok(db) => return Ok(db),
             Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
                 if Instant::now() >= deadline {
@@ -692,7 +778,10 @@ mod tests {
     use super::*;
 
     fn cfg(dir: &Path) -> StateConfig {
-        StateConfig { state_dir: dir.to_path_buf(), ..StateConfig::default() }
+        StateConfig {
+            state_dir: dir.to_path_buf(),
+            ..StateConfig::default()
+        }
     }
 
     #[test]
@@ -714,7 +803,10 @@ mod tests {
         assert_eq!(task.get(b"a/2")?, Some(b"two".to_vec()));
         assert_eq!(
             task.scan_prefix(b"a/")?,
-            vec![(b"a/2".to_vec(), b"two".to_vec()), (b"a/3".to_vec(), b"three".to_vec())]
+            vec![
+                (b"a/2".to_vec(), b"two".to_vec()),
+                (b"a/3".to_vec(), b"three".to_vec())
+            ]
         );
         // Nothing reached the store yet.
         assert_eq!(store.get(b"a/1")?, Some(b"one".to_vec()));
@@ -722,8 +814,14 @@ mod tests {
         assert_eq!(
             muts,
             vec![
-                Mutation { key: b"a/1".to_vec(), value: None },
-                Mutation { key: b"a/3".to_vec(), value: Some(b"three".to_vec()) }
+                Mutation {
+                    key: b"a/1".to_vec(),
+                    value: None
+                },
+                Mutation {
+                    key: b"a/3".to_vec(),
+                    value: Some(b"three".to_vec())
+                }
             ]
         );
         assert_eq!(store.scan_prefix(b"a/")?.len(), 2);
@@ -741,7 +839,10 @@ mod tests {
             b.put(b"k", b"v")?;
             store.apply(&b)?;
             store.close_clean(42, &[7, 9])?;
-            assert!(matches!(store.apply(&store.task_batch()), Err(StateError::Closed(_))));
+            assert!(matches!(
+                store.apply(&store.task_batch()),
+                Err(StateError::Closed(_))
+            ));
         }
         let (store, report) = PartitionStore::open(&c, "sub", "tasks", 0)?;
         assert_eq!(report, OpenReport::Checkpoint { offset: 42 });
@@ -750,7 +851,12 @@ mod tests {
         drop(store);
         // No clean close this time: the data can no longer be trusted.
         let (store, report) = PartitionStore::open(&c, "sub", "tasks", 0)?;
-        assert_eq!(report, OpenReport::Rebuilt { reason: RebuildReason::NoCheckpoint });
+        assert_eq!(
+            report,
+            OpenReport::Rebuilt {
+                reason: RebuildReason::NoCheckpoint
+            }
+        );
         assert!(store.entries()?.is_empty());
         Ok(())
     }
@@ -809,7 +915,10 @@ mod tests {
         let b = store.task_batch();
         b.put(b"k", b"v")?;
         store.apply(&b)?;
-        assert!(matches!(PartitionStore::open(&c, "sub", "tasks", 0), Err(StateError::Locked(_))));
+        assert!(matches!(
+            PartitionStore::open(&c, "sub", "tasks", 0),
+            Err(StateError::Locked(_))
+        ));
         assert_eq!(store.get(b"k")?, Some(b"v".to_vec()));
         Ok(())
     }
@@ -826,7 +935,15 @@ mod tests {
         let base = dir.path().join("sub").join("state");
         std::fs::rename(base.join("tasks-1"), base.join("tasks-2"))?;
         let (_store, report) = PartitionStore::open(&c, "sub", "tasks", 2)?;
-        assert!(matches!(report, OpenReport::Rebuilt { reason: RebuildReason::ForeignIdentity(_) }), "{report:?}");
+        assert!(
+            matches!(
+                report,
+                OpenReport::Rebuilt {
+                    reason: RebuildReason::ForeignIdentity(_)
+                }
+            ),
+            "{report:?}"
+        );
         Ok(())
     }
 
@@ -846,14 +963,20 @@ mod tests {
 
     #[test]
     fn memory_backend() -> anyhow::Result<()> {
-        let c = StateConfig { backend: Backend::Memory, ..StateConfig::default() };
+        let c = StateConfig {
+            backend: Backend::Memory,
+            ..StateConfig::default()
+        };
         let (store, report) = PartitionStore::open(&c, "sub", "tasks", 0)?;
         assert_eq!(report, OpenReport::Fresh);
         let b = store.task_batch();
         b.put(b"x/1", b"1")?;
         b.put(b"y", b"2")?;
         store.apply(&b)?;
-        assert_eq!(store.scan_prefix(b"x/")?, vec![(b"x/1".to_vec(), b"1".to_vec())]);
+        assert_eq!(
+            store.scan_prefix(b"x/")?,
+            vec![(b"x/1".to_vec(), b"1".to_vec())]
+        );
         store.close_clean(1, &[])?;
         let (store, report) = PartitionStore::open(&c, "sub", "tasks", 0)?;
         assert_eq!(report, OpenReport::Fresh);
@@ -863,7 +986,10 @@ mod tests {
 
     #[test]
     fn foreign_batch_is_refused() -> anyhow::Result<()> {
-        let c = StateConfig { backend: Backend::Memory, ..StateConfig::default() };
+        let c = StateConfig {
+            backend: Backend::Memory,
+            ..StateConfig::default()
+        };
         let (a, _) = PartitionStore::open(&c, "sub", "tasks", 0)?;
         let (b, _) = PartitionStore::open(&c, "sub", "tasks", 1)?;
         let batch = a.task_batch();

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use decaton_state::internal::{
-    create_changelog_topic, headers, restore, ChangelogWriter, OpenReport, PartitionStore, RebuildReason,
+    create_changelog_topic, headers, restore, ChangelogWriter, OpenReport, PartitionStore,
+    RebuildReason,
 };
 use decaton_state::{changelog_topic, Backend, StateConfig, StateStore};
 use decaton_testkit::{BrokerKind, TestBroker};
@@ -42,7 +43,10 @@ fn unique(prefix: &str) -> String {
 }
 
 fn sled_cfg(dir: &Path) -> StateConfig {
-    StateConfig { state_dir: dir.to_path_buf(), ..StateConfig::default() }
+    StateConfig {
+        state_dir: dir.to_path_buf(),
+        ..StateConfig::default()
+    }
 }
 
 /// Runs each task through a `TaskBatch`, applies it and appends it to the changelog the
@@ -85,7 +89,10 @@ fn sample_tasks(first_src: i64, n: i64) -> Vec<Task> {
     (first_src..first_src + n)
         .map(|src| {
             let mut writes = vec![
-                (format!("user/{}", src % 7).into_bytes(), Some(format!("v{src}").into_bytes())),
+                (
+                    format!("user/{}", src % 7).into_bytes(),
+                    Some(format!("v{src}").into_bytes()),
+                ),
                 (b"counter".to_vec(), Some(src.to_string().into_bytes())),
             ];
             if src % 3 == 0 {
@@ -106,7 +113,15 @@ async fn apply_restore_roundtrip(broker: &TestBroker) -> anyhow::Result<()> {
     let dir_a = tempfile::tempdir()?;
     let (a, report) = PartitionStore::open(&sled_cfg(dir_a.path()), &sub, "tasks", PARTITION)?;
     assert_eq!(report, OpenReport::Fresh);
-    let r = restore(&a, &bootstrap, &kafka(), &topic, PARTITION, report.restore_from()).await?;
+    let r = restore(
+        &a,
+        &bootstrap,
+        &kafka(),
+        &topic,
+        PARTITION,
+        report.restore_from(),
+    )
+    .await?;
     assert_eq!(r.records_read, 0);
     let mut model = Model::new();
     run_tasks(&a, &writer, &sample_tasks(0, 40), &mut model).await?;
@@ -127,7 +142,10 @@ async fn apply_restore_roundtrip(broker: &TestBroker) -> anyhow::Result<()> {
     assert_eq!(r.abort_markers_written + r.compensation_records_written, 0);
 
     // The in-memory backend restores the same state.
-    let mem = StateConfig { backend: Backend::Memory, ..StateConfig::default() };
+    let mem = StateConfig {
+        backend: Backend::Memory,
+        ..StateConfig::default()
+    };
     let (m, _) = PartitionStore::open(&mem, &sub, "tasks", PARTITION)?;
     restore(&m, &bootstrap, &kafka(), &topic, PARTITION, None).await?;
     assert_eq!(entries(&m)?, model);
@@ -148,11 +166,13 @@ async fn apply_changelog_restore_reproduces_the_store_tansu() -> anyhow::Result<
     // existing topic is fine.
     let bootstrap = broker.bootstrap_servers();
     broker.create_topic("orders", 4)?;
-    let info = create_changelog_topic(&bootstrap, &kafka(), "billing", "state", "orders", Some(1)).await?;
+    let info =
+        create_changelog_topic(&bootstrap, &kafka(), "billing", "state", "orders", Some(1)).await?;
     assert_eq!(info.topic, "billing-state-changelog");
     assert_eq!(info.partitions, 4);
     assert!(info.created);
-    let again = create_changelog_topic(&bootstrap, &kafka(), "billing", "state", "orders", Some(1)).await?;
+    let again =
+        create_changelog_topic(&bootstrap, &kafka(), "billing", "state", "orders", Some(1)).await?;
     assert!(!again.created);
     assert_eq!(again.partitions, 4);
     Ok(())
@@ -166,19 +186,39 @@ async fn produce_partial_batch(
     writes: &[(&[u8], Option<&[u8]>)],
     announced_size: u32,
 ) -> anyhow::Result<()> {
-    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()?;
     let batch: u64 = 0x5eed_0000_0000_0001;
     for (index, (k, v)) in (0u32..).zip(writes) {
         let hs = OwnedHeaders::new()
-            .insert(Header { key: headers::SRC_OFFSET, value: Some(&src.to_be_bytes()) })
-            .insert(Header { key: headers::BATCH, value: Some(&batch.to_be_bytes()) })
-            .insert(Header { key: headers::BATCH_INDEX, value: Some(&index.to_be_bytes()) })
-            .insert(Header { key: headers::BATCH_SIZE, value: Some(&announced_size.to_be_bytes()) });
-        let mut record = FutureRecord::to(topic).partition(PARTITION).key(*k).headers(hs);
+            .insert(Header {
+                key: headers::SRC_OFFSET,
+                value: Some(&src.to_be_bytes()),
+            })
+            .insert(Header {
+                key: headers::BATCH,
+                value: Some(&batch.to_be_bytes()),
+            })
+            .insert(Header {
+                key: headers::BATCH_INDEX,
+                value: Some(&index.to_be_bytes()),
+            })
+            .insert(Header {
+                key: headers::BATCH_SIZE,
+                value: Some(&announced_size.to_be_bytes()),
+            });
+        let mut record = FutureRecord::to(topic)
+            .partition(PARTITION)
+            .key(*k)
+            .headers(hs);
         if let Some(v) = v {
             record = record.payload(*v);
         }
-        producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e)?;
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)?;
     }
     Ok(())
 }
@@ -191,14 +231,32 @@ async fn partial_batch_is_ignored_by_restore() -> anyhow::Result<()> {
     broker.create_topic(&topic, 2)?;
     let bootstrap = broker.bootstrap_servers();
     let writer = ChangelogWriter::new(&bootstrap, &kafka())?;
-    let (a, _) = PartitionStore::open(&StateConfig { backend: Backend::Memory, ..Default::default() }, &sub, "t", PARTITION)?;
+    let (a, _) = PartitionStore::open(
+        &StateConfig {
+            backend: Backend::Memory,
+            ..Default::default()
+        },
+        &sub,
+        "t",
+        PARTITION,
+    )?;
     let mut model = Model::new();
     run_tasks(&a, &writer, &sample_tasks(0, 5), &mut model).await?;
 
     // Task 5's writer died after two of its three records.
-    produce_partial_batch(&bootstrap, &topic, 5, &[(b"counter", Some(b"torn")), (b"user/x", None)], 3).await?;
+    produce_partial_batch(
+        &bootstrap,
+        &topic,
+        5,
+        &[(b"counter", Some(b"torn")), (b"user/x", None)],
+        3,
+    )
+    .await?;
 
-    let mem = StateConfig { backend: Backend::Memory, ..StateConfig::default() };
+    let mem = StateConfig {
+        backend: Backend::Memory,
+        ..StateConfig::default()
+    };
     let (b, _) = PartitionStore::open(&mem, &sub, "t", PARTITION)?;
     let r = restore(&b, &bootstrap, &kafka(), &topic, PARTITION, None).await?;
     assert_eq!(entries(&b)?, model, "the torn batch must not be applied");
@@ -241,7 +299,9 @@ async fn checkpoint_tail(broker: &TestBroker) -> anyhow::Result<()> {
     let mut model = Model::new();
     {
         let (a, _) = PartitionStore::open(&sled_cfg(dir_a.path()), &sub, "tasks", PARTITION)?;
-        let last = run_tasks(&a, &writer, &sample_tasks(0, 300), &mut model).await?.context("offset")?;
+        let last = run_tasks(&a, &writer, &sample_tasks(0, 300), &mut model)
+            .await?
+            .context("offset")?;
         a.close_clean(last + 1, &[298, 299])?;
     }
     // Meanwhile another host owned the partition for a few tasks.
@@ -253,12 +313,21 @@ async fn checkpoint_tail(broker: &TestBroker) -> anyhow::Result<()> {
         run_tasks(&b, &writer, &sample_tasks(300, 4), &mut model).await?;
     }
     let (a, report) = PartitionStore::open(&sled_cfg(dir_a.path()), &sub, "tasks", PARTITION)?;
-    let OpenReport::Checkpoint { offset } = report else { anyhow::bail!("expected a checkpoint, got {report:?}") };
+    let OpenReport::Checkpoint { offset } = report else {
+        anyhow::bail!("expected a checkpoint, got {report:?}")
+    };
     let r = restore(&a, &bootstrap, &kafka(), &topic, PARTITION, Some(offset)).await?;
-    assert!(r.records_read <= 10, "read {} records, expected only the tail", r.records_read);
+    assert!(
+        r.records_read <= 10,
+        "read {} records, expected only the tail",
+        r.records_read
+    );
     assert_eq!(r.start_offset, offset);
     assert_eq!(entries(&a)?, model);
-    assert_eq!(a.applied_source_offsets(), BTreeSet::from([298, 299, 300, 301, 302, 303]));
+    assert_eq!(
+        a.applied_source_offsets(),
+        BTreeSet::from([298, 299, 300, 301, 302, 303])
+    );
     Ok(())
 }
 
@@ -298,7 +367,9 @@ async fn garbage_in_the_state_dir_is_rebuilt_from_the_changelog() -> anyhow::Res
     let mut model = Model::new();
     {
         let (a, _) = PartitionStore::open(&sled_cfg(dir.path()), &sub, "tasks", PARTITION)?;
-        let last = run_tasks(&a, &writer, &sample_tasks(0, 50), &mut model).await?.context("offset")?;
+        let last = run_tasks(&a, &writer, &sample_tasks(0, 50), &mut model)
+            .await?
+            .context("offset")?;
         a.close_clean(last + 1, &[])?;
     }
     let files = scribble_over(dir.path())?;
@@ -307,14 +378,27 @@ async fn garbage_in_the_state_dir_is_rebuilt_from_the_changelog() -> anyhow::Res
     assert!(matches!(report, OpenReport::Rebuilt { .. }), "{report:?}");
     assert_eq!(report.restore_from(), None);
     assert!(entries(&a)?.is_empty());
-    let r = restore(&a, &bootstrap, &kafka(), &topic, PARTITION, report.restore_from()).await?;
+    let r = restore(
+        &a,
+        &bootstrap,
+        &kafka(),
+        &topic,
+        PARTITION,
+        report.restore_from(),
+    )
+    .await?;
     assert_eq!(entries(&a)?, model);
     assert_eq!(r.batches_applied, 50);
 
     // And a crash (no clean close) is rebuilt too, not trusted.
     drop(a);
     let (_a, report) = PartitionStore::open(&sled_cfg(dir.path()), &sub, "tasks", PARTITION)?;
-    assert_eq!(report, OpenReport::Rebuilt { reason: RebuildReason::NoCheckpoint });
+    assert_eq!(
+        report,
+        OpenReport::Rebuilt {
+            reason: RebuildReason::NoCheckpoint
+        }
+    );
     Ok(())
 }
 
@@ -338,7 +422,15 @@ async fn checkpoint_beyond_the_changelog_restores_from_the_beginning() -> anyhow
         a.close_clean(1_000_000, &[])?;
     }
     let (a, report) = PartitionStore::open(&sled_cfg(dir.path()), &sub, "tasks", PARTITION)?;
-    let r = restore(&a, &bootstrap, &kafka(), &topic, PARTITION, report.restore_from()).await?;
+    let r = restore(
+        &a,
+        &bootstrap,
+        &kafka(),
+        &topic,
+        PARTITION,
+        report.restore_from(),
+    )
+    .await?;
     assert!(r.checkpoint_discarded);
     assert_eq!(entries(&a)?, model);
     Ok(())
@@ -349,7 +441,10 @@ mod model {
     use proptest::prelude::*;
 
     fn tasks() -> impl Strategy<Value = Vec<Vec<(u8, Option<u8>)>>> {
-        proptest::collection::vec(proptest::collection::vec((0u8..12, proptest::option::of(any::<u8>())), 0..6), 1..25)
+        proptest::collection::vec(
+            proptest::collection::vec((0u8..12, proptest::option::of(any::<u8>())), 0..6),
+            1..25,
+        )
     }
 
     proptest! {
@@ -392,7 +487,9 @@ fn peak_rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
 }
@@ -424,7 +521,10 @@ fn dir_bytes(dir: &Path) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement, not a check"]
 async fn restore_throughput() -> anyhow::Result<()> {
-    let records: usize = std::env::var("DECATON_RESTORE_RECORDS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
+    let records: usize = std::env::var("DECATON_RESTORE_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
     let kind = match std::env::var("DECATON_RESTORE_BROKER").as_deref() {
         Ok("tansu") => BrokerKind::TansuMemory,
         _ => BrokerKind::Embedded,
@@ -456,7 +556,11 @@ async fn restore_throughput() -> anyhow::Result<()> {
         p.wait().await?;
     }
     let produce = started.elapsed();
-    println!("{}: peak RSS while producing: {} KiB", kind.name(), peak_rss_kib());
+    println!(
+        "{}: peak RSS while producing: {} KiB",
+        kind.name(),
+        peak_rss_kib()
+    );
     let dir = tempfile::tempdir()?;
     reset_peak_rss();
     let (s, _) = PartitionStore::open(&sled_cfg(dir.path()), &sub, "t", PARTITION)?;
@@ -476,7 +580,10 @@ async fn restore_throughput() -> anyhow::Result<()> {
         kind.name(),
         dir_bytes(dir.path())
     );
-    let mem = StateConfig { backend: Backend::Memory, ..StateConfig::default() };
+    let mem = StateConfig {
+        backend: Backend::Memory,
+        ..StateConfig::default()
+    };
     reset_peak_rss();
     let (m, _) = PartitionStore::open(&mem, &sub, "t", PARTITION)?;
     let r = restore(&m, &bootstrap, &kafka(), &topic, PARTITION, None).await?;
@@ -507,7 +614,10 @@ async fn restore_throughput() -> anyhow::Result<()> {
             if let Some(Ok(_)) = c.poll(Duration::from_millis(100)) {
                 n += 1;
             }
-            anyhow::ensure!(t.elapsed() < Duration::from_secs(120), "bare consumer stalled at {n}");
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(120),
+                "bare consumer stalled at {n}"
+            );
         }
         t.elapsed()
     };

@@ -144,7 +144,9 @@ impl TestBroker {
     ) -> Result<(), TestkitError> {
         match &self.inner {
             Inner::Embedded(e) => e.create_topic(name, partitions)?,
-            Inner::Tansu(_) => create_topic_via_admin(&self.bootstrap_servers(), name, partitions, config)?,
+            Inner::Tansu(_) => {
+                create_topic_via_admin(&self.bootstrap_servers(), name, partitions, config)?
+            }
         }
         self.wait_for_topic(name, partitions, Duration::from_secs(30))
     }
@@ -192,7 +194,12 @@ impl TestBroker {
         }
     }
 
-    fn wait_for_topic(&self, name: &str, partitions: i32, timeout: Duration) -> Result<(), TestkitError> {
+    fn wait_for_topic(
+        &self,
+        name: &str,
+        partitions: i32,
+        timeout: Duration,
+    ) -> Result<(), TestkitError> {
         let deadline = Instant::now() + timeout;
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", self.bootstrap_servers())
@@ -201,13 +208,17 @@ impl TestBroker {
         loop {
             if let Ok(md) = consumer.fetch_metadata(Some(name), Duration::from_secs(2)) {
                 if md.topics().iter().any(|t| {
-                    t.name() == name && t.error().is_none() && t.partitions().len() as i32 == partitions
+                    t.name() == name
+                        && t.error().is_none()
+                        && t.partitions().len() as i32 == partitions
                 }) {
                     return Ok(());
                 }
             }
             if Instant::now() > deadline {
-                return Err(TestkitError::Timeout(format!("topic {name} not visible with {partitions} partitions")));
+                return Err(TestkitError::Timeout(format!(
+                    "topic {name} not visible with {partitions} partitions"
+                )));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -220,8 +231,9 @@ fn create_topic_via_admin(
     partitions: i32,
     config: &[(&str, &str)],
 ) -> Result<(), TestkitError> {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()?;
     let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
     for (k, v) in config {
         topic = topic.set(k, v);
@@ -247,43 +259,58 @@ struct Embedded {
 }
 
 enum EmbeddedCommand {
-    CreateTopic(String, i32, mpsc::Sender<Result<(), rdkafka::error::KafkaError>>),
+    CreateTopic(
+        String,
+        i32,
+        mpsc::Sender<Result<(), rdkafka::error::KafkaError>>,
+    ),
 }
 
 impl Embedded {
     fn start() -> Result<Embedded, TestkitError> {
         let (ready_tx, ready_rx) = mpsc::channel();
         let (commands, command_rx) = mpsc::channel::<EmbeddedCommand>();
-        let thread = std::thread::Builder::new().name("mock-cluster".into()).spawn(move || {
-            let cluster = match MockCluster::new(1) {
-                Ok(c) => c,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-            };
-            let _ = ready_tx.send(Ok(cluster.bootstrap_servers()));
-            // Runs until every sender is gone (the handle was dropped).
-            for cmd in command_rx {
-                match cmd {
-                    EmbeddedCommand::CreateTopic(name, partitions, reply) => {
-                        let _ = reply.send(cluster.create_topic(&name, partitions, 1));
+        let thread = std::thread::Builder::new()
+            .name("mock-cluster".into())
+            .spawn(move || {
+                let cluster = match MockCluster::new(1) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(cluster.bootstrap_servers()));
+                // Runs until every sender is gone (the handle was dropped).
+                for cmd in command_rx {
+                    match cmd {
+                        EmbeddedCommand::CreateTopic(name, partitions, reply) => {
+                            let _ = reply.send(cluster.create_topic(&name, partitions, 1));
+                        }
                     }
                 }
-            }
-        })?;
+            })?;
         let bootstrap = ready_rx
             .recv()
             .map_err(|_| TestkitError::Timeout("mock cluster thread exited".into()))??;
-        Ok(Embedded { bootstrap, commands, thread: Some(thread) })
+        Ok(Embedded {
+            bootstrap,
+            commands,
+            thread: Some(thread),
+        })
     }
 
     fn create_topic(&self, name: &str, partitions: i32) -> Result<(), TestkitError> {
         let (tx, rx) = mpsc::channel();
         self.commands
-            .send(EmbeddedCommand::CreateTopic(name.to_string(), partitions, tx))
+            .send(EmbeddedCommand::CreateTopic(
+                name.to_string(),
+                partitions,
+                tx,
+            ))
             .map_err(|_| TestkitError::Timeout("mock cluster thread exited".into()))?;
-        rx.recv().map_err(|_| TestkitError::Timeout("mock cluster thread exited".into()))??;
+        rx.recv()
+            .map_err(|_| TestkitError::Timeout("mock cluster thread exited".into()))??;
         Ok(())
     }
 }
@@ -304,17 +331,26 @@ impl Drop for Embedded {
 pub fn tansu_binary() -> Result<PathBuf, TestkitError> {
     if let Ok(p) = std::env::var("TANSU_BIN") {
         let p = PathBuf::from(p);
-        return if p.is_file() { Ok(p) } else { Err(TestkitError::TansuMissing(p.display().to_string())) };
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(TestkitError::TansuMissing(p.display().to_string()))
+        };
     }
-    let cache = std::env::var_os("DECATON_CACHE").map(PathBuf::from).or_else(|| {
-        std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .map(|c| c.join("decaton-rs"))
-    });
+    let cache = std::env::var_os("DECATON_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                .map(|c| c.join("decaton-rs"))
+        });
     let mut looked = Vec::new();
     if let Some(cache) = cache {
-        let p = cache.join(format!("tansu-{TANSU_VERSION}")).join("bin").join("tansu");
+        let p = cache
+            .join(format!("tansu-{TANSU_VERSION}"))
+            .join("bin")
+            .join("tansu");
         if p.is_file() {
             return Ok(p);
         }
@@ -343,25 +379,41 @@ struct Tansu {
 impl Tansu {
     fn start(kind: BrokerKind) -> Result<Tansu, TestkitError> {
         let bin = tansu_binary()?;
-        let dir = tempfile::Builder::new().prefix("decaton-tansu-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("decaton-tansu-")
+            .tempdir()?;
         let storage_url = match kind {
-            BrokerKind::TansuSqlite => format!("sqlite://{}", dir.path().join("tansu.db").display()),
+            BrokerKind::TansuSqlite => {
+                format!("sqlite://{}", dir.path().join("tansu.db").display())
+            }
             _ => "memory://tansu/".to_string(),
         };
         let port = free_port()?;
-        let mut t = Tansu { bin, port, storage_url, dir, child: None };
+        let mut t = Tansu {
+            bin,
+            port,
+            storage_url,
+            dir,
+            child: None,
+        };
         t.spawn()?;
         Ok(t)
     }
 
     fn spawn(&mut self) -> Result<(), TestkitError> {
         let url = format!("tcp://127.0.0.1:{}", self.port);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("tansu.log"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("tansu.log"))?;
         let child = Command::new(&self.bin)
             .arg("broker")
             .args(["--listener-url", &url, "--advertised-listener-url", &url])
             .args(["--storage-engine", &self.storage_url])
-            .env("RUST_LOG", std::env::var("TANSU_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("TANSU_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -372,12 +424,18 @@ impl Tansu {
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             if let Some(c) = self.child.as_mut() {
                 if let Ok(Some(status)) = c.try_wait() {
-                    let log = std::fs::read_to_string(self.dir.path().join("tansu.log")).unwrap_or_default();
-                    return Err(TestkitError::Timeout(format!("tansu exited with {status}: {log}")));
+                    let log = std::fs::read_to_string(self.dir.path().join("tansu.log"))
+                        .unwrap_or_default();
+                    return Err(TestkitError::Timeout(format!(
+                        "tansu exited with {status}: {log}"
+                    )));
                 }
             }
             if Instant::now() > deadline {
-                return Err(TestkitError::Timeout(format!("tansu did not listen on port {}", self.port)));
+                return Err(TestkitError::Timeout(format!(
+                    "tansu did not listen on port {}",
+                    self.port
+                )));
             }
             std::thread::sleep(Duration::from_millis(50));
         }

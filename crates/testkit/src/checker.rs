@@ -101,7 +101,10 @@ pub fn check(expected: &HashMap<String, u64>, entries: &[Processed]) -> CheckRep
                 continue;
             }
         }
-        ran_by.entry((e.key.as_str(), e.sequence)).or_default().insert(e.instance.as_str());
+        ran_by
+            .entry((e.key.as_str(), e.sequence))
+            .or_default()
+            .insert(e.instance.as_str());
     }
     report.distinct = ran_by.len() as u64;
     report.duplicates = report.processed - report.unexpected - report.distinct;
@@ -159,7 +162,10 @@ pub fn check(expected: &HashMap<String, u64>, entries: &[Processed]) -> CheckRep
 
 /// Appends entries as JSON lines to `path` (one file per instance is the usual layout).
 pub fn append_jsonl(path: &Path, entries: &[Processed]) -> std::io::Result<()> {
-    let f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
     let mut w = std::io::BufWriter::new(f);
     for e in entries {
         serde_json::to_writer(&mut w, e)?;
@@ -194,7 +200,11 @@ mod tests {
     use super::*;
 
     fn p(key: &str, sequence: u64, instance: &str) -> Processed {
-        Processed { key: key.into(), sequence, instance: instance.into() }
+        Processed {
+            key: key.into(),
+            sequence,
+            instance: instance.into(),
+        }
     }
 
     fn expected(pairs: &[(&str, u64)]) -> HashMap<String, u64> {
@@ -204,7 +214,13 @@ mod tests {
     #[test]
     fn clean_run_is_ok() {
         let e = expected(&[("a", 3), ("b", 2)]);
-        let log = vec![p("a", 0, "i"), p("b", 0, "i"), p("a", 1, "i"), p("b", 1, "i"), p("a", 2, "i")];
+        let log = vec![
+            p("a", 0, "i"),
+            p("b", 0, "i"),
+            p("a", 1, "i"),
+            p("b", 1, "i"),
+            p("a", 2, "i"),
+        ];
         let r = check(&e, &log);
         assert!(r.ok(), "{r}");
         assert_eq!(r.duplicates, 0);
@@ -230,7 +246,14 @@ mod tests {
         let e = expected(&[("a", 5)]);
         // i ran 0..=2, died before committing 2; j replays 2 and goes on. Then the
         // partition comes back to i, which skips 3 (j ran it) and runs 4.
-        let log = vec![p("a", 0, "i"), p("a", 1, "i"), p("a", 2, "i"), p("a", 2, "j"), p("a", 3, "j"), p("a", 4, "i")];
+        let log = vec![
+            p("a", 0, "i"),
+            p("a", 1, "i"),
+            p("a", 2, "i"),
+            p("a", 2, "j"),
+            p("a", 3, "j"),
+            p("a", 4, "i"),
+        ];
         let r = check(&e, &log);
         assert!(r.ok(), "{r}");
         assert_eq!(r.duplicates, 1);
@@ -249,7 +272,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("x.jsonl");
         append_jsonl(&f, &[p("a", 0, "i"), p("a", 1, "i")]).unwrap();
-        std::fs::OpenOptions::new().append(true).open(&f).unwrap().write_all(b"{\"key\":\"a\",\"seq").unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&f)
+            .unwrap()
+            .write_all(b"{\"key\":\"a\",\"seq")
+            .unwrap();
         assert_eq!(read_jsonl_dir(dir.path()).unwrap().len(), 2);
     }
 }

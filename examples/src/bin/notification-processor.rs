@@ -16,7 +16,10 @@ use decaton_examples::notification::NotificationProcessor;
 use decaton_processor::{ProcessorProperties, SchedulingMode};
 
 #[derive(Debug, Parser)]
-#[command(name = "notification-processor", about = "Push notifications for chat messages (per_key mode)")]
+#[command(
+    name = "notification-processor",
+    about = "Push notifications for chat messages (per_key mode)"
+)]
 struct Args {
     #[command(flatten)]
     subscription: SubscriptionArgs,
@@ -33,12 +36,24 @@ async fn main() -> anyhow::Result<()> {
     init_tracing("info");
     let args = Args::parse();
     args.subscription.install_metrics()?;
-    let processor = NotificationProcessor::new(args.min_latency_ms..=args.max_latency_ms.max(args.min_latency_ms));
+    let processor = NotificationProcessor::new(
+        args.min_latency_ms..=args.max_latency_ms.max(args.min_latency_ms),
+    );
     let stats = processor.stats();
-    let properties = args.subscription.properties(ProcessorProperties { mode: SchedulingMode::PerKey, ..Default::default() })?;
-    let subscription =
-        args.subscription.builder("notification-processor", processor).properties(properties).build()?;
-    run_until_signal(subscription, Duration::from_secs(args.subscription.stats_interval)).await?;
+    let properties = args.subscription.properties(ProcessorProperties {
+        mode: SchedulingMode::PerKey,
+        ..Default::default()
+    })?;
+    let subscription = args
+        .subscription
+        .builder("notification-processor", processor)
+        .properties(properties)
+        .build()?;
+    run_until_signal(
+        subscription,
+        Duration::from_secs(args.subscription.stats_interval),
+    )
+    .await?;
     println!("{}", stats.summary());
     Ok(())
 }

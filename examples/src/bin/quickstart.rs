@@ -32,7 +32,9 @@ use decaton_examples::cli::{init_tracing, shutdown_signal};
 use decaton_examples::notification::NotificationProcessor;
 use decaton_examples::recording::{Recorded, Recording};
 use decaton_examples::storage::{InMemoryStore, StorageMutationProcessor};
-use decaton_processor::{ProcessorProperties, SchedulingMode, Subscription, SubscriptionHandle, SubscriptionStats};
+use decaton_processor::{
+    ProcessorProperties, SchedulingMode, Subscription, SubscriptionHandle, SubscriptionStats,
+};
 use decaton_protocol::ChatOp;
 use decaton_testkit::{BrokerKind, CheckReport, TestBroker};
 use futures::StreamExt as _;
@@ -41,7 +43,10 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 const TOPIC: &str = "chat-ops";
 
 #[derive(Debug, Parser)]
-#[command(name = "quickstart", about = "decaton-rs end to end on an embedded broker: produce, process twice, check order")]
+#[command(
+    name = "quickstart",
+    about = "decaton-rs end to end on an embedded broker: produce, process twice, check order"
+)]
 struct Args {
     /// Chat operations to enqueue.
     #[arg(long, default_value_t = 100_000)]
@@ -105,7 +110,10 @@ impl Outcome {
 async fn main() -> anyhow::Result<ExitCode> {
     init_tracing("warn");
     let args = Args::parse();
-    anyhow::ensure!(args.tasks > 0 && args.users > 0 && args.partitions > 0, "--tasks, --users and --partitions must be > 0");
+    anyhow::ensure!(
+        args.tasks > 0 && args.users > 0 && args.partitions > 0,
+        "--tasks, --users and --partitions must be > 0"
+    );
     let instance = format!("quickstart-{}", std::process::id());
     let progress = MultiProgress::with_draw_target(if std::io::stderr().is_terminal() {
         ProgressDrawTarget::stderr()
@@ -114,11 +122,17 @@ async fn main() -> anyhow::Result<ExitCode> {
     });
 
     // 1. The broker.
-    println!("starting the embedded broker (topic {TOPIC}, {} partitions)", args.partitions);
+    println!(
+        "starting the embedded broker (topic {TOPIC}, {} partitions)",
+        args.partitions
+    );
     let partitions = args.partitions;
     let broker = tokio::task::spawn_blocking(move || -> anyhow::Result<TestBroker> {
-        let broker = TestBroker::start(BrokerKind::Embedded).context("starting the embedded broker")?;
-        broker.create_topic(TOPIC, partitions).context("creating the topic")?;
+        let broker =
+            TestBroker::start(BrokerKind::Embedded).context("starting the embedded broker")?;
+        broker
+            .create_topic(TOPIC, partitions)
+            .context("creating the topic")?;
         Ok(broker)
     })
     .await??;
@@ -128,13 +142,15 @@ async fn main() -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let expected = produce(&bootstrap, &args, &progress).await?;
     let produce_secs = started.elapsed().as_secs_f64();
-    progress.suspend(|| println!(
-        "enqueued {} tasks from {} of {} users in {produce_secs:.2}s ({:.0} puts/s)",
-        args.tasks,
-        expected.len(),
-        args.users,
-        args.tasks as f64 / produce_secs.max(1e-9)
-    ));
+    progress.suspend(|| {
+        println!(
+            "enqueued {} tasks from {} of {} users in {produce_secs:.2}s ({:.0} puts/s)",
+            args.tasks,
+            expected.len(),
+            args.users,
+            args.tasks as f64 / produce_secs.max(1e-9)
+        )
+    });
 
     // 3. Two processors, side by side.
     let notifier = NotificationProcessor::new(1..=args.push_latency_ms.max(1));
@@ -145,7 +161,10 @@ async fn main() -> anyhow::Result<ExitCode> {
         start(
             "notifications",
             notifier,
-            ProcessorProperties { mode: SchedulingMode::PerKey, ..Default::default() },
+            ProcessorProperties {
+                mode: SchedulingMode::PerKey,
+                ..Default::default()
+            },
             "per_key".into(),
             &bootstrap,
             &instance,
@@ -155,7 +174,11 @@ async fn main() -> anyhow::Result<ExitCode> {
         start(
             "storage-mutations",
             storage,
-            ProcessorProperties { mode: SchedulingMode::Bounded, partition_concurrency: args.lanes.max(1), ..Default::default() },
+            ProcessorProperties {
+                mode: SchedulingMode::Bounded,
+                partition_concurrency: args.lanes.max(1),
+                ..Default::default()
+            },
             format!("bounded({})", args.lanes.max(1)),
             &bootstrap,
             &instance,
@@ -164,7 +187,13 @@ async fn main() -> anyhow::Result<ExitCode> {
         )?,
     ];
     let names: Vec<&str> = running.iter().map(|r| r.id).collect();
-    progress.suspend(|| println!("processing with {} subscriptions: {}", names.len(), names.join(", ")));
+    progress.suspend(|| {
+        println!(
+            "processing with {} subscriptions: {}",
+            names.len(),
+            names.join(", ")
+        )
+    });
 
     // Wait until both have processed every task, polling their counters (which also
     // drives the progress bars). Ctrl-C / SIGTERM or the timeout end the wait early.
@@ -209,13 +238,25 @@ async fn main() -> anyhow::Result<ExitCode> {
     let mut outcomes = Vec::new();
     for r in running {
         r.bar.abandon();
-        let stats = r.task.await.context("subscription task")?.with_context(|| format!("subscription {}", r.id))?;
+        let stats = r
+            .task
+            .await
+            .context("subscription task")?
+            .with_context(|| format!("subscription {}", r.id))?;
         let report = r.recording.check(&expected);
         let extra_ok = r.id != "storage-mutations" || storage_observer.stats().in_order();
         let span = r.recording.span().filter(|_| r.done);
         let startup = span.map(|(first, _)| first.saturating_duration_since(processing_started));
         let elapsed = span.map(|(first, last)| last.saturating_duration_since(first));
-        outcomes.push(Outcome { id: r.id, mode: r.mode, stats, startup, elapsed, report, extra_ok });
+        outcomes.push(Outcome {
+            id: r.id,
+            mode: r.mode,
+            stats,
+            startup,
+            elapsed,
+            report,
+            extra_ok,
+        });
     }
     tokio::task::spawn_blocking(move || drop(broker)).await?;
 
@@ -231,12 +272,27 @@ async fn main() -> anyhow::Result<ExitCode> {
         println!("\n{why}: not every task was processed");
     }
     let all_ok = interrupted.is_none() && outcomes.iter().all(Outcome::ok);
-    println!("\nresult: {}", if all_ok { "OK (every task processed, every user's operations in order)" } else { "FAILED" });
-    Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    println!(
+        "\nresult: {}",
+        if all_ok {
+            "OK (every task processed, every user's operations in order)"
+        } else {
+            "FAILED"
+        }
+    );
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// Enqueues `args.tasks` generated operations and returns key -> operations per key.
-async fn produce(bootstrap: &str, args: &Args, progress: &MultiProgress) -> anyhow::Result<HashMap<String, u64>> {
+async fn produce(
+    bootstrap: &str,
+    args: &Args,
+    progress: &MultiProgress,
+) -> anyhow::Result<HashMap<String, u64>> {
     let bar = progress.add(ProgressBar::new(args.tasks));
     bar.set_style(bar_style());
     bar.set_prefix("enqueue");
@@ -279,23 +335,34 @@ where
     P: decaton_processor::TaskProcessor<ChatOp>,
 {
     let recording = Arc::new(Recording::with_capacity(args.tasks as usize));
-    let subscription = Subscription::builder(id, Recorded::new(processor, instance, recording.clone()))
-        .bootstrap_servers(bootstrap)
-        .topic(TOPIC)
-        .properties(properties)
-        .build()?;
+    let subscription =
+        Subscription::builder(id, Recorded::new(processor, instance, recording.clone()))
+            .bootstrap_servers(bootstrap)
+            .topic(TOPIC)
+            .properties(properties)
+            .build()?;
     let handle = subscription.handle();
     let bar = progress.add(ProgressBar::new(args.tasks));
     bar.set_style(bar_style());
     bar.set_prefix(id);
     let task = tokio::spawn(subscription.run());
-    Ok(Running { id, mode, handle, recording, bar, task, done: false })
+    Ok(Running {
+        id,
+        mode,
+        handle,
+        recording,
+        bar,
+        task,
+        done: false,
+    })
 }
 
 fn bar_style() -> ProgressStyle {
-    ProgressStyle::with_template("{prefix:>18.bold} [{bar:40}] {human_pos:>7}/{human_len} {elapsed:>4}")
-        .map(|s| s.progress_chars("=> "))
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
+    ProgressStyle::with_template(
+        "{prefix:>18.bold} [{bar:40}] {human_pos:>7}/{human_len} {elapsed:>4}",
+    )
+    .map(|s| s.progress_chars("=> "))
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
 }
 
 /// The summary table. `startup` is the time until the first task ran (joining the group,
@@ -304,11 +371,23 @@ fn bar_style() -> ProgressStyle {
 fn print_table(outcomes: &[Outcome], tasks: u64) {
     println!(
         "{:<18} {:<11} {:>8} {:>8} {:>8} {:>9} {:>6} {:>6} {:>6} {:>6}  check",
-        "subscription", "mode", "tasks", "startup", "elapsed", "tasks/s", "failed", "lost", "dups", "order"
+        "subscription",
+        "mode",
+        "tasks",
+        "startup",
+        "elapsed",
+        "tasks/s",
+        "failed",
+        "lost",
+        "dups",
+        "order"
     );
-    let secs = |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:.2}s", d.as_secs_f64()));
+    let secs =
+        |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:.2}s", d.as_secs_f64()));
     for o in outcomes {
-        let rate = o.elapsed.map_or("-".to_string(), |d| format!("{:.0}", tasks as f64 / d.as_secs_f64().max(1e-6)));
+        let rate = o.elapsed.map_or("-".to_string(), |d| {
+            format!("{:.0}", tasks as f64 / d.as_secs_f64().max(1e-6))
+        });
         println!(
             "{:<18} {:<11} {:>8} {:>8} {:>8} {:>9} {:>6} {:>6} {:>6} {:>6}  {}",
             o.id,

@@ -17,7 +17,10 @@ use decaton_examples::indexer::{IndexerConfig, SearchIndexer};
 use decaton_processor::{ProcessorProperties, SchedulingMode};
 
 #[derive(Debug, Parser)]
-#[command(name = "search-indexer", about = "Bulk search indexing with deferred completion (bounded mode)")]
+#[command(
+    name = "search-indexer",
+    about = "Bulk search indexing with deferred completion (bounded mode)"
+)]
 struct Args {
     #[command(flatten)]
     subscription: SubscriptionArgs,
@@ -51,10 +54,18 @@ async fn main() -> anyhow::Result<()> {
         partition_concurrency: args.partition_concurrency.max(1),
         ..Default::default()
     })?;
-    let subscription = args.subscription.builder("search-indexer", indexer).properties(properties).build()?;
+    let subscription = args
+        .subscription
+        .builder("search-indexer", indexer)
+        .properties(properties)
+        .build()?;
     // The subscription waits for deferred tasks while shutting down, so the batch indexer
     // must keep flushing until `run` has returned.
-    let result = run_until_signal(subscription, Duration::from_secs(args.subscription.stats_interval)).await;
+    let result = run_until_signal(
+        subscription,
+        Duration::from_secs(args.subscription.stats_interval),
+    )
+    .await;
     batcher.stop().await;
     println!("{}", stats.summary());
     result.map(|_| ())

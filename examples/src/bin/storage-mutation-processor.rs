@@ -19,7 +19,10 @@ use decaton_examples::storage::{InMemoryStore, StorageMutationProcessor};
 use decaton_processor::{ProcessorProperties, SchedulingMode};
 
 #[derive(Debug, Parser)]
-#[command(name = "storage-mutation-processor", about = "Apply chat operations to storage, checking per-user order")]
+#[command(
+    name = "storage-mutation-processor",
+    about = "Apply chat operations to storage, checking per-user order"
+)]
 struct Args {
     #[command(flatten)]
     subscription: SubscriptionArgs,
@@ -37,7 +40,11 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     args.subscription.install_metrics()?;
     let processor = StorageMutationProcessor::new(Arc::new(InMemoryStore::default()));
-    let mode = if args.per_key { SchedulingMode::PerKey } else { SchedulingMode::Bounded };
+    let mode = if args.per_key {
+        SchedulingMode::PerKey
+    } else {
+        SchedulingMode::Bounded
+    };
     let properties = args.subscription.properties(ProcessorProperties {
         mode,
         partition_concurrency: args.partition_concurrency.max(1),
@@ -45,9 +52,16 @@ async fn main() -> anyhow::Result<()> {
     })?;
     // The processor moves into the subscription; a clone shares its store and counters.
     let observer = processor.clone();
-    let subscription =
-        args.subscription.builder("storage-mutation-processor", processor).properties(properties).build()?;
-    run_until_signal(subscription, Duration::from_secs(args.subscription.stats_interval)).await?;
+    let subscription = args
+        .subscription
+        .builder("storage-mutation-processor", processor)
+        .properties(properties)
+        .build()?;
+    run_until_signal(
+        subscription,
+        Duration::from_secs(args.subscription.stats_interval),
+    )
+    .await?;
     println!("{}", observer.summary()?);
     Ok(())
 }

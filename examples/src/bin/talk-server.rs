@@ -23,7 +23,10 @@ use futures::StreamExt as _;
 use governor::{Quota, RateLimiter};
 
 #[derive(Debug, Parser)]
-#[command(name = "talk-server", about = "Enqueue realistic chat operations as decaton tasks")]
+#[command(
+    name = "talk-server",
+    about = "Enqueue realistic chat operations as decaton tasks"
+)]
 struct Args {
     /// Kafka bootstrap servers.
     #[arg(long, env = "DECATON_BOOTSTRAP", default_value = "127.0.0.1:9092")]
@@ -105,7 +108,8 @@ async fn main() -> anyhow::Result<()> {
 
     // Operations are generated (and thus sequenced) in order and handed to the client in
     // that order, so each user's operations land in their partition in sequence order.
-    let mut chat = ChatOpGenerator::new(args.users, args.seed).with_sequence_base(args.sequence_base);
+    let mut chat =
+        ChatOpGenerator::new(args.users, args.seed).with_sequence_base(args.sequence_base);
     let (client_ref, limiter, stop_ref) = (&client, &limiter, &stop);
     futures::stream::iter(0..args.count)
         .take_while(|_| futures::future::ready(!stop_ref.load(Ordering::Acquire)))
@@ -131,8 +135,14 @@ async fn main() -> anyhow::Result<()> {
         .await;
     progress.abort();
     let elapsed = started.elapsed().as_secs_f64();
-    let (acked, failed) = (acked.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    println!("done: {acked} puts acknowledged, {failed} failed in {elapsed:.2}s = {:.0} puts/s", acked as f64 / elapsed.max(1e-9));
+    let (acked, failed) = (
+        acked.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+    );
+    println!(
+        "done: {acked} puts acknowledged, {failed} failed in {elapsed:.2}s = {:.0} puts/s",
+        acked as f64 / elapsed.max(1e-9)
+    );
     client.close().await.context("flushing the producer")?;
     if failed > 0 {
         anyhow::bail!("{failed} puts failed");

@@ -44,7 +44,10 @@ enum BackendArg {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "user-counters", about = "Per-user operation counters in partition-local state with a changelog")]
+#[command(
+    name = "user-counters",
+    about = "Per-user operation counters in partition-local state with a changelog"
+)]
 struct Args {
     #[command(flatten)]
     subscription: SubscriptionArgs,
@@ -79,7 +82,8 @@ async fn main() -> anyhow::Result<ExitCode> {
 
     if let Some(user) = &args.dump {
         let (cfg, topic) = (state.clone(), topic.clone());
-        let dump = tokio::task::spawn_blocking(move || count_state_dir(&cfg, SUBSCRIPTION, &topic)).await??;
+        let dump = tokio::task::spawn_blocking(move || count_state_dir(&cfg, SUBSCRIPTION, &topic))
+            .await??;
         for (p, why) in &dump.discarded {
             eprintln!("partition {p} not read: {why}");
         }
@@ -89,14 +93,20 @@ async fn main() -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             }
             None => {
-                println!("{user}: no counters in {} (partitions read: {:?})", args.state_dir.display(), dump.partitions);
+                println!(
+                    "{user}: no counters in {} (partitions read: {:?})",
+                    args.state_dir.display(),
+                    dump.partitions
+                );
                 ExitCode::FAILURE
             }
         });
     }
 
     args.subscription.install_metrics()?;
-    let properties = args.subscription.properties(ProcessorProperties::default())?;
+    let properties = args
+        .subscription
+        .properties(ProcessorProperties::default())?;
     tracing::info!(
         state_dir = %state.state_dir.display(),
         backend = ?state.backend,
@@ -109,17 +119,25 @@ async fn main() -> anyhow::Result<ExitCode> {
         .properties(properties)
         .state_store(state.clone())
         .build()?;
-    let stats = run_until_signal(subscription, Duration::from_secs(args.subscription.stats_interval)).await?;
+    let stats = run_until_signal(
+        subscription,
+        Duration::from_secs(args.subscription.stats_interval),
+    )
+    .await?;
     println!(
         "state: {} changelog records restored, {} failed state writes",
         stats.state_records_restored, stats.state_write_failures
     );
 
     match state.backend {
-        Backend::Memory => println!("memory backend: nothing left on disk; the changelog holds the counters"),
+        Backend::Memory => {
+            println!("memory backend: nothing left on disk; the changelog holds the counters")
+        }
         Backend::Sled => {
             let top = args.top;
-            let summary = tokio::task::spawn_blocking(move || count_state_dir(&state, SUBSCRIPTION, &topic)).await?;
+            let summary =
+                tokio::task::spawn_blocking(move || count_state_dir(&state, SUBSCRIPTION, &topic))
+                    .await?;
             match summary {
                 Ok(dump) => println!("{}", dump.summary(top)),
                 Err(e) => eprintln!("cannot read the state back: {e:#}"),

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use decaton_processor::{async_trait, ProcessError, ProcessingContext, ProcessorProperties, Subscription, TaskProcessor};
+use decaton_processor::{
+    async_trait, ProcessError, ProcessingContext, ProcessorProperties, Subscription, TaskProcessor,
+};
 use decaton_protocol::ChatOp;
 use parking_lot::Mutex;
 
@@ -54,14 +56,18 @@ impl TaskProcessor<ChatOp> for JsonlRecorder {
         })?;
         self.out.lock().write_all(format!("{line}\n").as_bytes())?;
         if self.latency_ms > 0 {
-            tokio::time::sleep(Duration::from_millis(rand::random_range(0..=self.latency_ms))).await;
+            tokio::time::sleep(Duration::from_millis(rand::random_range(
+                0..=self.latency_ms,
+            )))
+            .await;
         }
         Ok(())
     }
 }
 
 fn split(kv: &str) -> anyhow::Result<(&str, &str)> {
-    kv.split_once('=').ok_or_else(|| anyhow::anyhow!("expected key=value, got {kv}"))
+    kv.split_once('=')
+        .ok_or_else(|| anyhow::anyhow!("expected key=value, got {kv}"))
 }
 
 #[tokio::main]
@@ -79,16 +85,33 @@ async fn main() -> anyhow::Result<()> {
         .open(args.log_dir.join(format!("{}.jsonl", args.instance)))?;
     match args.state_dir.clone() {
         None => {
-            let recorder = JsonlRecorder { instance: args.instance.clone(), out: Mutex::new(out), latency_ms: args.latency_ms };
-            run(Subscription::builder(args.group.clone(), recorder), &args, props).await
+            let recorder = JsonlRecorder {
+                instance: args.instance.clone(),
+                out: Mutex::new(out),
+                latency_ms: args.latency_ms,
+            };
+            run(
+                Subscription::builder(args.group.clone(), recorder),
+                &args,
+                props,
+            )
+            .await
         }
         Some(dir) => {
             let counter = decaton_integration_tests::CounterProcessor {
                 log: Some((args.instance.clone(), Arc::new(Mutex::new(out)))),
                 seen: Default::default(),
             };
-            let cfg = decaton_state::StateConfig { state_dir: dir, ..Default::default() };
-            run(Subscription::builder(args.group.clone(), counter).state_store(cfg), &args, props).await
+            let cfg = decaton_state::StateConfig {
+                state_dir: dir,
+                ..Default::default()
+            };
+            run(
+                Subscription::builder(args.group.clone(), counter).state_store(cfg),
+                &args,
+                props,
+            )
+            .await
         }
     }
 }
@@ -98,7 +121,10 @@ async fn run<P: TaskProcessor<ChatOp>>(
     args: &Args,
     props: ProcessorProperties,
 ) -> anyhow::Result<()> {
-    let mut builder = builder.bootstrap_servers(&args.bootstrap).topic(&args.topic).properties(props);
+    let mut builder = builder
+        .bootstrap_servers(&args.bootstrap)
+        .topic(&args.topic)
+        .properties(props);
     for kv in &args.kafka {
         let (k, v) = split(kv)?;
         builder = builder.set(k, v);
@@ -107,10 +133,11 @@ async fn run<P: TaskProcessor<ChatOp>>(
     let handle = sub.handle();
     let h = Arc::new(handle.clone());
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}

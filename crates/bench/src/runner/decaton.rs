@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use decaton_processor::{
-    ProcessError, ProcessingContext, ProcessorProperties, PropertyError, SchedulingMode, Subscription, TaskProcessor,
+    ProcessError, ProcessingContext, ProcessorProperties, PropertyError, SchedulingMode,
+    Subscription, TaskProcessor,
 };
 use decaton_protocol::ChatOp;
 
@@ -36,7 +37,8 @@ struct BenchProcessor {
 #[async_trait]
 impl TaskProcessor<ChatOp> for BenchProcessor {
     async fn process(&self, ctx: &ProcessingContext, task: ChatOp) -> Result<(), ProcessError> {
-        self.recorder.started(now_micros() - ctx.metadata().timestamp_millis * 1_000);
+        self.recorder
+            .started(now_micros() - ctx.metadata().timestamp_millis * 1_000);
         std::hint::black_box(&task);
         if !self.latency.is_zero() {
             tokio::time::sleep(self.latency).await;
@@ -47,7 +49,9 @@ impl TaskProcessor<ChatOp> for BenchProcessor {
 }
 
 /// Splits `--param`s into processor properties and librdkafka settings.
-fn properties(params: &[(String, String)]) -> Result<(ProcessorProperties, Vec<(String, String)>), BenchError> {
+fn properties(
+    params: &[(String, String)],
+) -> Result<(ProcessorProperties, Vec<(String, String)>), BenchError> {
     let mut props = ProcessorProperties::default();
     let mut kafka = Vec::new();
     for (k, v) in params {
@@ -75,7 +79,10 @@ pub(crate) fn lanes(params: &[(String, String)]) -> Option<u64> {
 impl Runner for DecatonRunner {
     async fn run(&self, env: &RunEnv, recorder: Arc<Recorder>) -> Result<(), BenchError> {
         let (props, kafka) = properties(&env.params)?;
-        let processor = BenchProcessor { recorder: recorder.clone(), latency: env.latency };
+        let processor = BenchProcessor {
+            recorder: recorder.clone(),
+            latency: env.latency,
+        };
         let mut builder = Subscription::builder(env.group_id.clone(), processor)
             .bootstrap_servers(env.bootstrap.clone())
             .topic(env.topic.clone())
@@ -83,7 +90,9 @@ impl Runner for DecatonRunner {
         for (k, v) in kafka {
             builder = builder.set(k, v);
         }
-        let subscription = builder.build().map_err(|e| BenchError::Config(e.to_string()))?;
+        let subscription = builder
+            .build()
+            .map_err(|e| BenchError::Config(e.to_string()))?;
         let handle = subscription.handle();
         let run = subscription.run();
         tokio::pin!(run);
@@ -96,7 +105,9 @@ impl Runner for DecatonRunner {
                 });
             }
         }
-        let stats = run.await.map_err(|e| BenchError::Internal(format!("subscription: {e}")))?;
+        let stats = run
+            .await
+            .map_err(|e| BenchError::Internal(format!("subscription: {e}")))?;
         if stats.failed > 0 || stats.discarded > 0 {
             tracing::warn!(?stats, "the decaton runner failed or discarded tasks");
         }
@@ -111,8 +122,11 @@ mod tests {
     #[test]
     fn params_split_into_properties_and_kafka_settings() -> Result<(), BenchError> {
         let p = |k: &str, v: &str| (k.to_string(), v.to_string());
-        let (props, kafka) =
-            properties(&[p("mode", "per_key"), p("decaton.partition.concurrency", "4"), p("fetch.wait.max.ms", "10")])?;
+        let (props, kafka) = properties(&[
+            p("mode", "per_key"),
+            p("decaton.partition.concurrency", "4"),
+            p("fetch.wait.max.ms", "10"),
+        ])?;
         assert_eq!(props.partition_concurrency, 4);
         assert_eq!(kafka, vec![p("fetch.wait.max.ms", "10")]);
         assert!(properties(&[p("partition_concurrency", "zero")]).is_err());

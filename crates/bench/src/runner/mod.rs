@@ -119,11 +119,27 @@ pub(crate) fn consumer_config(env: &RunEnv) -> ClientConfig {
 /// latency so far in microseconds: now minus the produce timestamp (`dt_meta`
 /// `timestamp_millis`, else the record timestamp).
 pub(crate) fn decode_latency_us(msg: &BorrowedMessage<'_>) -> Result<i64, BenchError> {
-    let header = msg.headers().and_then(|h| h.iter().find(|h| h.key == METADATA_HEADER).and_then(|h| h.value));
-    let record = decode_record(header, msg.payload())
-        .map_err(|e| BenchError::Decode(format!("{}/{}@{}: {e}", msg.topic(), msg.partition(), msg.offset())))?;
-    let op = ChatOp::decode(&*record.task)
-        .map_err(|e| BenchError::Decode(format!("{}/{}@{}: {e}", msg.topic(), msg.partition(), msg.offset())))?;
+    let header = msg.headers().and_then(|h| {
+        h.iter()
+            .find(|h| h.key == METADATA_HEADER)
+            .and_then(|h| h.value)
+    });
+    let record = decode_record(header, msg.payload()).map_err(|e| {
+        BenchError::Decode(format!(
+            "{}/{}@{}: {e}",
+            msg.topic(),
+            msg.partition(),
+            msg.offset()
+        ))
+    })?;
+    let op = ChatOp::decode(&*record.task).map_err(|e| {
+        BenchError::Decode(format!(
+            "{}/{}@{}: {e}",
+            msg.topic(),
+            msg.partition(),
+            msg.offset()
+        ))
+    })?;
     std::hint::black_box(&op);
     let produced_ms = match record.metadata.timestamp_millis {
         0 => msg.timestamp().to_millis().unwrap_or(0),
@@ -147,10 +163,16 @@ mod tests {
         let d = || RunnerSpec::new(RunnerKind::Decaton);
         assert_eq!(lanes(&d()), Some(1));
         assert_eq!(lanes(&d().param("partition_concurrency", "8")), Some(8));
-        assert_eq!(lanes(&d().param("decaton.partition.concurrency", "4")), Some(4));
+        assert_eq!(
+            lanes(&d().param("decaton.partition.concurrency", "4")),
+            Some(4)
+        );
         assert_eq!(lanes(&d().param("mode", "per_key")), Some(10_000));
         assert_eq!(lanes(&d().param("partition_concurrency", "x")), None);
-        assert_eq!(lanes(&d().param("mode", "per-key").param("max_pending", "100")), Some(100));
+        assert_eq!(
+            lanes(&d().param("mode", "per-key").param("max_pending", "100")),
+            Some(100)
+        );
         assert_eq!(lanes(&RunnerSpec::new(RunnerKind::RdkafkaSerial)), Some(1));
         assert_eq!(lanes(&RunnerSpec::new(RunnerKind::RdkafkaRaw)), None);
     }

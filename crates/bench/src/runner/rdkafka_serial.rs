@@ -28,7 +28,12 @@ impl Runner for RdkafkaSerial {
         for partition in 0..env.partitions {
             let queue = consumer
                 .split_partition_queue(&env.topic, partition)
-                .ok_or_else(|| BenchError::Internal(format!("cannot split the queue of {}/{partition}", env.topic)))?;
+                .ok_or_else(|| {
+                    BenchError::Internal(format!(
+                        "cannot split the queue of {}/{partition}",
+                        env.topic
+                    ))
+                })?;
             let (consumer, recorder, latency) = (consumer.clone(), recorder.clone(), env.latency);
             partitions.spawn(async move {
                 loop {
