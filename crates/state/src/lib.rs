@@ -65,6 +65,8 @@
 mod changelog;
 mod config;
 mod error;
+mod kafka;
+mod record;
 mod restore;
 mod store;
 
@@ -93,8 +95,9 @@ pub trait StateStore: Send + Sync {
 #[doc(hidden)]
 pub mod internal {
     pub use crate::changelog::{
-        create_changelog_topic, headers, ChangelogTopicInfo, ChangelogWriter, PendingAppend,
+        create_changelog_topic, ChangelogTopicInfo, ChangelogWriter, PendingAppend,
     };
+    pub use crate::record::{headers, Mutation};
     pub use crate::restore::{restore, RestoreReport};
-    pub use crate::store::{Mutation, OpenReport, PartitionStore, RebuildReason, TaskBatch};
+    pub use crate::store::{OpenReport, PartitionStore, RebuildReason, TaskBatch};
 }

@@ -1,0 +1,268 @@
+//! Appending task batches to changelog partitions.
+//!
+//! One [`ChangelogWriter`] (one idempotent producer) serves every partition of a
+//! process. It stamps each record with its random id and a per-partition sequence number
+//! (see [`record`](crate::record)), so a restore can tell a torn batch from one that
+//! compaction thinned out.
+//!
+//! An append has two halves: [`ChangelogWriter::enqueue`] hands the batch's records to
+//! librdkafka, in order, and [`PendingAppend::wait`] resolves when the broker
+//! acknowledged all of them. Batches enqueued one after the other land in the partition in
+//! that order.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::kafka::producer_config;
+use crate::record::{abort_marker_key, encode_abort, encode_frame, Frame, Mutation};
+use crate::StateError;
+
+/// How long an append waits for room in librdkafka's queue before giving up.
+const QUEUE_FULL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Appends task batches to changelog partitions; see the module docs.
+pub struct ChangelogWriter {
+    producer: FutureProducer,
+    writer_id: u64,
+    /// Next sequence number per (changelog topic, partition). Held while a batch is
+    /// handed to librdkafka, so a batch's records are contiguous in the partition.
+    seqs: Mutex<HashMap<(String, i32), u64>>,
+}
+
+impl std::fmt::Debug for ChangelogWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChangelogWriter")
+            .field("writer_id", &self.writer_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChangelogWriter {
+    /// Creates the producer: the `kafka` settings pass through to librdkafka, with
+    /// `acks=all` and `enable.idempotence=true` forced.
+    pub fn new(bootstrap: &str, kafka: &BTreeMap<String, String>) -> Result<Self, StateError> {
+        let producer: FutureProducer = producer_config(bootstrap, kafka).create()?;
+        Ok(ChangelogWriter {
+            producer,
+            writer_id: rand::random(),
+            seqs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The random id this writer stamps on its records (`dt_writer`).
+    pub fn writer_id(&self) -> u64 {
+        self.writer_id
+    }
+
+    /// Appends the batch of the task at `source_offset` to `changelog_topic` partition
+    /// `partition` and resolves when every record is acknowledged, with the offset of the
+    /// last one: [`enqueue`](Self::enqueue), then [`PendingAppend::wait`]. An empty batch
+    /// sends nothing and resolves to `None`.
+    ///
+    /// Blocks the calling thread while librdkafka's queue is full (see `enqueue`).
+    pub async fn append(
+        &self,
+        changelog_topic: &str,
+        partition: i32,
+        source_offset: i64,
+        mutations: &[Mutation],
+    ) -> Result<Option<i64>, StateError> {
+        self.enqueue(changelog_topic, partition, source_offset, mutations)?
+            .wait()
+            .await
+    }
+
+    /// Hands every record of the batch of the task at `source_offset` to librdkafka now,
+    /// in order, one record per mutation, and returns the acknowledgements to await.
+    /// Batches enqueued one after the other land in the partition in that order.
+    ///
+    /// **Blocking:** while librdkafka's queue is full (back-pressure) this call sleeps and
+    /// retries, for at most 30 s. Call it from a blocking context
+    /// (`tokio::task::spawn_blocking`), not on an async worker.
+    pub fn enqueue(
+        &self,
+        changelog_topic: &str,
+        partition: i32,
+        source_offset: i64,
+        mutations: &[Mutation],
+    ) -> Result<PendingAppend, StateError> {
+        let mut pending = PendingAppend {
+            topic: changelog_topic.to_string(),
+            partition,
+            deliveries: Vec::with_capacity(mutations.len()),
+        };
+        if mutations.is_empty() {
+            return Ok(pending);
+        }
+        let size = u32::try_from(mutations.len()).map_err(|_| StateError::Changelog {
+            topic: changelog_topic.to_string(),
+            detail: format!("a batch of {} mutations is too large", mutations.len()),
+        })?;
+        let batch: u64 = rand::random();
+        let mut seqs = self.seqs.lock();
+        let next = seqs
+            .entry((changelog_topic.to_string(), partition))
+            .or_insert(0);
+        let base = *next;
+        // The whole range is used even if sending fails part-way: missing numbers are
+        // exactly what marks a torn batch.
+        *next += u64::from(size);
+        for (index, m) in (0u32..).zip(mutations) {
+            let headers = encode_frame(&Frame {
+                src_offset: source_offset,
+                batch,
+                index,
+                size,
+                seq: Some((self.writer_id, base + u64::from(index))),
+            });
+            let mut record = FutureRecord::to(changelog_topic)
+                .partition(partition)
+                .key(m.key.as_slice())
+                .headers(headers);
+            if let Some(v) = &m.value {
+                record = record.payload(v.as_slice());
+            }
+            match self.send(record) {
+                Ok(delivery) => pending.deliveries.push(delivery),
+                Err(error) => {
+                    if index > 0 {
+                        // Part of the batch is on its way and later batches of this writer
+                        // would follow it: say right behind it that it is torn.
+                        self.enqueue_abort_marker(changelog_topic, partition, batch);
+                    }
+                    return Err(StateError::Delivery {
+                        topic: changelog_topic.to_string(),
+                        partition,
+                        error,
+                    });
+                }
+            }
+        }
+        Ok(pending)
+    }
+
+    fn send(&self, mut record: FutureRecord<'_, [u8], [u8]>) -> Result<DeliveryFuture, KafkaError> {
+        let started = Instant::now();
+        loop {
+            match self.producer.send_result(record) {
+                Ok(delivery) => return Ok(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                    if started.elapsed() < QUEUE_FULL_TIMEOUT =>
+                {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+
+    fn enqueue_abort_marker(&self, topic: &str, partition: i32, batch: u64) {
+        if let Err(e) = self.send_abort_marker(topic, partition, batch) {
+            tracing::error!(
+                topic,
+                partition,
+                batch,
+                "could not mark a torn changelog batch: {e}"
+            );
+        }
+    }
+
+    fn send_abort_marker(
+        &self,
+        topic: &str,
+        partition: i32,
+        batch: u64,
+    ) -> Result<DeliveryFuture, KafkaError> {
+        let key = abort_marker_key(batch);
+        let value: &[u8] = &[];
+        let record = FutureRecord::to(topic)
+            .partition(partition)
+            .key(key.as_slice())
+            .payload(value)
+            .headers(encode_abort(batch));
+        self.send(record)
+    }
+
+    /// Enqueues one abort marker per batch (for a restore that found torn batches).
+    pub(crate) fn enqueue_abort_markers(
+        &self,
+        topic: &str,
+        partition: i32,
+        batches: &[u64],
+    ) -> Result<PendingAppend, StateError> {
+        let mut pending = PendingAppend {
+            topic: topic.to_string(),
+            partition,
+            deliveries: Vec::new(),
+        };
+        for batch in batches {
+            let delivery = self
+                .send_abort_marker(topic, partition, *batch)
+                .map_err(|error| StateError::Delivery {
+                    topic: topic.to_string(),
+                    partition,
+                    error,
+                })?;
+            pending.deliveries.push(delivery);
+        }
+        Ok(pending)
+    }
+}
+
+/// The acknowledgements of an enqueued batch; see [`ChangelogWriter::enqueue`].
+#[must_use = "the batch is durable only once wait() succeeds"]
+pub struct PendingAppend {
+    topic: String,
+    partition: i32,
+    deliveries: Vec<DeliveryFuture>,
+}
+
+impl std::fmt::Debug for PendingAppend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingAppend")
+            .field("topic", &self.topic)
+            .field("partition", &self.partition)
+            .field("records", &self.deliveries.len())
+            .finish()
+    }
+}
+
+impl PendingAppend {
+    /// Number of records in flight.
+    pub fn len(&self) -> usize {
+        self.deliveries.len()
+    }
+
+    /// Whether nothing was enqueued (the batch was empty).
+    pub fn is_empty(&self) -> bool {
+        self.deliveries.is_empty()
+    }
+
+    /// Resolves when every record is acknowledged, with the offset of the last record
+    /// (`None` for an empty batch); fails on the first record librdkafka gave up on.
+    pub async fn wait(self) -> Result<Option<i64>, StateError> {
+        let mut last = None;
+        for delivery in self.deliveries {
+            let error = match delivery.await {
+                Ok(Ok(d)) => {
+                    last = Some(last.map_or(d.offset, |l: i64| l.max(d.offset)));
+                    continue;
+                }
+                Ok(Err((error, _))) => error,
+                Err(_canceled) => KafkaError::Canceled,
+            };
+            return Err(StateError::Delivery {
+                topic: self.topic,
+                partition: self.partition,
+                error,
+            });
+        }
+        Ok(last)
+    }
+}

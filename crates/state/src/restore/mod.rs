@@ -1,0 +1,218 @@
+//! Restore: replaying a changelog partition into a partition's local store.
+//!
+//! A new owner of a partition reads the changelog partition from the store's checkpoint
+//! (or from the beginning) up to the high watermark taken when the restore starts, and
+//! applies the writes of **complete task batches** only. The reasoning:
+//!
+//! * A task's writes reach the changelog as one batch of records (see the changelog
+//!   module for the headers). A writer that crashes part-way leaves a *torn* batch: its
+//!   first records, not the rest. Applying them would hand the redelivered task a state
+//!   with half of its own earlier effects, so a torn batch is ignored — the task runs
+//!   again against state that has none of them.
+//! * A complete batch's source offset is recorded ([`RestoreReport::applied_source_offsets`]),
+//!   so the processor skips a redelivered task whose effects are already in the state.
+//!
+//! Log compaction complicates "complete": it deletes a record once its key was written
+//! again, so an old, complete batch may have lost some of its records. Such a batch must
+//! be applied (its surviving records are still the newest values of their keys), while a
+//! torn one must not. The writer numbers its records per partition (`dt_writer`,
+//! `dt_seq`), and a batch with missing records is judged like this:
+//!
+//! 1. An **abort marker** for it follows: torn, ignore.
+//! 2. A later record from the same writer has a higher sequence number than the batch's
+//!    last record: the missing records were written, and compaction removed them —
+//!    apply what is left.
+//! 3. Records of *another* writer follow (the partition changed hands): the next owner's
+//!    restore would have appended abort markers for torn batches before it wrote
+//!    anything, and none came, so it was compaction — apply.
+//! 4. The changelog ends inside the batch's writer, with the batch's last record never
+//!    written: torn, ignore, and append an abort marker so that rule 1 covers it once
+//!    later batches follow.
+//!
+//! Batches applied late (rules 2 and 3) skip any key that a later record has already
+//! written, so the store ends as if every record had been applied in log order.
+//!
+//! A torn record is also dangerous to compaction: it is the newest record of its key, so
+//! the cleaner may delete the valid value before it. After marking torn batches, the
+//! restore therefore appends a **compensation batch** (its own writer, `dt_src_offset` =
+//! -1) that writes again the restored value, or a tombstone, of every key whose newest
+//! record is an ignored one. The changelog topic's `min.compaction.lag.ms` keeps the
+//! cleaner away from the torn records until then.
+//!
+//! Records without the headers (written by something else) are applied one by one, and
+//! counted. Batches with the batch headers but without `dt_writer`/`dt_seq` are applied
+//! only when complete.
+//!
+//! Limits: a batch that compaction removed entirely leaves no source offset behind (the
+//! processor only needs offsets at or above its committed offset, which are recent).
+//! librdkafka's idempotent producer keeps a partition's records in order and gapless,
+//! except when a record times out (`message.timeout.ms`) while later ones get through: a
+//! batch torn that way and followed by later batches of the same writer looks compacted
+//! and is applied partially. The failed append reports it, and the processor must then
+//! rebuild the partition from the changelog. Two owners writing one changelog partition
+//! at once (a zombie) are not told apart.
+
+mod assembler;
+mod replay;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use crate::changelog::ChangelogWriter;
+use crate::kafka::{blocking, client_config};
+use crate::record::{Mutation, NO_TASK};
+use crate::store::PartitionStore;
+use crate::StateError;
+use replay::{replay, Replayed};
+
+/// What a [`restore`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RestoreReport {
+    /// Changelog records read (including ignored and marker records).
+    pub records_read: u64,
+    /// Complete batches applied.
+    pub batches_applied: u64,
+    /// Batches with records missing because compaction removed them, applied.
+    pub compacted_batches_applied: u64,
+    /// Torn batches (a crashed writer's partial batch) ignored.
+    pub partial_batches_ignored: u64,
+    /// Records without batch headers, applied one by one.
+    pub unframed_records: u64,
+    /// Records that could not be applied at all (no key).
+    pub skipped_records: u64,
+    /// Abort markers this restore appended for torn batches at the end of the changelog.
+    pub abort_markers_written: u64,
+    /// Records this restore appended to write again the valid value (or a tombstone) of
+    /// keys whose newest changelog record belonged to a torn batch.
+    pub compensation_records_written: u64,
+    /// The offset the restore started reading at.
+    pub start_offset: i64,
+    /// The first changelog offset not read: where a later restore of this store resumes.
+    pub next_offset: i64,
+    /// The checkpoint offset was outside the changelog (the topic was recreated or
+    /// truncated), so the local store was emptied and restored from the beginning.
+    pub checkpoint_discarded: bool,
+    /// Source offsets whose task batch this restore applied.
+    pub applied_source_offsets: BTreeSet<i64>,
+    /// Wall time of the restore.
+    pub elapsed: Duration,
+}
+
+/// Replays partition `partition` of `changelog_topic` into `store`, from `from_offset`
+/// (the checkpoint of [`OpenReport::restore_from`](crate::internal::OpenReport::restore_from))
+/// or from the beginning, up to the high watermark at the start. Adds the applied source
+/// offsets to the store's [`applied_source_offsets`](PartitionStore::applied_source_offsets).
+///
+/// Uses a plain consumer with `assign` (never joins a group, never commits); the `kafka` settings pass
+/// through to it and to the producer of abort markers. Call it before processing any task
+/// of the partition, and do not write the store while it runs.
+pub async fn restore(
+    store: &PartitionStore,
+    bootstrap: &str,
+    kafka: &BTreeMap<String, String>,
+    changelog_topic: &str,
+    partition: i32,
+    from_offset: Option<i64>,
+) -> Result<RestoreReport, StateError> {
+    let started = Instant::now();
+    // Big fetches suit a replay; the pass-through settings may still say otherwise.
+    let mut with_defaults = BTreeMap::from([(
+        "max.partition.fetch.bytes".to_string(),
+        "16777216".to_string(),
+    )]);
+    with_defaults.extend(kafka.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let mut consumer_cfg = client_config(bootstrap, &with_defaults);
+    // librdkafka's assign() needs a group handle, so a group id is set, but the consumer
+    // never joins (no subscribe) and never commits.
+    consumer_cfg
+        .set("group.id", format!("{changelog_topic}-restore"))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "error")
+        .set("fetch.wait.max.ms", "100");
+    let Replayed {
+        progress,
+        mut asm,
+        torn,
+        dangling,
+        tail_ops,
+    } = {
+        let store = store.clone();
+        let topic = changelog_topic.to_string();
+        blocking(move || replay(&store, &consumer_cfg, &topic, partition, from_offset)).await?
+    };
+    store.write_restored(&tail_ops)?;
+    let mut report = RestoreReport {
+        records_read: progress.records_read,
+        batches_applied: asm.batches_applied,
+        compacted_batches_applied: asm.compacted_batches_applied,
+        partial_batches_ignored: asm.partial_batches_ignored,
+        unframed_records: asm.unframed_records,
+        skipped_records: asm.skipped_records,
+        start_offset: progress.start_offset,
+        next_offset: progress.next_offset,
+        checkpoint_discarded: progress.checkpoint_discarded,
+        applied_source_offsets: std::mem::take(&mut asm.applied_sources),
+        ..RestoreReport::default()
+    };
+
+    if !torn.is_empty() || !dangling.is_empty() {
+        // Mark the torn batches, then write again the valid values of the keys their
+        // records touched: compaction would otherwise keep the torn record as the newest
+        // of its key and delete the valid one before it.
+        let compensation = dangling
+            .into_iter()
+            .map(|key| {
+                Ok(Mutation {
+                    value: store.get(&key)?,
+                    key,
+                })
+            })
+            .collect::<Result<Vec<_>, StateError>>()?;
+        let writer = ChangelogWriter::new(bootstrap, kafka)?;
+        let markers = writer.enqueue_abort_markers(changelog_topic, partition, &torn)?;
+        let rewrite = writer.enqueue(changelog_topic, partition, NO_TASK, &compensation)?;
+        for last in [markers.wait().await?, rewrite.wait().await?]
+            .into_iter()
+            .flatten()
+        {
+            report.next_offset = report.next_offset.max(last + 1);
+        }
+        report.abort_markers_written = torn.len() as u64;
+        report.compensation_records_written = compensation.len() as u64;
+        tracing::info!(
+            store = store.label(),
+            changelog = changelog_topic,
+            partition,
+            torn = torn.len(),
+            rewritten_keys = compensation.len(),
+            "marked torn changelog batches as aborted"
+        );
+    }
+
+    store.add_applied(&report.applied_source_offsets);
+    report.elapsed = started.elapsed();
+    metrics::histogram!(
+        "decaton_state_restore_seconds",
+        "subscription" => store.subscription().to_string(),
+        "topic" => store.topic().to_string(),
+        "partition" => store.partition().to_string(),
+    )
+    .record(report.elapsed.as_secs_f64());
+    tracing::info!(
+        store = store.label(),
+        changelog = changelog_topic,
+        partition,
+        records = report.records_read,
+        batches = report.batches_applied,
+        compacted = report.compacted_batches_applied,
+        torn = report.partial_batches_ignored,
+        unframed = report.unframed_records,
+        next_offset = report.next_offset,
+        elapsed_ms = report.elapsed.as_millis() as u64,
+        "state restored"
+    );
+    Ok(report)
+}
+

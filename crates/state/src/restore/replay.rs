@@ -1,0 +1,285 @@
+//! The blocking half of a restore: read the changelog partition from the start offset to
+//! its end, feed the records through the [`Assembler`], and write the local store as it
+//! goes.
+//!
+//! The end is the high watermark taken when the replay starts, but some brokers (Tansu
+//! 0.6) report a watermark below the last record of the last produce batch. So reaching
+//! the watermark is not the end by itself: the end is an end-of-partition event at or past
+//! it, or, for a broker whose event never comes, a short quiet spell after it.
+//!
+//! A checkpoint the changelog cannot serve (before its start, or past its end: the topic
+//! was recreated or truncated) empties the local store, and the replay starts over from
+//! the beginning.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::assembler::Assembler;
+use crate::record::classify;
+use crate::store::PartitionStore;
+use crate::StateError;
+
+/// Local writes are collected into atomic batches of this many records.
+const FLUSH_EVERY: usize = 16 * 1024;
+/// A progress line every this many records.
+const PROGRESS_EVERY: u64 = 100_000;
+/// At or past the start watermark, this long without a record ends the restore.
+const TAIL_QUIET: Duration = Duration::from_millis(500);
+/// A restore that receives nothing for this long gives up.
+const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How far a replay got.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Progress {
+    /// Changelog records read (including ignored and marker records).
+    pub(crate) records_read: u64,
+    /// The offset the replay started reading at.
+    pub(crate) start_offset: i64,
+    /// The first changelog offset not read.
+    pub(crate) next_offset: i64,
+    /// The checkpoint could not be served, so the local store was emptied.
+    pub(crate) checkpoint_discarded: bool,
+}
+
+/// What a replay leaves for the async half of the restore.
+pub(crate) struct Replayed {
+    pub(crate) progress: Progress,
+    /// The assembler after [`Assembler::finish`]: its counters and applied offsets.
+    pub(crate) asm: Box<Assembler>,
+    /// Torn batches at the end of the changelog, to be marked aborted.
+    pub(crate) torn: Vec<u64>,
+    /// Keys whose newest changelog record is an ignored one.
+    pub(crate) dangling: Vec<Vec<u8>>,
+    /// Local writes decided at the very end (batches thinned by compaction).
+    pub(crate) tail_ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+/// Replays `partition` of `topic` into `store` with a consumer made from `cfg`, from
+/// `from_offset` (or the beginning) to the end.
+pub(crate) fn replay(
+    store: &PartitionStore,
+    cfg: &rdkafka::ClientConfig,
+    topic: &str,
+    partition: i32,
+    from_offset: Option<i64>,
+) -> Result<Replayed, StateError> {
+    let consumer: BaseConsumer = cfg.create()?;
+    let (low, high) = consumer
+        .fetch_watermarks(topic, partition, Duration::from_secs(30))
+        .map_err(|e| StateError::Changelog {
+            topic: topic.to_string(),
+            detail: format!("watermarks of partition {partition}: {e}"),
+        })?;
+    let mut progress = Progress::default();
+    let discard = |progress: &mut Progress, why: &str| -> Result<(), StateError> {
+        tracing::warn!(
+            store = store.label(),
+            changelog = topic,
+            partition,
+            "{why}: restoring from the beginning"
+        );
+        store.clear_local()?;
+        progress.checkpoint_discarded = true;
+        Ok(())
+    };
+    let start = match from_offset {
+        Some(offset) if offset < low => {
+            discard(
+                &mut progress,
+                &format!("checkpoint offset {offset} is before the changelog's start {low}"),
+            )?;
+            low
+        }
+        Some(offset) => offset,
+        None => low,
+    };
+    match consume(store, &consumer, topic, partition, start, high, &mut progress)? {
+        Consumed::Done(asm) => Ok(finish(store, topic, partition, progress, asm)),
+        Consumed::OutOfRange if from_offset.is_some() && !progress.checkpoint_discarded => {
+            // The checkpoint points past the changelog's end: the topic was recreated
+            // or truncated, so the local data belongs to another history.
+            discard(
+                &mut progress,
+                &format!("checkpoint offset {start} is outside the changelog"),
+            )?;
+            match consume(store, &consumer, topic, partition, low, high, &mut progress)? {
+                Consumed::Done(asm) => Ok(finish(store, topic, partition, progress, asm)),
+                Consumed::OutOfRange => Err(StateError::Changelog {
+                    topic: topic.to_string(),
+                    detail: format!("partition {partition}: offset {low} out of range"),
+                }),
+            }
+        }
+        Consumed::OutOfRange => Err(StateError::Changelog {
+            topic: topic.to_string(),
+            detail: format!("partition {partition}: offset {start} out of range"),
+        }),
+    }
+}
+
+enum Consumed {
+    Done(Box<Assembler>),
+    OutOfRange,
+}
+
+/// Reads from `start` to the end (see the module docs) and feeds the records through an
+/// [`Assembler`], writing the local store as it goes.
+fn consume(
+    store: &PartitionStore,
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    start: i64,
+    high: i64,
+    progress: &mut Progress,
+) -> Result<Consumed, StateError> {
+    progress.start_offset = start;
+    progress.next_offset = start;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(start))?;
+    consumer.assign(&tpl)?;
+
+    let counter = metrics::counter!(
+        "decaton_state_restored_records_total",
+        "subscription" => store.subscription().to_string(),
+        "topic" => store.topic().to_string(),
+        "partition" => store.partition().to_string(),
+    );
+    let mut asm = Assembler::default();
+    let mut unflushed = 0u64;
+    let mut last_message = Instant::now();
+    let mut last_error_log: Option<Instant> = None;
+    let started = Instant::now();
+    let at_end = |next: i64| next >= high;
+    loop {
+        match consumer.poll(Duration::from_millis(50)) {
+            None => {}
+            Some(Ok(msg)) => {
+                last_message = Instant::now();
+                let offset = msg.offset();
+                progress.records_read += 1;
+                progress.next_offset = progress.next_offset.max(offset + 1);
+                unflushed += 1;
+                let kind = classify(
+                    msg.headers()
+                        .into_iter()
+                        .flat_map(|h| h.iter())
+                        .map(|h| (h.key, h.value)),
+                );
+                asm.push(
+                    offset,
+                    msg.key().map(<[u8]>::to_vec),
+                    msg.payload().map(<[u8]>::to_vec),
+                    kind,
+                );
+                if asm.ops.len() >= FLUSH_EVERY {
+                    store.write_restored(&asm.ops)?;
+                    asm.ops.clear();
+                    counter.increment(std::mem::take(&mut unflushed));
+                }
+                if progress.records_read % PROGRESS_EVERY == 0 {
+                    let secs = started.elapsed().as_secs_f64().max(1e-9);
+                    tracing::info!(
+                        store = store.label(),
+                        changelog = topic,
+                        partition,
+                        records = progress.records_read,
+                        offset,
+                        high_watermark = high,
+                        records_per_sec = (progress.records_read as f64 / secs) as u64,
+                        "restoring state"
+                    );
+                }
+                continue;
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => {
+                let position = consumer.position().ok().and_then(|tpl| {
+                    tpl.find_partition(topic, partition)
+                        .and_then(|p| p.offset().to_raw())
+                });
+                // Nothing consumed yet: the position is unknown, and the start is it.
+                let position = position.unwrap_or(progress.next_offset);
+                if at_end(position) {
+                    progress.next_offset = progress.next_offset.max(position);
+                    break;
+                }
+            }
+            Some(Err(KafkaError::MessageConsumption(
+                RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange,
+            ))) if progress.records_read == 0 => {
+                return Ok(Consumed::OutOfRange);
+            }
+            Some(Err(KafkaError::MessageConsumption(
+                code @ (RDKafkaErrorCode::AutoOffsetReset
+                | RDKafkaErrorCode::OffsetOutOfRange
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::UnknownTopic
+                | RDKafkaErrorCode::TopicAuthorizationFailed),
+            ))) => {
+                return Err(StateError::Changelog {
+                    topic: topic.to_string(),
+                    detail: format!("reading partition {partition} from offset {start}: {code}"),
+                });
+            }
+            Some(Err(e)) if last_error_log.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) => {
+                tracing::warn!(
+                    store = store.label(),
+                    changelog = topic,
+                    partition,
+                    "restore consumer: {e}"
+                );
+                last_error_log = Some(Instant::now());
+            }
+            Some(Err(_)) => {}
+        }
+        let quiet = last_message.elapsed();
+        if at_end(progress.next_offset) && quiet > TAIL_QUIET {
+            break;
+        }
+        if quiet > STALL_TIMEOUT {
+            return Err(StateError::Timeout(format!(
+                "restore of {topic}[{partition}] received nothing for {STALL_TIMEOUT:?} (at offset {} of {high})",
+                progress.next_offset
+            )));
+        }
+    }
+    store.write_restored(&asm.ops)?;
+    asm.ops.clear();
+    counter.increment(unflushed);
+    Ok(Consumed::Done(Box::new(asm)))
+}
+
+/// Settles what is left at the end of the changelog.
+fn finish(
+    store: &PartitionStore,
+    topic: &str,
+    partition: i32,
+    progress: Progress,
+    mut asm: Box<Assembler>,
+) -> Replayed {
+    let torn = asm.finish();
+    // `finish` may apply compacted batches; `restore` writes them with the compensation.
+    let tail_ops = std::mem::take(&mut asm.ops);
+    if asm.unframed_records > 0 {
+        tracing::warn!(
+            store = store.label(),
+            changelog = topic,
+            partition,
+            "{} changelog records had no batch headers and were applied one by one",
+            asm.unframed_records
+        );
+    }
+    let dangling = asm.dangling_keys();
+    Replayed {
+        progress,
+        asm,
+        torn,
+        dangling,
+        tail_ops,
+    }
+}

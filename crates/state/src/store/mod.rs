@@ -1,0 +1,273 @@
+//! One partition's local store, and the per-task view that buffers a task's writes.
+//!
+//! A [`PartitionStore`] holds the state of one source partition of one subscription's
+//! store: a sled database at `<state_dir>/<subscription>/<store>/<topic>-<partition>`
+//! (see [`open`] for what opening it checks), or an in-memory map.
+//!
+//! A task never writes to the store directly. It gets a [`TaskBatch`], which buffers its
+//! writes and reads them back before falling through to the store; when the task
+//! completes, [`PartitionStore::apply`] writes the whole batch atomically and returns the
+//! [`Mutation`]s for the changelog.
+
+mod batch;
+mod local;
+mod open;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+pub use batch::TaskBatch;
+pub use open::{OpenReport, RebuildReason};
+
+use crate::changelog::{ChangelogWriter, PendingAppend};
+use crate::config::{Backend, StateConfig};
+use crate::record::Mutation;
+use crate::StateError;
+use local::{Entries, Local};
+use open::{check_name, open_sled, Checkpoint, Identity};
+
+/// The state of one source partition for one subscription's store.
+///
+/// A cheap, clonable handle; every clone refers to the same store. The sled files stay
+/// open (and locked) until the last clone, and the last [`TaskBatch`], is dropped.
+#[derive(Clone)]
+pub struct PartitionStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for PartitionStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartitionStore")
+            .field("id", &self.inner.label)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    id: Identity,
+    label: String,
+    local: Arc<Local>,
+    /// Serialises applies (and apply + changelog enqueue), so local order == changelog order.
+    write_lock: Mutex<()>,
+    applied: Mutex<BTreeSet<i64>>,
+    closed: AtomicBool,
+}
+
+impl PartitionStore {
+    /// Opens (or creates) the store of `topic`-`partition` for `subscription`.
+    ///
+    /// For the sled backend this blocks on file I/O; call it from a blocking context in
+    /// async code. Files that cannot be trusted are deleted (see [`OpenReport`]); the
+    /// only errors are directory I/O failures, a store that is already open
+    /// ([`StateError::Locked`]) and invalid names.
+    pub fn open(
+        cfg: &StateConfig,
+        subscription: &str,
+        topic: &str,
+        partition: i32,
+    ) -> Result<(PartitionStore, OpenReport), StateError> {
+        check_name("subscription", subscription)?;
+        check_name("store", &cfg.store_name)?;
+        check_name("topic", topic)?;
+        let id = Identity::new(subscription, &cfg.store_name, topic, partition);
+        let label = id.to_string();
+        let (local, report, applied) = match cfg.backend {
+            Backend::Memory => (Local::memory(), OpenReport::Fresh, Vec::new()),
+            Backend::Sled => {
+                let dir = cfg
+                    .state_dir
+                    .join(subscription)
+                    .join(&cfg.store_name)
+                    .join(format!("{topic}-{partition}"));
+                let claim = local::DirClaim::take(&dir)?;
+                open_sled(cfg, &id, &dir, claim)?
+            }
+        };
+        let store = PartitionStore {
+            inner: Arc::new(Inner {
+                id,
+                label,
+                local: Arc::new(local),
+                write_lock: Mutex::new(()),
+                applied: Mutex::new(applied.into_iter().collect()),
+                closed: AtomicBool::new(false),
+            }),
+        };
+        Ok((store, report))
+    }
+
+    /// A fresh per-task view: reads see the task's own writes first, writes are buffered
+    /// until [`apply`](Self::apply).
+    pub fn task_batch(&self) -> TaskBatch {
+        TaskBatch::new(self.inner.local.clone())
+    }
+
+    /// Applies the batch's buffered writes to the local store atomically and returns them
+    /// (in key order) for the changelog. The batch is emptied. An empty batch writes
+    /// nothing and returns an empty list.
+    ///
+    /// Applies are serialised per store. If several tasks of one partition may touch the
+    /// same state keys, append their mutations to the changelog in the order they were
+    /// applied — [`apply_and_enqueue`](Self::apply_and_enqueue) does both under one lock.
+    pub fn apply(&self, batch: &TaskBatch) -> Result<Vec<Mutation>, StateError> {
+        let _order = self.inner.write_lock.lock();
+        self.apply_locked(batch)
+    }
+
+    /// [`apply`](Self::apply), then hands the mutations to the changelog producer before
+    /// any other apply of this store can run, so the changelog holds the batches in the
+    /// order the local store applied them. Await the returned [`PendingAppend`] for the
+    /// acknowledgement. Empty batches enqueue nothing.
+    pub fn apply_and_enqueue(
+        &self,
+        batch: &TaskBatch,
+        writer: &ChangelogWriter,
+        source_offset: i64,
+    ) -> Result<PendingAppend, StateError> {
+        let _order = self.inner.write_lock.lock();
+        let mutations = self.apply_locked(batch)?;
+        writer.enqueue(
+            &self.inner.id.changelog_topic,
+            self.inner.id.partition,
+            source_offset,
+            &mutations,
+        )
+    }
+
+    fn apply_locked(&self, batch: &TaskBatch) -> Result<Vec<Mutation>, StateError> {
+        if !batch.reads_from(&self.inner.local) {
+            return Err(StateError::ForeignBatch);
+        }
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(StateError::Closed(self.inner.label.clone()));
+        }
+        let mutations = batch.take();
+        self.inner.local.write(
+            mutations
+                .iter()
+                .map(|m| (m.key.as_slice(), m.value.as_deref())),
+        )?;
+        Ok(mutations)
+    }
+
+    /// Writes a checkpoint and flushes. `changelog_next_offset` is the first changelog
+    /// offset not in the local store: one past the last acknowledged append, or the
+    /// restore's [`next_offset`](crate::internal::RestoreReport::next_offset) if nothing
+    /// was appended since. `applied_source_offsets` are the source offsets whose effects
+    /// are in the store but which may be redelivered — those at or above the committed
+    /// offset. After this the store accepts no more writes; drop it. Call it only if
+    /// every changelog append of this store succeeded — otherwise drop the store without
+    /// closing, and the next open rebuilds it from the changelog. The in-memory backend
+    /// keeps no checkpoint.
+    pub fn close_clean(
+        &self,
+        changelog_next_offset: i64,
+        applied_source_offsets: &[i64],
+    ) -> Result<(), StateError> {
+        let _order = self.inner.write_lock.lock();
+        self.inner.closed.store(true, Ordering::Release);
+        open::write_checkpoint(
+            &self.inner.local,
+            &Checkpoint {
+                changelog_next_offset,
+                applied_source_offsets: applied_source_offsets.to_vec(),
+            },
+        )?;
+        tracing::debug!(store = %self.inner.label, changelog_next_offset, "state store closed cleanly");
+        Ok(())
+    }
+
+    /// Source offsets whose effects are in this store: from the checkpoint the store was
+    /// opened with, plus every complete batch a [`restore`](crate::internal::restore)
+    /// applied. A redelivered task at one of these offsets must be skipped.
+    pub fn applied_source_offsets(&self) -> BTreeSet<i64> {
+        self.inner.applied.lock().clone()
+    }
+
+    /// Whether the task at `source_offset` already has its effects in this store.
+    pub fn is_applied(&self, source_offset: i64) -> bool {
+        self.inner.applied.lock().contains(&source_offset)
+    }
+
+    /// Forgets applied source offsets below `offset` (for example the committed offset,
+    /// below which nothing is redelivered), to bound memory.
+    pub fn forget_applied_below(&self, offset: i64) {
+        let mut applied = self.inner.applied.lock();
+        *applied = applied.split_off(&offset);
+    }
+
+    /// Reads `key` straight from the store (without any task's buffered writes).
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
+        self.inner.local.get(key)
+    }
+
+    /// Entries whose key starts with `prefix`, straight from the store, in key order.
+    pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Entries, StateError> {
+        self.inner.local.scan_prefix(prefix)
+    }
+
+    /// Every entry of the store in key order (for tests and tooling; reads everything).
+    pub fn entries(&self) -> Result<Entries, StateError> {
+        self.scan_prefix(&[])
+    }
+
+    /// The subscription this store belongs to.
+    pub fn subscription(&self) -> &str {
+        &self.inner.id.subscription
+    }
+
+    /// The store name.
+    pub fn store_name(&self) -> &str {
+        &self.inner.id.store
+    }
+
+    /// The source topic.
+    pub fn topic(&self) -> &str {
+        &self.inner.id.topic
+    }
+
+    /// The source (and changelog) partition.
+    pub fn partition(&self) -> i32 {
+        self.inner.id.partition
+    }
+
+    /// The changelog topic, `<subscription>-<store>-changelog`.
+    pub fn changelog_topic(&self) -> &str {
+        &self.inner.id.changelog_topic
+    }
+
+    pub(crate) fn label(&self) -> &str {
+        &self.inner.label
+    }
+
+    /// Applies restored changelog writes, in order, in one atomic local batch.
+    pub(crate) fn write_restored(
+        &self,
+        ops: &[(Vec<u8>, Option<Vec<u8>>)],
+    ) -> Result<(), StateError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let _order = self.inner.write_lock.lock();
+        self.inner
+            .local
+            .write(ops.iter().map(|(k, v)| (k.as_slice(), v.as_deref())))
+    }
+
+    /// Empties the local data (a checkpoint the changelog cannot serve is being dropped).
+    pub(crate) fn clear_local(&self) -> Result<(), StateError> {
+        let _order = self.inner.write_lock.lock();
+        self.inner.applied.lock().clear();
+        self.inner.local.clear()
+    }
+
+    pub(crate) fn add_applied(&self, offsets: &BTreeSet<i64>) {
+        self.inner.applied.lock().extend(offsets.iter().copied());
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,228 @@
+//! Unit tests of the partition store: batches, checkpoints, damaged files, names.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use super::*;
+use crate::StateStore;
+
+fn cfg(dir: &Path) -> StateConfig {
+    StateConfig {
+        state_dir: dir.to_path_buf(),
+        ..StateConfig::default()
+    }
+}
+
+#[test]
+fn task_batch_reads_its_own_writes_and_apply_is_atomic() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (store, report) = PartitionStore::open(&cfg(dir.path()), "sub", "tasks", 3)?;
+    assert_eq!(report, OpenReport::Fresh);
+    let seed = store.task_batch();
+    seed.put(b"a/1", b"one")?;
+    seed.put(b"a/2", b"two")?;
+    seed.put(b"b/1", b"other")?;
+    store.apply(&seed)?;
+    assert!(seed.is_empty());
+
+    let task = store.task_batch();
+    task.delete(b"a/1")?;
+    task.put(b"a/3", b"three")?;
+    assert_eq!(task.get(b"a/1")?, None);
+    assert_eq!(task.get(b"a/2")?, Some(b"two".to_vec()));
+    assert_eq!(
+        task.scan_prefix(b"a/")?,
+        vec![
+            (b"a/2".to_vec(), b"two".to_vec()),
+            (b"a/3".to_vec(), b"three".to_vec())
+        ]
+    );
+    // Nothing reached the store yet.
+    assert_eq!(store.get(b"a/1")?, Some(b"one".to_vec()));
+    let muts = store.apply(&task)?;
+    assert_eq!(
+        muts,
+        vec![
+            Mutation {
+                key: b"a/1".to_vec(),
+                value: None
+            },
+            Mutation {
+                key: b"a/3".to_vec(),
+                value: Some(b"three".to_vec())
+            }
+        ]
+    );
+    assert_eq!(store.scan_prefix(b"a/")?.len(), 2);
+    assert!(store.apply(&task)?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn checkpoint_is_consumed_by_open() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let c = cfg(dir.path());
+    {
+        let (store, _) = PartitionStore::open(&c, "sub", "tasks", 0)?;
+        let b = store.task_batch();
+        b.put(b"k", b"v")?;
+        store.apply(&b)?;
+        store.close_clean(42, &[7, 9])?;
+        assert!(matches!(
+            store.apply(&store.task_batch()),
+            Err(StateError::Closed(_))
+        ));
+    }
+    let (store, report) = PartitionStore::open(&c, "sub", "tasks", 0)?;
+    assert_eq!(report, OpenReport::Checkpoint { offset: 42 });
+    assert_eq!(store.applied_source_offsets(), BTreeSet::from([7, 9]));
+    assert_eq!(store.get(b"k")?, Some(b"v".to_vec()));
+    drop(store);
+    // No clean close this time: the data can no longer be trusted.
+    let (store, report) = PartitionStore::open(&c, "sub", "tasks", 0)?;
+    assert_eq!(
+        report,
+        OpenReport::Rebuilt {
+            reason: RebuildReason::NoCheckpoint
+        }
+    );
+    assert!(store.entries()?.is_empty());
+    Ok(())
+}
+
+/// Damage that gets past sled's version check (its `conf` file intact, everything
+/// else overwritten) and makes it fail later, or panic.
+#[test]
+fn damaged_segments_are_rebuilt() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let c = cfg(dir.path());
+    {
+        let (store, _) = PartitionStore::open(&c, "sub", "tasks", 0)?;
+        let b = store.task_batch();
+        for i in 0..200u32 {
+            b.put(&i.to_be_bytes(), &[7; 64])?;
+        }
+        store.apply(&b)?;
+        store.close_clean(1, &[])?;
+    }
+    let db_dir = dir.path().join("sub").join("state").join("tasks-0");
+    let mut x: u32 = 0x1234_5678;
+    let mut damaged = 0;
+    let mut stack = vec![db_dir];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.file_name().is_some_and(|n| n != "conf") {
+                let len = std::fs::metadata(&path)?.len() as usize;
+                let junk: Vec<u8> = (0..len.max(64))
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 17;
+                        x ^= x << 5;
+                        x as u8
+                    })
+                    .collect();
+                std::fs::write(&path, junk)?;
+                damaged += 1;
+            }
+        }
+    }
+    assert!(damaged > 0);
+    let (store, report) = PartitionStore::open(&c, "sub", "tasks", 0)?;
+    assert!(matches!(report, OpenReport::Rebuilt { .. }), "{report:?}");
+    assert!(store.entries()?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn second_open_of_the_same_partition_is_refused_not_wiped() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let c = cfg(dir.path());
+    let (store, _) = PartitionStore::open(&c, "sub", "tasks", 0)?;
+    let b = store.task_batch();
+    b.put(b"k", b"v")?;
+    store.apply(&b)?;
+    assert!(matches!(
+        PartitionStore::open(&c, "sub", "tasks", 0),
+        Err(StateError::Locked(_))
+    ));
+    assert_eq!(store.get(b"k")?, Some(b"v".to_vec()));
+    Ok(())
+}
+
+#[test]
+fn foreign_identity_is_rebuilt() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let c = cfg(dir.path());
+    {
+        let (store, _) = PartitionStore::open(&c, "sub", "tasks", 1)?;
+        store.close_clean(5, &[])?;
+    }
+    // Somebody moved partition 1's files to partition 2's place.
+    let base = dir.path().join("sub").join("state");
+    std::fs::rename(base.join("tasks-1"), base.join("tasks-2"))?;
+    let (_store, report) = PartitionStore::open(&c, "sub", "tasks", 2)?;
+    assert!(
+        matches!(
+            report,
+            OpenReport::Rebuilt {
+                reason: RebuildReason::ForeignIdentity(_)
+            }
+        ),
+        "{report:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn names_that_escape_the_state_dir_are_rejected() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    assert!(matches!(
+        PartitionStore::open(&cfg(dir.path()), "..", "tasks", 0),
+        Err(StateError::InvalidName { .. })
+    ));
+    assert!(matches!(
+        PartitionStore::open(&cfg(dir.path()), "sub", "a/b", 0),
+        Err(StateError::InvalidName { .. })
+    ));
+    Ok(())
+}
+
+#[test]
+fn memory_backend() -> anyhow::Result<()> {
+    let c = StateConfig {
+        backend: Backend::Memory,
+        ..StateConfig::default()
+    };
+    let (store, report) = PartitionStore::open(&c, "sub", "tasks", 0)?;
+    assert_eq!(report, OpenReport::Fresh);
+    let b = store.task_batch();
+    b.put(b"x/1", b"1")?;
+    b.put(b"y", b"2")?;
+    store.apply(&b)?;
+    assert_eq!(
+        store.scan_prefix(b"x/")?,
+        vec![(b"x/1".to_vec(), b"1".to_vec())]
+    );
+    store.close_clean(1, &[])?;
+    let (store, report) = PartitionStore::open(&c, "sub", "tasks", 0)?;
+    assert_eq!(report, OpenReport::Fresh);
+    assert!(store.entries()?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn foreign_batch_is_refused() -> anyhow::Result<()> {
+    let c = StateConfig {
+        backend: Backend::Memory,
+        ..StateConfig::default()
+    };
+    let (a, _) = PartitionStore::open(&c, "sub", "tasks", 0)?;
+    let (b, _) = PartitionStore::open(&c, "sub", "tasks", 1)?;
+    let batch = a.task_batch();
+    batch.put(b"k", b"v")?;
+    assert!(matches!(b.apply(&batch), Err(StateError::ForeignBatch)));
+    Ok(())
+}
