@@ -10,50 +10,67 @@
 //! * Each assigned source partition gets its own local store (sled on disk, or an
 //!   in-memory map), named after subscription, store, topic and partition.
 //! * A task reads and writes through a [`StateStore`] view that buffers its writes. When
-//!   the task finishes, its writes are applied to the local store in one atomic batch and
-//!   appended to a **changelog topic** `<subscription>-<store>-changelog`
-//!   ([`changelog_topic`]) at the same partition number as the source partition. The
-//!   changelog is log-compacted: one live record per state key.
+//!   the task finishes, its writes are appended to a **changelog topic**
+//!   `<subscription>-<store>-changelog` ([`changelog_topic`]) at the same partition number
+//!   as the source partition, and once the broker acknowledged them they are applied to
+//!   the local store in one atomic batch. The changelog is log-compacted: one live record
+//!   per state key.
 //! * A host that becomes the owner of a partition **restores** the store by replaying the
 //!   changelog partition — from its local checkpoint if it has a valid one, otherwise from
 //!   the beginning — before it processes any task of that partition.
 //!
-//! # At-least-once, and why a task's batch is the unit
+//! # The changelog first, the local store after the acknowledgement
 //!
-//! The local store is written *before* the changelog acknowledges (like Kafka Streams
-//! with at-least-once processing). A crash between the two leaves the local store ahead
-//! of the changelog, so only a clean close writes a checkpoint, and opening a store
-//! removes the checkpoint it found: after a crash there is no checkpoint and the store is
-//! rebuilt from the changelog, which is the source of truth.
+//! The changelog is the source of truth, and the local store never holds a write the
+//! changelog does not have: a task's batch reaches the local store only after every one
+//! of its records was acknowledged. A crash between the acknowledgement and the local
+//! apply leaves the local store *behind* the changelog, never ahead of it. Only a clean
+//! close writes a checkpoint (the changelog offset up to which the local store has every
+//! batch); after a crash the store still has the checkpoint of its last clean close, and
+//! the restore replays the changelog's tail from there. Replaying a batch the local store
+//! already has is harmless: every mutation carries the absolute new value, never a delta.
+//!
+//! The same property makes a failed append easy to handle: the local store has none of
+//! its writes, so the runtime re-sends the same mutations (a new batch). Whether the failed
+//! attempt was persisted in full, in part or not at all, the re-sent batch follows it, and
+//! a restore ends with the state the local store has after applying the re-sent batch.
+//!
+//! # Each task's effects apply once, and why a task's batch is the unit
 //!
 //! Every changelog record carries headers naming the task attempt (`dt_batch`) it belongs
 //! to, its position in that attempt's batch and the batch size, and the source offset of
-//! the task. A restore applies a task's writes only when it has seen the whole batch; a
-//! batch torn by a crashed writer is ignored, and the redelivered task runs again against
-//! state that has none of its first attempt's effects. The restore also reports the
-//! source offsets whose batches *are* complete, so the processor can skip redelivered
-//! tasks whose effects are already in the state: each task's effects apply exactly once
-//! to the state, even though the task itself is delivered at least once.
+//! the task (see `record.rs`). A restore applies a task's writes only when it has seen
+//! the whole batch; a batch torn by a crashed writer is ignored, and the redelivered task
+//! runs again against state that has none of its first attempt's effects. The restore
+//! also reports the source offsets whose batches *are* complete, so the processor can skip
+//! redelivered tasks whose effects are already in the state: each task's effects apply
+//! once to the state, even though the task itself is delivered at least once.
 //!
 //! Log compaction removes records whose key was written again later, which can make an
 //! old, complete batch look incomplete, and can let a torn record push out the valid
 //! value before it. The restore tells thinned batches from torn ones with a per-writer
 //! record sequence, marks torn batches with abort markers and writes the valid values of
-//! the keys they touched again; see `restore.rs` for the rules and their limits.
+//! the keys they touched again; see the `restore` module for the rules and their limits.
 //!
 //! # Lifecycle of one partition (what the processor runtime does)
 //!
-//! 1. [`internal::PartitionStore::open`] — reports `Fresh`, `Checkpoint { offset }` or
-//!    `Rebuilt { reason }`.
+//! 1. [`internal::PartitionStore::open`] (blocking) — reports `Fresh`,
+//!    `Checkpoint { offset }` or `Rebuilt { reason }`.
 //! 2. [`internal::restore`] from [`internal::OpenReport::restore_from`], before any task
-//!    of the partition runs; skip redelivered tasks at
-//!    [`internal::PartitionStore::applied_source_offsets`].
-//! 3. Per task: [`internal::PartitionStore::task_batch`] for the task, then
-//!    [`internal::PartitionStore::apply_and_enqueue`] and await the acknowledgement
-//!    before the task counts as done.
-//! 4. On revoke or shutdown, once every append is acknowledged:
-//!    [`internal::PartitionStore::close_clean`] with the next changelog offset. After a
-//!    failed append, drop the store instead; the next open rebuilds it.
+//!    of the partition runs. If it fails, call it again **on the same store** with the
+//!    same arguments; do not reopen the store. Skip redelivered tasks for which
+//!    [`internal::PartitionStore::is_applied`] is true.
+//! 3. Per task: [`internal::PartitionStore::task_batch`] for the task; when it completes,
+//!    [`internal::PartitionStore::take_mutations`], [`internal::ChangelogWriter::enqueue`]
+//!    (blocking), await [`internal::PendingAppend::wait`], then
+//!    [`internal::PartitionStore::apply_acknowledged`]; only then does the task count as
+//!    done. After a failed append, re-send the same mutations.
+//! 4. On revoke: [`internal::PartitionStore::fence`] and
+//!    [`internal::ChangelogWriter::purge_queued`], so nothing of this partition is written
+//!    any more. On a clean release, once every append was acknowledged and applied:
+//!    [`internal::PartitionStore::close_clean`] with the next changelog offset and the
+//!    applied offsets at or above the committed offset. Otherwise drop the store without
+//!    closing it.
 //!
 //! # Where things are
 //!

@@ -49,8 +49,9 @@ fn sled_cfg(dir: &Path) -> StateConfig {
     }
 }
 
-/// Runs each task through a `TaskBatch`, applies it and appends it to the changelog the
-/// way the processor runtime does; updates `model`. Returns the last changelog offset.
+/// Runs each task through a `TaskBatch`, appends its mutations to the changelog and
+/// applies them once acknowledged, the way the processor runtime does; updates `model`.
+/// Returns the last changelog offset.
 async fn run_tasks(
     store: &PartitionStore,
     writer: &ChangelogWriter,
@@ -66,10 +67,12 @@ async fn run_tasks(
                 None => batch.delete(k)?,
             }
         }
-        let pending = store.apply_and_enqueue(&batch, writer, *src)?;
+        let muts = store.take_mutations(&batch)?;
+        let pending = writer.enqueue(store.changelog_topic(), store.partition(), *src, &muts)?;
         if let Some(offset) = pending.wait().await? {
             last = Some(offset);
         }
+        store.apply_acknowledged(&muts, *src)?;
         for (k, v) in writes {
             match v {
                 Some(v) => model.insert(k.clone(), v.clone()),
@@ -415,9 +418,13 @@ async fn checkpoint_beyond_the_changelog_restores_from_the_beginning() -> anyhow
     {
         let (a, _) = PartitionStore::open(&sled_cfg(dir.path()), &sub, "tasks", PARTITION)?;
         run_tasks(&a, &writer, &sample_tasks(0, 5), &mut model).await?;
-        let b = a.task_batch();
-        b.put(b"local-only", b"x")?;
-        a.apply(&b)?;
+        a.apply_acknowledged(
+            &[decaton_state::internal::Mutation {
+                key: b"local-only".to_vec(),
+                value: Some(b"x".to_vec()),
+            }],
+            5,
+        )?;
         // A checkpoint from some other changelog (the topic was recreated, say).
         a.close_clean(1_000_000, &[])?;
     }

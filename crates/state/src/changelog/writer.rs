@@ -9,13 +9,29 @@
 //! librdkafka, in order, and [`PendingAppend::wait`] resolves when the broker
 //! acknowledged all of them. Batches enqueued one after the other land in the partition in
 //! that order.
+//!
+//! # When an append fails
+//!
+//! A failed append may still have left some or all of its records in the changelog (a
+//! timeout does not say whether the broker wrote them). The local store has none of
+//! them: it is written only after the acknowledgement. Re-sending the **same** mutations
+//! (a new `enqueue`, so a new batch id) is safe: mutation values are absolute, so whether
+//! the first attempt was persisted in full, in part or not at all, the re-sent batch
+//! follows it and a restore ends with the same state as the local store after applying
+//! the re-sent batch. Keep re-sending until the append is acknowledged, or stop writing
+//! to that partition (release it): a failed batch followed by later batches of the same
+//! writer, with no re-send, may be restored in part.
+//!
+//! [`ChangelogWriter::purge_queued`] makes appends that are still queued fail at once,
+//! so that the appends of a revoked partition do not land after another owner took it
+//! over.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::kafka::producer_config;
@@ -146,6 +162,24 @@ impl ChangelogWriter {
         Ok(pending)
     }
 
+    /// Purges every record this writer has queued but not yet sent to a broker, for
+    /// every partition: their [`PendingAppend::wait`] fails (with a purge error). Records
+    /// already in flight are not purged and may still be written.
+    ///
+    /// Call it when a partition is revoked, so its queued appends fail instead of landing
+    /// after another owner took the partition over. Appends of partitions this process
+    /// keeps fail too: re-send them (see the module docs; re-sending is safe).
+    ///
+    /// **Blocking:** may block briefly while librdkafka purges its queues; call it from a
+    /// blocking context.
+    pub fn purge_queued(&self) {
+        self.producer.purge(PurgeConfig::default().queue());
+        tracing::debug!(
+            writer = self.writer_id,
+            "purged queued changelog records"
+        );
+    }
+
     fn send(&self, mut record: FutureRecord<'_, [u8], [u8]>) -> Result<DeliveryFuture, KafkaError> {
         let started = Instant::now();
         loop {
@@ -245,7 +279,9 @@ impl PendingAppend {
     }
 
     /// Resolves when every record is acknowledged, with the offset of the last record
-    /// (`None` for an empty batch); fails on the first record librdkafka gave up on.
+    /// (`None` for an empty batch); fails on the first record librdkafka gave up on (or
+    /// that [`ChangelogWriter::purge_queued`] purged). After a failure, see the module
+    /// docs: re-send the same mutations, or stop writing to the partition.
     pub async fn wait(self) -> Result<Option<i64>, StateError> {
         let mut last = None;
         for delivery in self.deliveries {
@@ -264,5 +300,32 @@ impl PendingAppend {
             });
         }
         Ok(last)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn purged_appends_fail_instead_of_waiting_for_a_broker() -> anyhow::Result<()> {
+        // Nothing listens there: the records stay queued.
+        let kafka = BTreeMap::from([("message.timeout.ms".to_string(), "60000".to_string())]);
+        let writer = ChangelogWriter::new("127.0.0.1:1", &kafka)?;
+        let muts = [Mutation {
+            key: b"k".to_vec(),
+            value: Some(b"v".to_vec()),
+        }];
+        let pending = writer.enqueue("t-changelog", 0, 7, &muts)?;
+        assert_eq!(pending.len(), 1);
+        writer.purge_queued();
+        let waited = tokio::time::timeout(Duration::from_secs(10), pending.wait()).await?;
+        assert!(
+            matches!(waited, Err(StateError::Delivery { .. })),
+            "{waited:?}"
+        );
+        Ok(())
     }
 }

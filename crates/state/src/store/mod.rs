@@ -5,9 +5,13 @@
 //! (see [`open`] for what opening it checks), or an in-memory map.
 //!
 //! A task never writes to the store directly. It gets a [`TaskBatch`], which buffers its
-//! writes and reads them back before falling through to the store; when the task
-//! completes, [`PartitionStore::apply`] writes the whole batch atomically and returns the
-//! [`Mutation`]s for the changelog.
+//! writes and reads them back before falling through to the store. When the task
+//! completes, the runtime takes its writes as [`Mutation`]s
+//! ([`PartitionStore::take_mutations`]), appends them to the changelog, and only once the
+//! changelog has acknowledged them applies them to the local store in one atomic batch
+//! ([`PartitionStore::apply_acknowledged`]). So the local store never holds a write the
+//! changelog does not have: after a crash it is at most *behind* the changelog, and a
+//! replay of the changelog's tail catches it up.
 
 mod batch;
 mod local;
@@ -22,7 +26,6 @@ use parking_lot::Mutex;
 pub use batch::TaskBatch;
 pub use open::{OpenReport, RebuildReason};
 
-use crate::changelog::{ChangelogWriter, PendingAppend};
 use crate::config::{Backend, StateConfig};
 use crate::record::Mutation;
 use crate::StateError;
@@ -50,7 +53,7 @@ struct Inner {
     id: Identity,
     label: String,
     local: Arc<Local>,
-    /// Serialises applies (and apply + changelog enqueue), so local order == changelog order.
+    /// Serialises local writes with each other and with closing.
     write_lock: Mutex<()>,
     applied: Mutex<BTreeSet<i64>>,
     closed: AtomicBool,
@@ -100,57 +103,56 @@ impl PartitionStore {
     }
 
     /// A fresh per-task view: reads see the task's own writes first, writes are buffered
-    /// until [`apply`](Self::apply).
+    /// until [`take_mutations`](Self::take_mutations).
     pub fn task_batch(&self) -> TaskBatch {
         TaskBatch::new(self.inner.local.clone())
     }
 
-    /// Applies the batch's buffered writes to the local store atomically and returns them
-    /// (in key order) for the changelog. The batch is emptied. An empty batch writes
-    /// nothing and returns an empty list.
+    /// Takes the task's buffered writes, in key order, for the changelog. The local store
+    /// is not touched: it gets them from
+    /// [`apply_acknowledged`](Self::apply_acknowledged) once the changelog has
+    /// acknowledged them. The batch is left empty; an empty batch gives an empty list.
     ///
-    /// Applies are serialised per store. If several tasks of one partition may touch the
-    /// same state keys, append their mutations to the changelog in the order they were
-    /// applied — [`apply_and_enqueue`](Self::apply_and_enqueue) does both under one lock.
-    pub fn apply(&self, batch: &TaskBatch) -> Result<Vec<Mutation>, StateError> {
-        let _order = self.inner.write_lock.lock();
-        self.apply_locked(batch)
-    }
-
-    /// [`apply`](Self::apply), then hands the mutations to the changelog producer before
-    /// any other apply of this store can run, so the changelog holds the batches in the
-    /// order the local store applied them. Await the returned [`PendingAppend`] for the
-    /// acknowledgement. Empty batches enqueue nothing.
-    pub fn apply_and_enqueue(
-        &self,
-        batch: &TaskBatch,
-        writer: &ChangelogWriter,
-        source_offset: i64,
-    ) -> Result<PendingAppend, StateError> {
-        let _order = self.inner.write_lock.lock();
-        let mutations = self.apply_locked(batch)?;
-        writer.enqueue(
-            &self.inner.id.changelog_topic,
-            self.inner.id.partition,
-            source_offset,
-            &mutations,
-        )
-    }
-
-    fn apply_locked(&self, batch: &TaskBatch) -> Result<Vec<Mutation>, StateError> {
+    /// Fails with [`StateError::ForeignBatch`] if the batch was made by another store
+    /// (its writes stay in it).
+    pub fn take_mutations(&self, batch: &TaskBatch) -> Result<Vec<Mutation>, StateError> {
         if !batch.reads_from(&self.inner.local) {
             return Err(StateError::ForeignBatch);
         }
+        self.check_open()?;
+        Ok(batch.take())
+    }
+
+    /// Applies mutations the changelog has acknowledged to the local store, in one atomic
+    /// batch, and records `source_offset` as applied (see [`is_applied`](Self::is_applied)).
+    ///
+    /// Batches that may write the same state keys must be applied in the order they were
+    /// enqueued to the changelog, so the local store ends like the changelog. The runtime
+    /// gets this by running tasks that share a key one at a time, each waiting for its
+    /// acknowledgement before the next starts.
+    pub fn apply_acknowledged(
+        &self,
+        mutations: &[Mutation],
+        source_offset: i64,
+    ) -> Result<(), StateError> {
+        let _order = self.inner.write_lock.lock();
+        self.check_open()?;
+        if !mutations.is_empty() {
+            self.inner.local.write(
+                mutations
+                    .iter()
+                    .map(|m| (m.key.as_slice(), m.value.as_deref())),
+            )?;
+        }
+        self.inner.applied.lock().insert(source_offset);
+        Ok(())
+    }
+
+    fn check_open(&self) -> Result<(), StateError> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(StateError::Closed(self.inner.label.clone()));
         }
-        let mutations = batch.take();
-        self.inner.local.write(
-            mutations
-                .iter()
-                .map(|m| (m.key.as_slice(), m.value.as_deref())),
-        )?;
-        Ok(mutations)
+        Ok(())
     }
 
     /// Writes a checkpoint and flushes. `changelog_next_offset` is the first changelog
@@ -158,10 +160,13 @@ impl PartitionStore {
     /// restore's [`next_offset`](crate::internal::RestoreReport::next_offset) if nothing
     /// was appended since. `applied_source_offsets` are the source offsets whose effects
     /// are in the store but which may be redelivered — those at or above the committed
-    /// offset. After this the store accepts no more writes; drop it. Call it only if
-    /// every changelog append of this store succeeded — otherwise drop the store without
-    /// closing, and the next open rebuilds it from the changelog. The in-memory backend
-    /// keeps no checkpoint.
+    /// offset. After this the store accepts no more writes; drop it.
+    ///
+    /// Call it only when every batch of this store that the changelog may hold is in the
+    /// local store: every append was acknowledged and applied (a failed append counts once
+    /// its mutations were re-sent, acknowledged and applied). Otherwise drop the store
+    /// without closing: the next open then restores from the previous checkpoint, or from
+    /// the beginning. The in-memory backend keeps no checkpoint.
     pub fn close_clean(
         &self,
         changelog_next_offset: i64,
@@ -181,8 +186,9 @@ impl PartitionStore {
     }
 
     /// Source offsets whose effects are in this store: from the checkpoint the store was
-    /// opened with, plus every complete batch a [`restore`](crate::internal::restore)
-    /// applied. A redelivered task at one of these offsets must be skipped.
+    /// opened with, every complete batch a [`restore`](crate::internal::restore) applied,
+    /// and every [`apply_acknowledged`](Self::apply_acknowledged). A redelivered task at
+    /// one of these offsets must be skipped.
     pub fn applied_source_offsets(&self) -> BTreeSet<i64> {
         self.inner.applied.lock().clone()
     }

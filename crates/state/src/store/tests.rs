@@ -6,6 +6,13 @@ use std::path::Path;
 use super::*;
 use crate::StateStore;
 
+/// What the runtime does once the changelog acknowledged a task's batch.
+fn commit(store: &PartitionStore, batch: &TaskBatch, src: i64) -> Result<Vec<Mutation>, StateError> {
+    let muts = store.take_mutations(batch)?;
+    store.apply_acknowledged(&muts, src)?;
+    Ok(muts)
+}
+
 fn cfg(dir: &Path) -> StateConfig {
     StateConfig {
         state_dir: dir.to_path_buf(),
@@ -14,7 +21,7 @@ fn cfg(dir: &Path) -> StateConfig {
 }
 
 #[test]
-fn task_batch_reads_its_own_writes_and_apply_is_atomic() -> anyhow::Result<()> {
+fn task_batch_reads_its_own_writes_and_reaches_the_store_only_when_applied() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let (store, report) = PartitionStore::open(&cfg(dir.path()), "sub", "tasks", 3)?;
     assert_eq!(report, OpenReport::Fresh);
@@ -22,7 +29,7 @@ fn task_batch_reads_its_own_writes_and_apply_is_atomic() -> anyhow::Result<()> {
     seed.put(b"a/1", b"one")?;
     seed.put(b"a/2", b"two")?;
     seed.put(b"b/1", b"other")?;
-    store.apply(&seed)?;
+    commit(&store, &seed, 0)?;
     assert!(seed.is_empty());
 
     let task = store.task_batch();
@@ -39,7 +46,11 @@ fn task_batch_reads_its_own_writes_and_apply_is_atomic() -> anyhow::Result<()> {
     );
     // Nothing reached the store yet.
     assert_eq!(store.get(b"a/1")?, Some(b"one".to_vec()));
-    let muts = store.apply(&task)?;
+    let muts = store.take_mutations(&task)?;
+    assert!(task.is_empty());
+    // Taken, not applied: the store still has the old values until the acknowledgement.
+    assert_eq!(store.get(b"a/1")?, Some(b"one".to_vec()));
+    assert!(!store.is_applied(1));
     assert_eq!(
         muts,
         vec![
@@ -53,8 +64,19 @@ fn task_batch_reads_its_own_writes_and_apply_is_atomic() -> anyhow::Result<()> {
             }
         ]
     );
+    store.apply_acknowledged(&muts, 1)?;
+    assert!(store.is_applied(1));
+    assert_eq!(
+        store.scan_prefix(b"a/")?,
+        vec![
+            (b"a/2".to_vec(), b"two".to_vec()),
+            (b"a/3".to_vec(), b"three".to_vec())
+        ]
+    );
+    // Applying the same acknowledged mutations again changes nothing (absolute values).
+    store.apply_acknowledged(&muts, 1)?;
     assert_eq!(store.scan_prefix(b"a/")?.len(), 2);
-    assert!(store.apply(&task)?.is_empty());
+    assert!(store.take_mutations(&task)?.is_empty());
     Ok(())
 }
 
@@ -66,10 +88,10 @@ fn checkpoint_is_consumed_by_open() -> anyhow::Result<()> {
         let (store, _) = PartitionStore::open(&c, "sub", "tasks", 0)?;
         let b = store.task_batch();
         b.put(b"k", b"v")?;
-        store.apply(&b)?;
+        commit(&store, &b, 7)?;
         store.close_clean(42, &[7, 9])?;
         assert!(matches!(
-            store.apply(&store.task_batch()),
+            store.take_mutations(&store.task_batch()),
             Err(StateError::Closed(_))
         ));
     }
@@ -102,7 +124,7 @@ fn damaged_segments_are_rebuilt() -> anyhow::Result<()> {
         for i in 0..200u32 {
             b.put(&i.to_be_bytes(), &[7; 64])?;
         }
-        store.apply(&b)?;
+        commit(&store, &b, 0)?;
         store.close_clean(1, &[])?;
     }
     let db_dir = dir.path().join("sub").join("state").join("tasks-0");
@@ -143,7 +165,7 @@ fn second_open_of_the_same_partition_is_refused_not_wiped() -> anyhow::Result<()
     let (store, _) = PartitionStore::open(&c, "sub", "tasks", 0)?;
     let b = store.task_batch();
     b.put(b"k", b"v")?;
-    store.apply(&b)?;
+    commit(&store, &b, 0)?;
     assert!(matches!(
         PartitionStore::open(&c, "sub", "tasks", 0),
         Err(StateError::Locked(_))
@@ -201,7 +223,7 @@ fn memory_backend() -> anyhow::Result<()> {
     let b = store.task_batch();
     b.put(b"x/1", b"1")?;
     b.put(b"y", b"2")?;
-    store.apply(&b)?;
+    commit(&store, &b, 0)?;
     assert_eq!(
         store.scan_prefix(b"x/")?,
         vec![(b"x/1".to_vec(), b"1".to_vec())]
@@ -223,6 +245,10 @@ fn foreign_batch_is_refused() -> anyhow::Result<()> {
     let (b, _) = PartitionStore::open(&c, "sub", "tasks", 1)?;
     let batch = a.task_batch();
     batch.put(b"k", b"v")?;
-    assert!(matches!(b.apply(&batch), Err(StateError::ForeignBatch)));
+    assert!(matches!(
+        b.take_mutations(&batch),
+        Err(StateError::ForeignBatch)
+    ));
+    assert_eq!(batch.len(), 1, "a refused batch keeps its writes");
     Ok(())
 }
