@@ -282,6 +282,48 @@ async fn partial_batch_is_ignored_by_restore() -> anyhow::Result<()> {
     Ok(())
 }
 
+fn high_watermark(bootstrap: &str, topic: &str) -> anyhow::Result<i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()?;
+    Ok(c.fetch_watermarks(topic, PARTITION, Duration::from_secs(10))?.1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_store_is_not_restored_and_nothing_is_appended() -> anyhow::Result<()> {
+    let broker = embedded();
+    let sub = unique("fenced");
+    let topic = changelog_topic(&sub, "state");
+    broker.create_topic(&topic, 2)?;
+    let bootstrap = broker.bootstrap_servers();
+    let writer = ChangelogWriter::new(&bootstrap, &kafka())?;
+    let mem = StateConfig {
+        backend: Backend::Memory,
+        ..StateConfig::default()
+    };
+    let (a, _) = PartitionStore::open(&mem, &sub, "t", PARTITION)?;
+    let mut model = Model::new();
+    run_tasks(&a, &writer, &sample_tasks(0, 5), &mut model).await?;
+    // A torn batch: a restore of an unfenced store would append an abort marker.
+    produce_partial_batch(&bootstrap, &topic, 5, &[(b"counter", Some(b"torn"))], 2).await?;
+    let high = high_watermark(&bootstrap, &topic)?;
+
+    let (b, _) = PartitionStore::open(&mem, &sub, "t", PARTITION)?;
+    b.fence();
+    let r = restore(&b, &bootstrap, &kafka(), &topic, PARTITION, None).await;
+    assert!(matches!(r, Err(decaton_state::StateError::Closed(_))), "{r:?}");
+    assert!(entries(&b)?.is_empty());
+    assert_eq!(high_watermark(&bootstrap, &topic)?, high, "nothing appended");
+
+    // The torn batch is still unmarked: the next (unfenced) owner marks it.
+    let (c, _) = PartitionStore::open(&mem, &sub, "t", PARTITION)?;
+    let r = restore(&c, &bootstrap, &kafka(), &topic, PARTITION, None).await?;
+    assert_eq!(r.abort_markers_written, 1);
+    assert_eq!(entries(&c)?, model);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clean_close_checkpoint_restores_only_the_tail_embedded() -> anyhow::Result<()> {
     checkpoint_tail(embedded()).await

@@ -158,6 +158,8 @@ pub async fn restore(
     };
 
     if !torn.is_empty() || !dangling.is_empty() {
+        // A fenced store's partition has another owner by now: append nothing.
+        store.check_open()?;
         // Mark the torn batches, then write again the valid values of the keys their
         // records touched: compaction would otherwise keep the torn record as the newest
         // of its key and delete the valid one before it.

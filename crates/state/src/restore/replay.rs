@@ -157,6 +157,8 @@ fn consume(
     let started = Instant::now();
     let at_end = |next: i64| next >= high;
     loop {
+        // A fenced store (its partition was revoked) stops the restore between polls.
+        store.check_open()?;
         match consumer.poll(Duration::from_millis(50)) {
             None => {}
             Some(Ok(msg)) => {

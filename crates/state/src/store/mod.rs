@@ -56,7 +56,8 @@ struct Inner {
     /// Serialises local writes with each other and with closing.
     write_lock: Mutex<()>,
     applied: Mutex<BTreeSet<i64>>,
-    closed: AtomicBool,
+    /// Set by [`PartitionStore::fence`] (and a clean close): every write is refused.
+    fenced: AtomicBool,
 }
 
 impl PartitionStore {
@@ -96,7 +97,7 @@ impl PartitionStore {
                 local: Arc::new(local),
                 write_lock: Mutex::new(()),
                 applied: Mutex::new(applied.into_iter().collect()),
-                closed: AtomicBool::new(false),
+                fenced: AtomicBool::new(false),
             }),
         };
         Ok((store, report))
@@ -148,8 +149,30 @@ impl PartitionStore {
         Ok(())
     }
 
-    fn check_open(&self) -> Result<(), StateError> {
-        if self.inner.closed.load(Ordering::Acquire) {
+    /// Fences the store: from now on every write path refuses with
+    /// [`StateError::Closed`] — [`take_mutations`](Self::take_mutations),
+    /// [`apply_acknowledged`](Self::apply_acknowledged),
+    /// [`close_clean`](Self::close_clean) and the writes of a restore — and a
+    /// [`restore`](crate::internal::restore) in progress on this store stops at its next
+    /// poll with [`StateError::Closed`], appending nothing to the changelog.
+    ///
+    /// Call it when the partition is revoked. A local write in progress finishes before
+    /// this returns; none starts after. Reads still work.
+    pub fn fence(&self) {
+        let _order = self.inner.write_lock.lock();
+        if !self.inner.fenced.swap(true, Ordering::AcqRel) {
+            tracing::debug!(store = %self.inner.label, "state store fenced");
+        }
+    }
+
+    /// Whether [`fence`](Self::fence) (or [`close_clean`](Self::close_clean)) was called.
+    pub fn is_fenced(&self) -> bool {
+        self.inner.fenced.load(Ordering::Acquire)
+    }
+
+    /// [`StateError::Closed`] once fenced.
+    pub(crate) fn check_open(&self) -> Result<(), StateError> {
+        if self.is_fenced() {
             return Err(StateError::Closed(self.inner.label.clone()));
         }
         Ok(())
@@ -160,7 +183,9 @@ impl PartitionStore {
     /// restore's [`next_offset`](crate::internal::RestoreReport::next_offset) if nothing
     /// was appended since. `applied_source_offsets` are the source offsets whose effects
     /// are in the store but which may be redelivered — those at or above the committed
-    /// offset. After this the store accepts no more writes; drop it.
+    /// offset. This fences the store (see [`fence`](Self::fence)): it accepts no more
+    /// writes; drop it. A store that is already fenced refuses with
+    /// [`StateError::Closed`] and writes no checkpoint.
     ///
     /// Call it only when every batch of this store that the changelog may hold is in the
     /// local store: every append was acknowledged and applied (a failed append counts once
@@ -173,7 +198,8 @@ impl PartitionStore {
         applied_source_offsets: &[i64],
     ) -> Result<(), StateError> {
         let _order = self.inner.write_lock.lock();
-        self.inner.closed.store(true, Ordering::Release);
+        self.check_open()?;
+        self.inner.fenced.store(true, Ordering::Release);
         open::write_checkpoint(
             &self.inner.local,
             &Checkpoint {
@@ -249,23 +275,27 @@ impl PartitionStore {
         &self.inner.label
     }
 
-    /// Applies restored changelog writes, in order, in one atomic local batch.
+    /// Applies restored changelog writes, in order, in one atomic local batch. Refused
+    /// once fenced.
     pub(crate) fn write_restored(
         &self,
         ops: &[(Vec<u8>, Option<Vec<u8>>)],
     ) -> Result<(), StateError> {
+        let _order = self.inner.write_lock.lock();
+        self.check_open()?;
         if ops.is_empty() {
             return Ok(());
         }
-        let _order = self.inner.write_lock.lock();
         self.inner
             .local
             .write(ops.iter().map(|(k, v)| (k.as_slice(), v.as_deref())))
     }
 
     /// Empties the local data (a checkpoint the changelog cannot serve is being dropped).
+    /// Refused once fenced.
     pub(crate) fn clear_local(&self) -> Result<(), StateError> {
         let _order = self.inner.write_lock.lock();
+        self.check_open()?;
         self.inner.applied.lock().clear();
         self.inner.local.clear()
     }

@@ -252,3 +252,59 @@ fn foreign_batch_is_refused() -> anyhow::Result<()> {
     assert_eq!(batch.len(), 1, "a refused batch keeps its writes");
     Ok(())
 }
+
+#[test]
+fn a_fenced_store_refuses_every_write() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let c = cfg(dir.path());
+    let (store, _) = PartitionStore::open(&c, "sub", "tasks", 0)?;
+    let b = store.task_batch();
+    b.put(b"k", b"v")?;
+    let muts = store.take_mutations(&b)?;
+    b.put(b"k", b"w")?;
+    assert!(!store.is_fenced());
+    store.fence();
+    assert!(store.is_fenced());
+    let closed = |r: Result<(), StateError>| matches!(r, Err(StateError::Closed(_)));
+    assert!(matches!(
+        store.take_mutations(&b),
+        Err(StateError::Closed(_))
+    ));
+    assert_eq!(b.len(), 1, "a refused batch keeps its writes");
+    assert!(closed(store.apply_acknowledged(&muts, 3)));
+    assert!(!store.is_applied(3));
+    assert!(closed(
+        store.write_restored(&[(b"r".to_vec(), Some(b"x".to_vec()))])
+    ));
+    assert!(closed(store.write_restored(&[])));
+    assert!(closed(store.clear_local()));
+    assert!(closed(store.close_clean(10, &[])));
+    assert!(store.entries()?.is_empty(), "nothing reached the store");
+    // Fencing twice is fine.
+    store.fence();
+    drop(store);
+    // The refused close wrote no checkpoint.
+    let (_store, report) = PartitionStore::open(&c, "sub", "tasks", 0)?;
+    assert_eq!(report.restore_from(), None);
+    Ok(())
+}
+
+#[test]
+fn close_clean_fences_the_store() -> anyhow::Result<()> {
+    let c = StateConfig {
+        backend: Backend::Memory,
+        ..StateConfig::default()
+    };
+    let (store, _) = PartitionStore::open(&c, "sub", "tasks", 0)?;
+    store.close_clean(1, &[])?;
+    assert!(store.is_fenced());
+    assert!(matches!(
+        store.apply_acknowledged(&[], 1),
+        Err(StateError::Closed(_))
+    ));
+    assert!(matches!(
+        store.close_clean(1, &[]),
+        Err(StateError::Closed(_))
+    ));
+    Ok(())
+}
