@@ -56,8 +56,9 @@
 //!
 //! 1. [`internal::PartitionStore::open`] (blocking) — reports `Fresh`,
 //!    `Checkpoint { offset }` or `Rebuilt { reason }`.
-//! 2. [`internal::restore`] from [`internal::OpenReport::restore_from`], before any task
-//!    of the partition runs. If it fails, call it again **on the same store** with the
+//! 2. [`internal::restore`] from [`internal::OpenReport::restore_from`], with the source
+//!    partition's committed offset as the floor of the applied set
+//!    ([`internal::RestoreOptions`]), before any task of the partition runs. If it fails, call it again **on the same store** with the
 //!    same arguments; do not reopen the store. Skip redelivered tasks for which
 //!    [`internal::PartitionStore::is_applied`] is true.
 //! 3. Per task: [`internal::PartitionStore::task_batch`] for the task; when it completes,
@@ -69,7 +70,8 @@
 //!    [`internal::ChangelogWriter::purge_queued`], so nothing of this partition is written
 //!    any more. On a clean release, once every append was acknowledged and applied:
 //!    [`internal::PartitionStore::close_clean`] with the next changelog offset and the
-//!    applied offsets at or above the committed offset. Otherwise drop the store without
+//!    applied offsets at or above the committed offset
+//!    ([`internal::PartitionStore::applied_source_offsets_from`]). Otherwise drop the store without
 //!    closing it.
 //!
 //! # Where things are
@@ -115,6 +117,6 @@ pub mod internal {
         create_changelog_topic, ChangelogTopicInfo, ChangelogWriter, PendingAppend,
     };
     pub use crate::record::{headers, Mutation};
-    pub use crate::restore::{restore, RestoreReport};
+    pub use crate::restore::{restore, RestoreOptions, RestoreReport};
     pub use crate::store::{OpenReport, PartitionStore, RebuildReason, TaskBatch};
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use decaton_state::internal::{
     create_changelog_topic, headers, restore, ChangelogWriter, OpenReport, PartitionStore,
-    RebuildReason,
+    RebuildReason, RestoreOptions,
 };
 use decaton_state::{changelog_topic, Backend, StateConfig, StateStore};
 use decaton_testkit::{BrokerKind, TestBroker};
@@ -116,14 +116,7 @@ async fn apply_restore_roundtrip(broker: &TestBroker) -> anyhow::Result<()> {
     let dir_a = tempfile::tempdir()?;
     let (a, report) = PartitionStore::open(&sled_cfg(dir_a.path()), &sub, "tasks", PARTITION)?;
     assert_eq!(report, OpenReport::Fresh);
-    let r = restore(
-        &a,
-        &bootstrap,
-        &kafka(),
-        &topic,
-        PARTITION,
-        report.restore_from(),
-    )
+    let r = restore(&a, &bootstrap, &kafka(), &RestoreOptions::new(report.restore_from(), 0))
     .await?;
     assert_eq!(r.records_read, 0);
     let mut model = Model::new();
@@ -136,12 +129,15 @@ async fn apply_restore_roundtrip(broker: &TestBroker) -> anyhow::Result<()> {
     let dir_b = tempfile::tempdir()?;
     let (b, report) = PartitionStore::open(&sled_cfg(dir_b.path()), &sub, "tasks", PARTITION)?;
     assert_eq!(report, OpenReport::Fresh);
-    let r = restore(&b, &bootstrap, &kafka(), &topic, PARTITION, None).await?;
+    let r = restore(&b, &bootstrap, &kafka(), &RestoreOptions::new(None, 0)).await?;
     assert_eq!(entries(&b)?, model);
     assert_eq!(r.batches_applied, 40);
     assert_eq!(r.partial_batches_ignored, 0);
     assert_eq!(r.applied_source_offsets, (0..40).collect::<BTreeSet<_>>());
-    assert_eq!(b.applied_source_offsets(), r.applied_source_offsets);
+    assert_eq!(
+        b.applied_source_offsets_from(0),
+        r.applied_source_offsets.iter().copied().collect::<Vec<_>>()
+    );
     assert_eq!(r.abort_markers_written + r.compensation_records_written, 0);
 
     // The in-memory backend restores the same state.
@@ -150,7 +146,7 @@ async fn apply_restore_roundtrip(broker: &TestBroker) -> anyhow::Result<()> {
         ..StateConfig::default()
     };
     let (m, _) = PartitionStore::open(&mem, &sub, "tasks", PARTITION)?;
-    restore(&m, &bootstrap, &kafka(), &topic, PARTITION, None).await?;
+    restore(&m, &bootstrap, &kafka(), &RestoreOptions::new(None, 0)).await?;
     assert_eq!(entries(&m)?, model);
     Ok(())
 }
@@ -261,7 +257,7 @@ async fn partial_batch_is_ignored_by_restore() -> anyhow::Result<()> {
         ..StateConfig::default()
     };
     let (b, _) = PartitionStore::open(&mem, &sub, "t", PARTITION)?;
-    let r = restore(&b, &bootstrap, &kafka(), &topic, PARTITION, None).await?;
+    let r = restore(&b, &bootstrap, &kafka(), &RestoreOptions::new(None, 0)).await?;
     assert_eq!(entries(&b)?, model, "the torn batch must not be applied");
     assert_eq!(r.partial_batches_ignored, 1);
     assert_eq!(r.batches_applied, 5);
@@ -274,11 +270,40 @@ async fn partial_batch_is_ignored_by_restore() -> anyhow::Result<()> {
     let mut model_b = model.clone();
     run_tasks(&b, &writer, &sample_tasks(5, 3), &mut model_b).await?;
     let (c, _) = PartitionStore::open(&mem, &sub, "t", PARTITION)?;
-    let r = restore(&c, &bootstrap, &kafka(), &topic, PARTITION, None).await?;
+    let r = restore(&c, &bootstrap, &kafka(), &RestoreOptions::new(None, 0)).await?;
     assert_eq!(entries(&c)?, model_b);
     assert_eq!(r.partial_batches_ignored, 1);
     assert_eq!(r.abort_markers_written + r.compensation_records_written, 0);
     assert_eq!(r.applied_source_offsets, (0..8).collect::<BTreeSet<_>>());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_records_only_offsets_at_or_above_the_floor() -> anyhow::Result<()> {
+    let broker = embedded();
+    let sub = unique("floor");
+    let topic = changelog_topic(&sub, "state");
+    broker.create_topic(&topic, 2)?;
+    let bootstrap = broker.bootstrap_servers();
+    let writer = ChangelogWriter::new(&bootstrap, &kafka())?;
+    let mem = StateConfig {
+        backend: Backend::Memory,
+        ..StateConfig::default()
+    };
+    let (a, _) = PartitionStore::open(&mem, &sub, "t", PARTITION)?;
+    let mut model = Model::new();
+    run_tasks(&a, &writer, &sample_tasks(0, 50), &mut model).await?;
+
+    let (b, _) = PartitionStore::open(&mem, &sub, "t", PARTITION)?;
+    let r = restore(&b, &bootstrap, &kafka(), &RestoreOptions::new(None, 42)).await?;
+    // Every batch is in the state, only the redeliverable ones are recorded.
+    assert_eq!(entries(&b)?, model);
+    assert_eq!(r.batches_applied, 50);
+    assert_eq!(r.applied_source_offsets, (42..50).collect::<BTreeSet<_>>());
+    assert_eq!(b.applied_source_offsets_from(0), (42..50).collect::<Vec<_>>());
+    assert!(b.is_applied(42) && !b.is_applied(41));
+    b.forget_applied_below(45);
+    assert_eq!(b.applied_source_offsets_from(0), vec![45, 46, 47, 48, 49]);
     Ok(())
 }
 
@@ -311,14 +336,14 @@ async fn a_fenced_store_is_not_restored_and_nothing_is_appended() -> anyhow::Res
 
     let (b, _) = PartitionStore::open(&mem, &sub, "t", PARTITION)?;
     b.fence();
-    let r = restore(&b, &bootstrap, &kafka(), &topic, PARTITION, None).await;
+    let r = restore(&b, &bootstrap, &kafka(), &RestoreOptions::new(None, 0)).await;
     assert!(matches!(r, Err(decaton_state::StateError::Closed(_))), "{r:?}");
     assert!(entries(&b)?.is_empty());
     assert_eq!(high_watermark(&bootstrap, &topic)?, high, "nothing appended");
 
     // The torn batch is still unmarked: the next (unfenced) owner marks it.
     let (c, _) = PartitionStore::open(&mem, &sub, "t", PARTITION)?;
-    let r = restore(&c, &bootstrap, &kafka(), &topic, PARTITION, None).await?;
+    let r = restore(&c, &bootstrap, &kafka(), &RestoreOptions::new(None, 0)).await?;
     assert_eq!(r.abort_markers_written, 1);
     assert_eq!(entries(&c)?, model);
     Ok(())
@@ -353,7 +378,7 @@ async fn checkpoint_tail(broker: &TestBroker) -> anyhow::Result<()> {
     {
         let dir_b = tempfile::tempdir()?;
         let (b, _) = PartitionStore::open(&sled_cfg(dir_b.path()), &sub, "tasks", PARTITION)?;
-        let r = restore(&b, &bootstrap, &kafka(), &topic, PARTITION, None).await?;
+        let r = restore(&b, &bootstrap, &kafka(), &RestoreOptions::new(None, 0)).await?;
         assert!(r.records_read >= 600);
         run_tasks(&b, &writer, &sample_tasks(300, 4), &mut model).await?;
     }
@@ -361,7 +386,7 @@ async fn checkpoint_tail(broker: &TestBroker) -> anyhow::Result<()> {
     let OpenReport::Checkpoint { offset } = report else {
         anyhow::bail!("expected a checkpoint, got {report:?}")
     };
-    let r = restore(&a, &bootstrap, &kafka(), &topic, PARTITION, Some(offset)).await?;
+    let r = restore(&a, &bootstrap, &kafka(), &RestoreOptions::new(Some(offset), 0)).await?;
     assert!(
         r.records_read <= 10,
         "read {} records, expected only the tail",
@@ -370,8 +395,8 @@ async fn checkpoint_tail(broker: &TestBroker) -> anyhow::Result<()> {
     assert_eq!(r.start_offset, offset);
     assert_eq!(entries(&a)?, model);
     assert_eq!(
-        a.applied_source_offsets(),
-        BTreeSet::from([298, 299, 300, 301, 302, 303])
+        a.applied_source_offsets_from(0),
+        vec![298, 299, 300, 301, 302, 303]
     );
     Ok(())
 }
@@ -423,14 +448,7 @@ async fn garbage_in_the_state_dir_is_rebuilt_from_the_changelog() -> anyhow::Res
     assert!(matches!(report, OpenReport::Rebuilt { .. }), "{report:?}");
     assert_eq!(report.restore_from(), None);
     assert!(entries(&a)?.is_empty());
-    let r = restore(
-        &a,
-        &bootstrap,
-        &kafka(),
-        &topic,
-        PARTITION,
-        report.restore_from(),
-    )
+    let r = restore(&a, &bootstrap, &kafka(), &RestoreOptions::new(report.restore_from(), 0))
     .await?;
     assert_eq!(entries(&a)?, model);
     assert_eq!(r.batches_applied, 50);
@@ -471,14 +489,7 @@ async fn checkpoint_beyond_the_changelog_restores_from_the_beginning() -> anyhow
         a.close_clean(1_000_000, &[])?;
     }
     let (a, report) = PartitionStore::open(&sled_cfg(dir.path()), &sub, "tasks", PARTITION)?;
-    let r = restore(
-        &a,
-        &bootstrap,
-        &kafka(),
-        &topic,
-        PARTITION,
-        report.restore_from(),
-    )
+    let r = restore(&a, &bootstrap, &kafka(), &RestoreOptions::new(report.restore_from(), 0))
     .await?;
     assert!(r.checkpoint_discarded);
     assert_eq!(entries(&a)?, model);
@@ -517,7 +528,7 @@ mod model {
                 run_tasks(&a, &writer, &tasks, &mut model).await?;
                 let dir = tempfile::tempdir()?;
                 let (b, _) = PartitionStore::open(&sled_cfg(dir.path()), &sub, "t", PARTITION)?;
-                let r = restore(&b, &bootstrap, &kafka(), &topic, PARTITION, None).await?;
+                let r = restore(&b, &bootstrap, &kafka(), &RestoreOptions::new(None, 0)).await?;
                 anyhow::ensure!(entries(&b)? == model, "restored state differs from the model");
                 anyhow::ensure!(entries(&a)? == model, "local state differs from the model");
                 let non_empty: BTreeSet<i64> = tasks.iter().filter(|(_, w)| !w.is_empty()).map(|(s, _)| *s).collect();
@@ -613,7 +624,7 @@ async fn restore_throughput() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     reset_peak_rss();
     let (s, _) = PartitionStore::open(&sled_cfg(dir.path()), &sub, "t", PARTITION)?;
-    let r = restore(&s, &bootstrap, &kafka(), &topic, PARTITION, None).await?;
+    let r = restore(&s, &bootstrap, &kafka(), &RestoreOptions::new(None, 0)).await?;
     println!(
         "{}: produced {records} records in {produce:?}; restored {} records ({} batches) in {:?} = {:.0} records/s into sled",
         kind.name(),
@@ -635,7 +646,7 @@ async fn restore_throughput() -> anyhow::Result<()> {
     };
     reset_peak_rss();
     let (m, _) = PartitionStore::open(&mem, &sub, "t", PARTITION)?;
-    let r = restore(&m, &bootstrap, &kafka(), &topic, PARTITION, None).await?;
+    let r = restore(&m, &bootstrap, &kafka(), &RestoreOptions::new(None, 0)).await?;
     println!(
         "{}: restored {} records in {:?} = {:.0} records/s into memory; peak RSS during it: {} KiB",
         kind.name(),

@@ -48,6 +48,12 @@ struct Watch {
 /// Pure logic: records in, local writes (`ops`, in order) out.
 #[derive(Default)]
 pub(crate) struct Assembler {
+    /// Applied batches below this source offset are not recorded in `applied_sources`
+    /// (their tasks cannot be redelivered); 0 by default, which leaves out [`NO_TASK`]
+    /// batches.
+    ///
+    /// [`NO_TASK`]: crate::record::NO_TASK
+    floor: i64,
     pending: HashMap<u64, Pending>,
     /// Pending batches by `(writer, last seq, batch)`.
     by_writer: BTreeSet<(u64, u64, u64)>,
@@ -67,6 +73,14 @@ pub(crate) struct Assembler {
 }
 
 impl Assembler {
+    /// An assembler that records applied source offsets at or above `floor` only.
+    pub(crate) fn with_floor(floor: i64) -> Assembler {
+        Assembler {
+            floor: floor.max(0),
+            ..Assembler::default()
+        }
+    }
+
     pub(crate) fn push(
         &mut self,
         offset: i64,
@@ -114,7 +128,7 @@ impl Assembler {
         }
         if f.size == 1 && !self.pending.contains_key(&f.batch) {
             self.batches_applied += 1;
-            if f.src_offset >= 0 {
+            if f.src_offset >= self.floor {
                 self.applied_sources.insert(f.src_offset);
             }
             self.emit(offset, key, value);
@@ -194,7 +208,7 @@ impl Assembler {
             Settle::Ignore => self.partial_batches_ignored += 1,
         }
         let apply = how != Settle::Ignore;
-        if apply && p.src_offset >= 0 {
+        if apply && p.src_offset >= self.floor {
             self.applied_sources.insert(p.src_offset);
         }
         for rec in p.records.into_values() {
@@ -429,6 +443,23 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_vec(), v.to_vec()))
             .collect()
+    }
+
+    #[test]
+    fn batches_below_the_floor_are_applied_but_not_recorded() {
+        let mut log = Vec::new();
+        let mut w = Writer::new(1);
+        for src in 0..4 {
+            w.batch(&mut log, src, &[(b"k", Some(&[src as u8][..])), (b"j", None)]);
+        }
+        let mut asm = Assembler::with_floor(2);
+        for r in &log {
+            asm.push(r.offset, Some(r.key.clone()), r.value.clone(), r.kind);
+        }
+        assert!(asm.finish().is_empty());
+        assert_eq!(asm.batches_applied, 4);
+        assert_eq!(asm.applied_sources, BTreeSet::from([2, 3]));
+        assert_eq!(asm.ops.last(), Some(&(b"j".to_vec(), None)));
     }
 
     #[test]

@@ -92,28 +92,55 @@ pub struct RestoreReport {
     /// The checkpoint offset was outside the changelog (the topic was recreated or
     /// truncated), so the local store was emptied and restored from the beginning.
     pub checkpoint_discarded: bool,
-    /// Source offsets whose task batch this restore applied.
+    /// Source offsets, at or above [`RestoreOptions::min_source_offset`], whose task
+    /// batch this restore applied.
     pub applied_source_offsets: BTreeSet<i64>,
     /// Wall time of the restore.
     pub elapsed: Duration,
 }
 
-/// Replays partition `partition` of `changelog_topic` into `store`, from `from_offset`
-/// (the checkpoint of [`OpenReport::restore_from`](crate::internal::OpenReport::restore_from))
-/// or from the beginning, up to the high watermark at the start. Adds the applied source
-/// offsets to the store's [`applied_source_offsets`](PartitionStore::applied_source_offsets).
+/// Where a [`restore`] starts, and what it records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreOptions {
+    /// First changelog offset to read: the checkpoint of
+    /// [`OpenReport::restore_from`](crate::internal::OpenReport::restore_from), or `None`
+    /// for the beginning of the changelog.
+    pub from_offset: Option<i64>,
+    /// The source partition's committed offset: no task below it can be redelivered, so
+    /// complete batches below it are applied to the state but not recorded as applied.
+    /// This keeps the applied set as small as the redeliverable range.
+    pub min_source_offset: i64,
+}
+
+impl RestoreOptions {
+    /// Restore from `from_offset` (or the beginning), recording applied source offsets
+    /// at or above `min_source_offset`.
+    pub fn new(from_offset: Option<i64>, min_source_offset: i64) -> RestoreOptions {
+        RestoreOptions {
+            from_offset,
+            min_source_offset,
+        }
+    }
+}
+
+/// Replays the changelog partition of `store` ([`PartitionStore::changelog_topic`],
+/// [`PartitionStore::partition`]) into it, from [`RestoreOptions::from_offset`] up to the
+/// end of the changelog when the restore starts.
 ///
-/// Uses a plain consumer with `assign` (never joins a group, never commits); the `kafka` settings pass
-/// through to it and to the producer of abort markers. Call it before processing any task
-/// of the partition, and do not write the store while it runs.
+/// Afterwards the store's applied set ([`PartitionStore::is_applied`]) holds the source
+/// offsets at or above [`RestoreOptions::min_source_offset`] whose batches are in the
+/// state; offsets below it are forgotten.
+///
+/// Uses a plain consumer with `assign` (never joins a group, never commits); the `kafka`
+/// settings pass through to it and to the producer of abort markers. Call it before
+/// processing any task of the partition, and do not write the store while it runs.
 pub async fn restore(
     store: &PartitionStore,
     bootstrap: &str,
     kafka: &BTreeMap<String, String>,
-    changelog_topic: &str,
-    partition: i32,
-    from_offset: Option<i64>,
+    options: &RestoreOptions,
 ) -> Result<RestoreReport, StateError> {
+    let (changelog_topic, partition) = (store.changelog_topic(), store.partition());
     let started = Instant::now();
     // Big fetches suit a replay; the pass-through settings may still say otherwise.
     let mut with_defaults = BTreeMap::from([(
@@ -139,8 +166,8 @@ pub async fn restore(
         tail_ops,
     } = {
         let store = store.clone();
-        let topic = changelog_topic.to_string();
-        blocking(move || replay(&store, &consumer_cfg, &topic, partition, from_offset)).await?
+        let (from, floor) = (options.from_offset, options.min_source_offset);
+        blocking(move || replay(&store, &consumer_cfg, from, floor)).await?
     };
     store.write_restored(&tail_ops)?;
     let mut report = RestoreReport {
@@ -193,6 +220,7 @@ pub async fn restore(
         );
     }
 
+    store.forget_applied_below(options.min_source_offset);
     store.add_applied(&report.applied_source_offsets);
     report.elapsed = started.elapsed();
     metrics::histogram!(

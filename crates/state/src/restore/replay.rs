@@ -59,15 +59,16 @@ pub(crate) struct Replayed {
     pub(crate) tail_ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
-/// Replays `partition` of `topic` into `store` with a consumer made from `cfg`, from
-/// `from_offset` (or the beginning) to the end.
+/// Replays the changelog partition of `store` into it with a consumer made from `cfg`,
+/// from `from_offset` (or the beginning) to the end. Applied batches below `floor` are
+/// not recorded as applied.
 pub(crate) fn replay(
     store: &PartitionStore,
     cfg: &rdkafka::ClientConfig,
-    topic: &str,
-    partition: i32,
     from_offset: Option<i64>,
+    floor: i64,
 ) -> Result<Replayed, StateError> {
+    let (topic, partition) = (store.changelog_topic(), store.partition());
     let consumer: BaseConsumer = cfg.create()?;
     let (low, high) = consumer
         .fetch_watermarks(topic, partition, Duration::from_secs(30))
@@ -98,8 +99,8 @@ pub(crate) fn replay(
         Some(offset) => offset,
         None => low,
     };
-    match consume(store, &consumer, topic, partition, start, high, &mut progress)? {
-        Consumed::Done(asm) => Ok(finish(store, topic, partition, progress, asm)),
+    match consume(store, &consumer, start, high, floor, &mut progress)? {
+        Consumed::Done(asm) => Ok(finish(store, progress, asm)),
         Consumed::OutOfRange if from_offset.is_some() && !progress.checkpoint_discarded => {
             // The checkpoint points past the changelog's end: the topic was recreated
             // or truncated, so the local data belongs to another history.
@@ -107,8 +108,8 @@ pub(crate) fn replay(
                 &mut progress,
                 &format!("checkpoint offset {start} is outside the changelog"),
             )?;
-            match consume(store, &consumer, topic, partition, low, high, &mut progress)? {
-                Consumed::Done(asm) => Ok(finish(store, topic, partition, progress, asm)),
+            match consume(store, &consumer, low, high, floor, &mut progress)? {
+                Consumed::Done(asm) => Ok(finish(store, progress, asm)),
                 Consumed::OutOfRange => Err(StateError::Changelog {
                     topic: topic.to_string(),
                     detail: format!("partition {partition}: offset {low} out of range"),
@@ -132,12 +133,12 @@ enum Consumed {
 fn consume(
     store: &PartitionStore,
     consumer: &BaseConsumer,
-    topic: &str,
-    partition: i32,
     start: i64,
     high: i64,
+    floor: i64,
     progress: &mut Progress,
 ) -> Result<Consumed, StateError> {
+    let (topic, partition) = (store.changelog_topic(), store.partition());
     progress.start_offset = start;
     progress.next_offset = start;
     let mut tpl = TopicPartitionList::new();
@@ -150,7 +151,7 @@ fn consume(
         "topic" => store.topic().to_string(),
         "partition" => store.partition().to_string(),
     );
-    let mut asm = Assembler::default();
+    let mut asm = Assembler::with_floor(floor);
     let mut unflushed = 0u64;
     let mut last_message = Instant::now();
     let mut last_error_log: Option<Instant> = None;
@@ -259,8 +260,6 @@ fn consume(
 /// Settles what is left at the end of the changelog.
 fn finish(
     store: &PartitionStore,
-    topic: &str,
-    partition: i32,
     progress: Progress,
     mut asm: Box<Assembler>,
 ) -> Replayed {
@@ -270,8 +269,8 @@ fn finish(
     if asm.unframed_records > 0 {
         tracing::warn!(
             store = store.label(),
-            changelog = topic,
-            partition,
+            changelog = store.changelog_topic(),
+            partition = store.partition(),
             "{} changelog records had no batch headers and were applied one by one",
             asm.unframed_records
         );

@@ -211,12 +211,13 @@ impl PartitionStore {
         Ok(())
     }
 
-    /// Source offsets whose effects are in this store: from the checkpoint the store was
-    /// opened with, every complete batch a [`restore`](crate::internal::restore) applied,
-    /// and every [`apply_acknowledged`](Self::apply_acknowledged). A redelivered task at
-    /// one of these offsets must be skipped.
-    pub fn applied_source_offsets(&self) -> BTreeSet<i64> {
-        self.inner.applied.lock().clone()
+    /// Source offsets at or above `from` whose effects are in this store, ascending: from
+    /// the checkpoint the store was opened with, every complete batch a
+    /// [`restore`](crate::internal::restore) applied at or above its floor, and every
+    /// [`apply_acknowledged`](Self::apply_acknowledged). A redelivered task at one of these
+    /// offsets must be skipped; a checkpoint needs those at or above the committed offset.
+    pub fn applied_source_offsets_from(&self, from: i64) -> Vec<i64> {
+        self.inner.applied.lock().range(from..).copied().collect()
     }
 
     /// Whether the task at `source_offset` already has its effects in this store.
@@ -224,8 +225,9 @@ impl PartitionStore {
         self.inner.applied.lock().contains(&source_offset)
     }
 
-    /// Forgets applied source offsets below `offset` (for example the committed offset,
-    /// below which nothing is redelivered), to bound memory.
+    /// Forgets applied source offsets below `offset`: call it with the committed offset
+    /// whenever it advances (nothing below it is redelivered), so the applied set stays
+    /// as small as the range of offsets that can still be redelivered.
     pub fn forget_applied_below(&self, offset: i64) {
         let mut applied = self.inner.applied.lock();
         *applied = applied.split_off(&offset);
