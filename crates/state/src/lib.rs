@@ -117,6 +117,6 @@ pub mod internal {
         create_changelog_topic, ChangelogTopicInfo, ChangelogWriter, PendingAppend,
     };
     pub use crate::record::{headers, Mutation};
-    pub use crate::restore::{restore, RestoreOptions, RestoreReport};
+    pub use crate::restore::{restore, RestoreOptions, RestoreReport, DEFAULT_STALL_TIMEOUT};
     pub use crate::store::{OpenReport, PartitionStore, RebuildReason, TaskBatch};
 }

@@ -307,6 +307,82 @@ async fn restore_records_only_offsets_at_or_above_the_floor() -> anyhow::Result<
     Ok(())
 }
 
+/// Nothing listens there: a broker that is down.
+const NO_BROKER: &str = "127.0.0.1:1";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_restore_is_retried_on_the_same_store_from_its_checkpoint() -> anyhow::Result<()>
+{
+    let broker = embedded();
+    let sub = unique("retry");
+    let topic = changelog_topic(&sub, "state");
+    broker.create_topic(&topic, 2)?;
+    let bootstrap = broker.bootstrap_servers();
+    let writer = ChangelogWriter::new(&bootstrap, &kafka())?;
+    let dir = tempfile::tempdir()?;
+    let mut model = Model::new();
+    {
+        let (a, _) = PartitionStore::open(&sled_cfg(dir.path()), &sub, "tasks", PARTITION)?;
+        let last = run_tasks(&a, &writer, &sample_tasks(0, 30), &mut model)
+            .await?
+            .context("offset")?;
+        a.close_clean(last + 1, &[])?;
+    }
+    // Another owner went on meanwhile.
+    let mem = StateConfig {
+        backend: Backend::Memory,
+        ..StateConfig::default()
+    };
+    let (b, _) = PartitionStore::open(&mem, &sub, "tasks", PARTITION)?;
+    restore(&b, &bootstrap, &kafka(), &RestoreOptions::new(None, 0)).await?;
+    run_tasks(&b, &writer, &sample_tasks(30, 3), &mut model).await?;
+
+    let (a, report) = PartitionStore::open(&sled_cfg(dir.path()), &sub, "tasks", PARTITION)?;
+    let OpenReport::Checkpoint { offset } = report else {
+        anyhow::bail!("expected a checkpoint, got {report:?}")
+    };
+    let options =
+        RestoreOptions::new(Some(offset), 0).with_stall_timeout(Duration::from_secs(2));
+    let started = Instant::now();
+    let failed = restore(&a, NO_BROKER, &kafka(), &options).await;
+    assert!(failed.is_err(), "{failed:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "a restore without a broker gave up after {:?}",
+        started.elapsed()
+    );
+    // The same store, the same options: only the tail is read.
+    let r = restore(&a, &bootstrap, &kafka(), &options).await?;
+    assert_eq!(r.start_offset, offset);
+    assert!(r.records_read <= 10, "read {} records", r.records_read);
+    assert_eq!(entries(&a)?, model);
+    assert_eq!(a.applied_source_offsets_from(0), vec![30, 31, 32]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fencing_stops_a_restore_in_progress() -> anyhow::Result<()> {
+    let mem = StateConfig {
+        backend: Backend::Memory,
+        ..StateConfig::default()
+    };
+    let (store, _) = PartitionStore::open(&mem, &unique("fence-stop"), "t", PARTITION)?;
+    // Without a broker the restore would wait for its full stall timeout.
+    let options = RestoreOptions::new(None, 0).with_stall_timeout(Duration::from_secs(120));
+    let running = {
+        let store = store.clone();
+        tokio::spawn(async move { restore(&store, NO_BROKER, &kafka(), &options).await })
+    };
+    // Let it start; it stops with `Closed` whether the fence comes before or during it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let fenced_at = Instant::now();
+    store.fence();
+    let r = tokio::time::timeout(Duration::from_secs(10), running).await??;
+    assert!(matches!(r, Err(decaton_state::StateError::Closed(_))), "{r:?}");
+    assert!(fenced_at.elapsed() < Duration::from_secs(5));
+    Ok(())
+}
+
 fn high_watermark(bootstrap: &str, topic: &str) -> anyhow::Result<i64> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let c: BaseConsumer = ClientConfig::new()

@@ -46,11 +46,15 @@
 //! Limits: a batch that compaction removed entirely leaves no source offset behind (the
 //! processor only needs offsets at or above its committed offset, which are recent).
 //! librdkafka's idempotent producer keeps a partition's records in order and gapless,
-//! except when a record times out (`message.timeout.ms`) while later ones get through: a
-//! batch torn that way and followed by later batches of the same writer looks compacted
-//! and is applied partially. The failed append reports it, and the processor must then
-//! rebuild the partition from the changelog. Two owners writing one changelog partition
-//! at once (a zombie) are not told apart.
+//! except when a record times out (`message.timeout.ms`) or is purged while later ones
+//! get through: a batch torn that way and followed by later batches of the same writer
+//! looks compacted and is applied partially. The failed append reports it, the local
+//! store never got it, and the runtime re-sends the same mutations, whose complete batch
+//! follows and overwrites every key the torn one wrote. Two owners writing one changelog
+//! partition at once (a zombie) are not told apart; fencing a revoked partition's store
+//! and purging its queued appends keeps that window short.
+//!
+//! A restore can be retried: see [`restore`].
 
 mod assembler;
 mod replay;
@@ -63,7 +67,7 @@ use crate::kafka::{blocking, client_config};
 use crate::record::{Mutation, NO_TASK};
 use crate::store::PartitionStore;
 use crate::StateError;
-use replay::{replay, Replayed};
+use replay::{replay, Plan, Replayed};
 
 /// What a [`restore`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -110,15 +114,30 @@ pub struct RestoreOptions {
     /// complete batches below it are applied to the state but not recorded as applied.
     /// This keeps the applied set as small as the redeliverable range.
     pub min_source_offset: i64,
+    /// How long the restore may go without progress — no watermarks, no record — before
+    /// it fails with [`StateError::Timeout`]. Default: 60 s.
+    pub stall_timeout: Duration,
 }
+
+/// Default of [`RestoreOptions::stall_timeout`].
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl RestoreOptions {
     /// Restore from `from_offset` (or the beginning), recording applied source offsets
-    /// at or above `min_source_offset`.
+    /// at or above `min_source_offset`, with the default stall timeout.
     pub fn new(from_offset: Option<i64>, min_source_offset: i64) -> RestoreOptions {
         RestoreOptions {
             from_offset,
             min_source_offset,
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
+        }
+    }
+
+    /// The same options with another [`stall_timeout`](Self::stall_timeout).
+    pub fn with_stall_timeout(self, stall_timeout: Duration) -> RestoreOptions {
+        RestoreOptions {
+            stall_timeout,
+            ..self
         }
     }
 }
@@ -134,6 +153,16 @@ impl RestoreOptions {
 /// Uses a plain consumer with `assign` (never joins a group, never commits); the `kafka`
 /// settings pass through to it and to the producer of abort markers. Call it before
 /// processing any task of the partition, and do not write the store while it runs.
+///
+/// # Failures and retries
+///
+/// It fails with [`StateError::Timeout`] when it makes no progress for
+/// [`RestoreOptions::stall_timeout`] (a broker that is down or unreachable), and with
+/// [`StateError::Closed`] soon after the store is [fenced](PartitionStore::fence).
+/// **Retry a failed restore on the same store, with the same options; do not reopen
+/// the store.** A restore writes only absolute values from the changelog, so running it
+/// again over a partly restored store ends in the same state, and the store's checkpoint
+/// stays valid for the retry.
 pub async fn restore(
     store: &PartitionStore,
     bootstrap: &str,
@@ -166,8 +195,12 @@ pub async fn restore(
         tail_ops,
     } = {
         let store = store.clone();
-        let (from, floor) = (options.from_offset, options.min_source_offset);
-        blocking(move || replay(&store, &consumer_cfg, from, floor)).await?
+        let plan = Plan {
+            from_offset: options.from_offset,
+            floor: options.min_source_offset,
+            stall_timeout: options.stall_timeout,
+        };
+        blocking(move || replay(&store, &consumer_cfg, plan)).await?
     };
     store.write_restored(&tail_ops)?;
     let mut report = RestoreReport {
@@ -220,6 +253,8 @@ pub async fn restore(
         );
     }
 
+    // Fenced while the markers were on their way: the partition is no longer ours.
+    store.check_open()?;
     store.forget_applied_below(options.min_source_offset);
     store.add_applied(&report.applied_source_offsets);
     report.elapsed = started.elapsed();

@@ -30,8 +30,8 @@ const FLUSH_EVERY: usize = 16 * 1024;
 const PROGRESS_EVERY: u64 = 100_000;
 /// At or past the start watermark, this long without a record ends the restore.
 const TAIL_QUIET: Duration = Duration::from_millis(500);
-/// A restore that receives nothing for this long gives up.
-const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait of one watermark query; queries repeat until the stall timeout.
+const WATERMARK_QUERY: Duration = Duration::from_secs(1);
 
 /// How far a replay got.
 #[derive(Debug, Clone, Copy, Default)]
@@ -59,23 +59,32 @@ pub(crate) struct Replayed {
     pub(crate) tail_ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
+/// Where a replay starts and what it records.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Plan {
+    /// The checkpoint offset, or `None` for the beginning.
+    pub(crate) from_offset: Option<i64>,
+    /// Applied batches below this source offset are not recorded as applied.
+    pub(crate) floor: i64,
+    /// How long the replay may go without any progress before it fails.
+    pub(crate) stall_timeout: Duration,
+}
+
 /// Replays the changelog partition of `store` into it with a consumer made from `cfg`,
-/// from `from_offset` (or the beginning) to the end. Applied batches below `floor` are
-/// not recorded as applied.
+/// from the plan's offset (or the beginning) to the end.
+///
+/// Fails with [`StateError::Timeout`] when the broker gives nothing for the plan's stall
+/// timeout, and with [`StateError::Closed`] soon after the store is fenced.
 pub(crate) fn replay(
     store: &PartitionStore,
     cfg: &rdkafka::ClientConfig,
-    from_offset: Option<i64>,
-    floor: i64,
+    plan: Plan,
 ) -> Result<Replayed, StateError> {
     let (topic, partition) = (store.changelog_topic(), store.partition());
+    // An earlier attempt on this store emptied it: its checkpoint no longer applies.
+    let from_offset = plan.from_offset.filter(|_| !store.emptied());
     let consumer: BaseConsumer = cfg.create()?;
-    let (low, high) = consumer
-        .fetch_watermarks(topic, partition, Duration::from_secs(30))
-        .map_err(|e| StateError::Changelog {
-            topic: topic.to_string(),
-            detail: format!("watermarks of partition {partition}: {e}"),
-        })?;
+    let (low, high) = watermarks(store, &consumer, plan.stall_timeout)?;
     let mut progress = Progress::default();
     let discard = |progress: &mut Progress, why: &str| -> Result<(), StateError> {
         tracing::warn!(
@@ -99,7 +108,7 @@ pub(crate) fn replay(
         Some(offset) => offset,
         None => low,
     };
-    match consume(store, &consumer, start, high, floor, &mut progress)? {
+    match consume(store, &consumer, start, high, plan, &mut progress)? {
         Consumed::Done(asm) => Ok(finish(store, progress, asm)),
         Consumed::OutOfRange if from_offset.is_some() && !progress.checkpoint_discarded => {
             // The checkpoint points past the changelog's end: the topic was recreated
@@ -108,7 +117,7 @@ pub(crate) fn replay(
                 &mut progress,
                 &format!("checkpoint offset {start} is outside the changelog"),
             )?;
-            match consume(store, &consumer, low, high, floor, &mut progress)? {
+            match consume(store, &consumer, low, high, plan, &mut progress)? {
                 Consumed::Done(asm) => Ok(finish(store, progress, asm)),
                 Consumed::OutOfRange => Err(StateError::Changelog {
                     topic: topic.to_string(),
@@ -120,6 +129,49 @@ pub(crate) fn replay(
             topic: topic.to_string(),
             detail: format!("partition {partition}: offset {start} out of range"),
         }),
+    }
+}
+
+/// The changelog partition's low and high watermarks. Queries that time out or find no
+/// broker are repeated until `stall_timeout`; the fence is checked between them.
+fn watermarks(
+    store: &PartitionStore,
+    consumer: &BaseConsumer,
+    stall_timeout: Duration,
+) -> Result<(i64, i64), StateError> {
+    let (topic, partition) = (store.changelog_topic(), store.partition());
+    let started = Instant::now();
+    loop {
+        store.check_open()?;
+        let left = stall_timeout.saturating_sub(started.elapsed());
+        let error = match consumer.fetch_watermarks(topic, partition, left.min(WATERMARK_QUERY)) {
+            Ok(w) => return Ok(w),
+            Err(e) => e,
+        };
+        let transient = matches!(
+            error,
+            KafkaError::MetadataFetch(
+                RDKafkaErrorCode::OperationTimedOut
+                    | RDKafkaErrorCode::RequestTimedOut
+                    | RDKafkaErrorCode::BrokerTransportFailure
+                    | RDKafkaErrorCode::AllBrokersDown
+                    | RDKafkaErrorCode::LeaderNotAvailable
+                    | RDKafkaErrorCode::NotLeaderForPartition
+            )
+        );
+        if !transient {
+            return Err(StateError::Changelog {
+                topic: topic.to_string(),
+                detail: format!("watermarks of partition {partition}: {error}"),
+            });
+        }
+        if started.elapsed() >= stall_timeout {
+            return Err(StateError::Timeout(format!(
+                "restore of {topic}[{partition}]: no watermarks after {stall_timeout:?} ({error})"
+            )));
+        }
+        // A query that failed at once must not spin.
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -135,7 +187,7 @@ fn consume(
     consumer: &BaseConsumer,
     start: i64,
     high: i64,
-    floor: i64,
+    plan: Plan,
     progress: &mut Progress,
 ) -> Result<Consumed, StateError> {
     let (topic, partition) = (store.changelog_topic(), store.partition());
@@ -151,7 +203,7 @@ fn consume(
         "topic" => store.topic().to_string(),
         "partition" => store.partition().to_string(),
     );
-    let mut asm = Assembler::with_floor(floor);
+    let mut asm = Assembler::with_floor(plan.floor);
     let mut unflushed = 0u64;
     let mut last_message = Instant::now();
     let mut last_error_log: Option<Instant> = None;
@@ -244,9 +296,10 @@ fn consume(
         if at_end(progress.next_offset) && quiet > TAIL_QUIET {
             break;
         }
-        if quiet > STALL_TIMEOUT {
+        if quiet > plan.stall_timeout {
             return Err(StateError::Timeout(format!(
-                "restore of {topic}[{partition}] received nothing for {STALL_TIMEOUT:?} (at offset {} of {high})",
+                "restore of {topic}[{partition}] received nothing for {:?} (at offset {} of {high})",
+                plan.stall_timeout,
                 progress.next_offset
             )));
         }

@@ -21,7 +21,7 @@ pub(crate) enum Local {
         db: sled::Db,
         data: sled::Tree,
         meta: sled::Tree,
-        claim: DirClaim,
+        _claim: DirClaim,
     },
     /// A sorted map in memory.
     Memory(Mutex<BTreeMap<Vec<u8>, Vec<u8>>>),

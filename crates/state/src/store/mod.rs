@@ -58,6 +58,9 @@ struct Inner {
     applied: Mutex<BTreeSet<i64>>,
     /// Set by [`PartitionStore::fence`] (and a clean close): every write is refused.
     fenced: AtomicBool,
+    /// A restore emptied the store: its checkpoint no longer applies, and a retried
+    /// restore starts from the beginning of the changelog.
+    emptied: AtomicBool,
 }
 
 impl PartitionStore {
@@ -98,6 +101,7 @@ impl PartitionStore {
                 write_lock: Mutex::new(()),
                 applied: Mutex::new(applied.into_iter().collect()),
                 fenced: AtomicBool::new(false),
+                emptied: AtomicBool::new(false),
             }),
         };
         Ok((store, report))
@@ -293,13 +297,21 @@ impl PartitionStore {
             .write(ops.iter().map(|(k, v)| (k.as_slice(), v.as_deref())))
     }
 
-    /// Empties the local data (a checkpoint the changelog cannot serve is being dropped).
+    /// Empties the local data and removes the checkpoint (a checkpoint the changelog
+    /// cannot serve is being dropped); from then on [`emptied`](Self::emptied) is true.
     /// Refused once fenced.
     pub(crate) fn clear_local(&self) -> Result<(), StateError> {
         let _order = self.inner.write_lock.lock();
         self.check_open()?;
+        self.inner.emptied.store(true, Ordering::Release);
         self.inner.applied.lock().clear();
+        open::remove_checkpoint(&self.inner.local)?;
         self.inner.local.clear()
+    }
+
+    /// Whether a restore emptied the store, so that its checkpoint no longer applies.
+    pub(crate) fn emptied(&self) -> bool {
+        self.inner.emptied.load(Ordering::Acquire)
     }
 
     pub(crate) fn add_applied(&self, offsets: &BTreeSet<i64>) {

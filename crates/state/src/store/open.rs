@@ -10,6 +10,13 @@
 //!   acknowledged batch, and the source offsets whose effects it holds that may still be
 //!   redelivered.
 //!
+//! Opening the store leaves the checkpoint in place. The local store receives only
+//! batches the changelog acknowledged, so whatever happened since the checkpoint was
+//! written (more batches applied, a crash, a restore that failed part-way), the store is
+//! at or past the checkpoint and never ahead of the changelog: replaying the changelog
+//! from the checkpoint brings it up to date. A restore that empties the store (its
+//! checkpoint did not fit the changelog) removes the checkpoint.
+//!
 //! Anything unexpected at open — sled refusing the files, a panic inside sled on a
 //! damaged file, a missing or foreign identity, an unreadable checkpoint, data without a
 //! checkpoint — is answered the same way: log it, delete the directory, start empty and
@@ -85,9 +92,9 @@ pub enum RebuildReason {
     /// The checkpoint record could not be decoded.
     #[error("unreadable checkpoint: {0}")]
     UnreadableCheckpoint(String),
-    /// The database holds data but no checkpoint: the last owner did not close cleanly,
-    /// so the data may be ahead of the changelog.
-    #[error("no checkpoint (the previous owner did not close cleanly)")]
+    /// The database holds data but no checkpoint (it was never closed cleanly since it
+    /// was created or emptied), so nothing says where in the changelog it stands.
+    #[error("no checkpoint (the store was never closed cleanly)")]
     NoCheckpoint,
 }
 
@@ -161,7 +168,7 @@ impl Sled {
             db,
             data,
             meta,
-            claim,
+            _claim: claim,
         }
     }
 }
@@ -298,10 +305,9 @@ fn inspect(cfg: &StateConfig, id: &Identity, dir: &Path) -> Result<Inspected, St
             )))
         }
     };
-    // From here until the next clean close the local store may run ahead of the
-    // changelog, so the checkpoint must not survive a crash.
-    meta.remove(CHECKPOINT_KEY)?;
-    db.flush()?;
+    // The checkpoint stays: the local store only ever receives acknowledged batches, so
+    // after a crash it is at or past the checkpoint, and replaying the changelog from the
+    // checkpoint (absolute values) catches it up. A restore that fails can be retried.
     Ok(Inspected::Ready {
         sled: Sled { db, data, meta },
         report: OpenReport::Checkpoint {

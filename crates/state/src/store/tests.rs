@@ -80,7 +80,7 @@ fn task_batch_reads_its_own_writes_and_reaches_the_store_only_when_applied() -> 
 }
 
 #[test]
-fn checkpoint_is_consumed_by_open() -> anyhow::Result<()> {
+fn checkpoint_outlives_opens_and_crashes_until_the_store_is_emptied() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let c = cfg(dir.path());
     {
@@ -99,8 +99,27 @@ fn checkpoint_is_consumed_by_open() -> anyhow::Result<()> {
     assert_eq!(store.applied_source_offsets_from(0), vec![7, 9]);
     assert_eq!(store.applied_source_offsets_from(8), vec![9]);
     assert_eq!(store.get(b"k")?, Some(b"v".to_vec()));
+    // An acknowledged batch applied after the checkpoint, then a crash (no close).
+    let b = store.task_batch();
+    b.put(b"k", b"newer")?;
+    commit(&store, &b, 50)?;
+    drop((store, b));
+    // The store is past its checkpoint, never ahead of the changelog: a replay from the
+    // checkpoint catches it up, so the checkpoint stays usable.
+    let (store, report) = PartitionStore::open(&c, "sub", "tasks", 0)?;
+    assert_eq!(report, OpenReport::Checkpoint { offset: 42 });
+    assert_eq!(store.get(b"k")?, Some(b"newer".to_vec()));
+    // A restore that empties the store removes the checkpoint with the data.
+    store.clear_local()?;
+    assert!(store.emptied());
+    store.apply_acknowledged(
+        &[Mutation {
+            key: b"x".to_vec(),
+            value: Some(b"1".to_vec()),
+        }],
+        0,
+    )?;
     drop(store);
-    // No clean close this time: the data can no longer be trusted.
     let (store, report) = PartitionStore::open(&c, "sub", "tasks", 0)?;
     assert_eq!(
         report,
@@ -282,7 +301,7 @@ fn a_fenced_store_refuses_every_write() -> anyhow::Result<()> {
     assert!(store.entries()?.is_empty(), "nothing reached the store");
     // Fencing twice is fine.
     store.fence();
-    drop(store);
+    drop((store, b));
     // The refused close wrote no checkpoint.
     let (_store, report) = PartitionStore::open(&c, "sub", "tasks", 0)?;
     assert_eq!(report.restore_from(), None);
