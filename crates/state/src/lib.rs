@@ -117,6 +117,9 @@ pub mod internal {
         create_changelog_topic, ChangelogTopicInfo, ChangelogWriter, PendingAppend,
     };
     pub use crate::record::{headers, Mutation};
-    pub use crate::restore::{restore, RestoreOptions, RestoreReport, DEFAULT_STALL_TIMEOUT};
+    pub use crate::restore::{
+        restore, RestoreOptions, RestoreReport, DEFAULT_STALL_TIMEOUT, RESTORED_RECORDS_TOTAL,
+        RESTORE_SECONDS,
+    };
     pub use crate::store::{OpenReport, PartitionStore, RebuildReason, TaskBatch};
 }

@@ -68,6 +68,7 @@ use crate::record::{Mutation, NO_TASK};
 use crate::store::PartitionStore;
 use crate::StateError;
 use replay::{replay, Plan, Replayed};
+pub use replay::{RESTORED_RECORDS_TOTAL, RESTORE_SECONDS};
 
 /// What a [`restore`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -259,7 +260,7 @@ pub async fn restore(
     store.add_applied(&report.applied_source_offsets);
     report.elapsed = started.elapsed();
     metrics::histogram!(
-        "decaton_state_restore_seconds",
+        RESTORE_SECONDS,
         "subscription" => store.subscription().to_string(),
         "topic" => store.topic().to_string(),
         "partition" => store.partition().to_string(),

@@ -24,6 +24,13 @@ use crate::record::classify;
 use crate::store::PartitionStore;
 use crate::StateError;
 
+/// Counter of changelog records read by restores, labelled `subscription`, `topic` and
+/// `partition` of the store's source partition. Only this crate counts it.
+pub const RESTORED_RECORDS_TOTAL: &str = "decaton_state_restored_records_total";
+/// Histogram of the wall time of restores in seconds, labelled like
+/// [`RESTORED_RECORDS_TOTAL`].
+pub const RESTORE_SECONDS: &str = "decaton_state_restore_seconds";
+
 /// Local writes are collected into atomic batches of this many records.
 const FLUSH_EVERY: usize = 16 * 1024;
 /// A progress line every this many records.
@@ -198,7 +205,7 @@ fn consume(
     consumer.assign(&tpl)?;
 
     let counter = metrics::counter!(
-        "decaton_state_restored_records_total",
+        RESTORED_RECORDS_TOTAL,
         "subscription" => store.subscription().to_string(),
         "topic" => store.topic().to_string(),
         "partition" => store.partition().to_string(),
