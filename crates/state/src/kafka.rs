@@ -3,9 +3,12 @@
 //! workers.
 //!
 //! The user's `kafka` settings pass straight through to librdkafka. The changelog
-//! producer then gets the settings it cannot do without (`acks=all`,
-//! `enable.idempotence=true`) forced on top: the restore relies on a partition's records
-//! being stored once each, in the order they were handed to the producer.
+//! producer starts from its own defaults (`linger.ms=1`: a task's key waits for the
+//! acknowledgement of the task's batch before its next task runs, so latency matters
+//! more than batching), which the user's settings override, and then gets the settings
+//! it cannot do without (`acks=all`, `enable.idempotence=true`) forced on top: the
+//! restore relies on a partition's records being stored once each, in the order they
+//! were handed to the producer.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -15,6 +18,9 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::ClientConfig;
 
 use crate::StateError;
+
+/// Defaults of the changelog producer; the pass-through settings override them.
+const PRODUCER_DEFAULTS: [(&str, &str); 1] = [("linger.ms", "1")];
 
 /// Producer settings the changelog cannot do without; they override the pass-through.
 const FORCED_PRODUCER: [(&str, &str); 2] = [("acks", "all"), ("enable.idempotence", "true")];
@@ -29,10 +35,16 @@ pub(crate) fn client_config(bootstrap: &str, kafka: &BTreeMap<String, String>) -
     cfg
 }
 
-/// The changelog producer's config: the pass-through settings, with the forced settings
-/// on top (a conflicting pass-through value is logged and ignored).
+/// The changelog producer's config: its defaults, the pass-through settings over them,
+/// and the forced settings on top (a conflicting pass-through value is logged and
+/// ignored).
 pub(crate) fn producer_config(bootstrap: &str, kafka: &BTreeMap<String, String>) -> ClientConfig {
-    let mut cfg = client_config(bootstrap, kafka);
+    let mut with_defaults: BTreeMap<String, String> = PRODUCER_DEFAULTS
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    with_defaults.extend(kafka.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let mut cfg = client_config(bootstrap, &with_defaults);
     for (k, v) in FORCED_PRODUCER {
         if let Some(given) = kafka
             .get(k)
@@ -67,4 +79,41 @@ pub(crate) async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| StateError::Internal(format!("blocking task failed: {e}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn producer_defaults_yield_to_the_user_but_forced_settings_do_not() {
+        let cfg = producer_config("b:9092", &settings(&[]));
+        assert_eq!(cfg.get("linger.ms"), Some("1"));
+        assert_eq!(cfg.get("acks"), Some("all"));
+        assert_eq!(cfg.get("enable.idempotence"), Some("true"));
+        assert_eq!(cfg.get("bootstrap.servers"), Some("b:9092"));
+
+        let cfg = producer_config(
+            "b:9092",
+            &settings(&[
+                ("linger.ms", "20"),
+                ("acks", "1"),
+                ("enable.idempotence", "false"),
+                ("bootstrap.servers", "elsewhere:1"),
+                ("compression.type", "lz4"),
+            ]),
+        );
+        assert_eq!(cfg.get("linger.ms"), Some("20"));
+        assert_eq!(cfg.get("compression.type"), Some("lz4"));
+        assert_eq!(cfg.get("acks"), Some("all"));
+        assert_eq!(cfg.get("enable.idempotence"), Some("true"));
+        assert_eq!(cfg.get("bootstrap.servers"), Some("b:9092"));
+    }
 }

@@ -59,8 +59,8 @@ impl std::fmt::Debug for ChangelogWriter {
 }
 
 impl ChangelogWriter {
-    /// Creates the producer: the `kafka` settings pass through to librdkafka, with
-    /// `acks=all` and `enable.idempotence=true` forced.
+    /// Creates the producer: `linger.ms=1` by default, the `kafka` settings pass through
+    /// to librdkafka over it, and `acks=all` and `enable.idempotence=true` are forced.
     pub fn new(bootstrap: &str, kafka: &BTreeMap<String, String>) -> Result<Self, StateError> {
         let producer: FutureProducer = producer_config(bootstrap, kafka).create()?;
         Ok(ChangelogWriter {
