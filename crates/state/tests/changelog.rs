@@ -116,7 +116,12 @@ async fn apply_restore_roundtrip(broker: &TestBroker) -> anyhow::Result<()> {
     let dir_a = tempfile::tempdir()?;
     let (a, report) = PartitionStore::open(&sled_cfg(dir_a.path()), &sub, "tasks", PARTITION)?;
     assert_eq!(report, OpenReport::Fresh);
-    let r = restore(&a, &bootstrap, &kafka(), &RestoreOptions::new(report.restore_from(), 0))
+    let r = restore(
+        &a,
+        &bootstrap,
+        &kafka(),
+        &RestoreOptions::new(report.restore_from(), 0),
+    )
     .await?;
     assert_eq!(r.records_read, 0);
     let mut model = Model::new();
@@ -300,7 +305,10 @@ async fn restore_records_only_offsets_at_or_above_the_floor() -> anyhow::Result<
     assert_eq!(entries(&b)?, model);
     assert_eq!(r.batches_applied, 50);
     assert_eq!(r.applied_source_offsets, (42..50).collect::<BTreeSet<_>>());
-    assert_eq!(b.applied_source_offsets_from(0), (42..50).collect::<Vec<_>>());
+    assert_eq!(
+        b.applied_source_offsets_from(0),
+        (42..50).collect::<Vec<_>>()
+    );
     assert!(b.is_applied(42) && !b.is_applied(41));
     b.forget_applied_below(45);
     assert_eq!(b.applied_source_offsets_from(0), vec![45, 46, 47, 48, 49]);
@@ -311,8 +319,7 @@ async fn restore_records_only_offsets_at_or_above_the_floor() -> anyhow::Result<
 const NO_BROKER: &str = "127.0.0.1:1";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_restore_is_retried_on_the_same_store_from_its_checkpoint() -> anyhow::Result<()>
-{
+async fn a_failed_restore_is_retried_on_the_same_store_from_its_checkpoint() -> anyhow::Result<()> {
     let broker = embedded();
     let sub = unique("retry");
     let topic = changelog_topic(&sub, "state");
@@ -341,8 +348,7 @@ async fn a_failed_restore_is_retried_on_the_same_store_from_its_checkpoint() -> 
     let OpenReport::Checkpoint { offset } = report else {
         anyhow::bail!("expected a checkpoint, got {report:?}")
     };
-    let options =
-        RestoreOptions::new(Some(offset), 0).with_stall_timeout(Duration::from_secs(2));
+    let options = RestoreOptions::new(Some(offset), 0).with_stall_timeout(Duration::from_secs(2));
     let started = Instant::now();
     let failed = restore(&a, NO_BROKER, &kafka(), &options).await;
     assert!(failed.is_err(), "{failed:?}");
@@ -378,7 +384,10 @@ async fn fencing_stops_a_restore_in_progress() -> anyhow::Result<()> {
     let fenced_at = Instant::now();
     store.fence();
     let r = tokio::time::timeout(Duration::from_secs(10), running).await??;
-    assert!(matches!(r, Err(decaton_state::StateError::Closed(_))), "{r:?}");
+    assert!(
+        matches!(r, Err(decaton_state::StateError::Closed(_))),
+        "{r:?}"
+    );
     assert!(fenced_at.elapsed() < Duration::from_secs(5));
     Ok(())
 }
@@ -388,7 +397,10 @@ fn high_watermark(bootstrap: &str, topic: &str) -> anyhow::Result<i64> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()?;
-    Ok(c.fetch_watermarks(topic, PARTITION, Duration::from_secs(10))?.1)
+    Ok(
+        c.fetch_watermarks(topic, PARTITION, Duration::from_secs(10))?
+            .1,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -413,9 +425,16 @@ async fn a_fenced_store_is_not_restored_and_nothing_is_appended() -> anyhow::Res
     let (b, _) = PartitionStore::open(&mem, &sub, "t", PARTITION)?;
     b.fence();
     let r = restore(&b, &bootstrap, &kafka(), &RestoreOptions::new(None, 0)).await;
-    assert!(matches!(r, Err(decaton_state::StateError::Closed(_))), "{r:?}");
+    assert!(
+        matches!(r, Err(decaton_state::StateError::Closed(_))),
+        "{r:?}"
+    );
     assert!(entries(&b)?.is_empty());
-    assert_eq!(high_watermark(&bootstrap, &topic)?, high, "nothing appended");
+    assert_eq!(
+        high_watermark(&bootstrap, &topic)?,
+        high,
+        "nothing appended"
+    );
 
     // The torn batch is still unmarked: the next (unfenced) owner marks it.
     let (c, _) = PartitionStore::open(&mem, &sub, "t", PARTITION)?;
@@ -462,7 +481,13 @@ async fn checkpoint_tail(broker: &TestBroker) -> anyhow::Result<()> {
     let OpenReport::Checkpoint { offset } = report else {
         anyhow::bail!("expected a checkpoint, got {report:?}")
     };
-    let r = restore(&a, &bootstrap, &kafka(), &RestoreOptions::new(Some(offset), 0)).await?;
+    let r = restore(
+        &a,
+        &bootstrap,
+        &kafka(),
+        &RestoreOptions::new(Some(offset), 0),
+    )
+    .await?;
     assert!(
         r.records_read <= 10,
         "read {} records, expected only the tail",
@@ -524,7 +549,12 @@ async fn garbage_in_the_state_dir_is_rebuilt_from_the_changelog() -> anyhow::Res
     assert!(matches!(report, OpenReport::Rebuilt { .. }), "{report:?}");
     assert_eq!(report.restore_from(), None);
     assert!(entries(&a)?.is_empty());
-    let r = restore(&a, &bootstrap, &kafka(), &RestoreOptions::new(report.restore_from(), 0))
+    let r = restore(
+        &a,
+        &bootstrap,
+        &kafka(),
+        &RestoreOptions::new(report.restore_from(), 0),
+    )
     .await?;
     assert_eq!(entries(&a)?, model);
     assert_eq!(r.batches_applied, 50);
@@ -565,7 +595,12 @@ async fn checkpoint_beyond_the_changelog_restores_from_the_beginning() -> anyhow
         a.close_clean(1_000_000, &[])?;
     }
     let (a, report) = PartitionStore::open(&sled_cfg(dir.path()), &sub, "tasks", PARTITION)?;
-    let r = restore(&a, &bootstrap, &kafka(), &RestoreOptions::new(report.restore_from(), 0))
+    let r = restore(
+        &a,
+        &bootstrap,
+        &kafka(),
+        &RestoreOptions::new(report.restore_from(), 0),
+    )
     .await?;
     assert!(r.checkpoint_discarded);
     assert_eq!(entries(&a)?, model);

@@ -171,4 +171,3 @@ async fn create_one(
         )),
     }
 }
-

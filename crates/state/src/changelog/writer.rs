@@ -174,10 +174,7 @@ impl ChangelogWriter {
     /// blocking context.
     pub fn purge_queued(&self) {
         self.producer.purge(PurgeConfig::default().queue());
-        tracing::debug!(
-            writer = self.writer_id,
-            "purged queued changelog records"
-        );
+        tracing::debug!(writer = self.writer_id, "purged queued changelog records");
     }
 
     fn send(&self, mut record: FutureRecord<'_, [u8], [u8]>) -> Result<DeliveryFuture, KafkaError> {

@@ -450,7 +450,11 @@ mod tests {
         let mut log = Vec::new();
         let mut w = Writer::new(1);
         for src in 0..4 {
-            w.batch(&mut log, src, &[(b"k", Some(&[src as u8][..])), (b"j", None)]);
+            w.batch(
+                &mut log,
+                src,
+                &[(b"k", Some(&[src as u8][..])), (b"j", None)],
+            );
         }
         let mut asm = Assembler::with_floor(2);
         for r in &log {

@@ -281,4 +281,3 @@ pub async fn restore(
     );
     Ok(report)
 }
-

@@ -318,11 +318,7 @@ fn consume(
 }
 
 /// Settles what is left at the end of the changelog.
-fn finish(
-    store: &PartitionStore,
-    progress: Progress,
-    mut asm: Box<Assembler>,
-) -> Replayed {
+fn finish(store: &PartitionStore, progress: Progress, mut asm: Box<Assembler>) -> Replayed {
     let torn = asm.finish();
     // `finish` may apply compacted batches; `restore` writes them with the compensation.
     let tail_ops = std::mem::take(&mut asm.ops);

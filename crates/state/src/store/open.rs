@@ -42,7 +42,7 @@ const CHECKPOINT_KEY: &[u8] = b"checkpoint";
 /// How long an open waits for the sled file lock of a handle that is shutting down.
 const LOCK_WAIT: Duration = Duration::from_secs(5);
 
-/// What [`PartitionStore::open`] found on disk.
+/// What [`PartitionStore::open`](super::PartitionStore::open) found on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OpenReport {
     /// Nothing usable was there (first open, or the in-memory backend): restore the
@@ -365,7 +365,6 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         "non-string panic payload".to_string()
     }
 }
-
 
 /// Writes `checkpoint` into the `meta` tree and flushes. The in-memory backend keeps no
 /// checkpoint.

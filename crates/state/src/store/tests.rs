@@ -6,7 +6,11 @@ use super::*;
 use crate::StateStore;
 
 /// What the runtime does once the changelog acknowledged a task's batch.
-fn commit(store: &PartitionStore, batch: &TaskBatch, src: i64) -> Result<Vec<Mutation>, StateError> {
+fn commit(
+    store: &PartitionStore,
+    batch: &TaskBatch,
+    src: i64,
+) -> Result<Vec<Mutation>, StateError> {
     let muts = store.take_mutations(batch)?;
     store.apply_acknowledged(&muts, src)?;
     Ok(muts)
