@@ -211,7 +211,6 @@ fn consume(
         "partition" => store.partition().to_string(),
     );
     let mut asm = Assembler::with_floor(plan.floor);
-    let mut unflushed = 0u64;
     let mut last_message = Instant::now();
     let mut last_error_log: Option<Instant> = None;
     let started = Instant::now();
@@ -226,7 +225,7 @@ fn consume(
                 let offset = msg.offset();
                 progress.records_read += 1;
                 progress.next_offset = progress.next_offset.max(offset + 1);
-                unflushed += 1;
+                counter.increment(1);
                 let kind = classify(
                     msg.headers()
                         .into_iter()
@@ -242,7 +241,6 @@ fn consume(
                 if asm.ops.len() >= FLUSH_EVERY {
                     store.write_restored(&asm.ops)?;
                     asm.ops.clear();
-                    counter.increment(std::mem::take(&mut unflushed));
                 }
                 if progress.records_read % PROGRESS_EVERY == 0 {
                     let secs = started.elapsed().as_secs_f64().max(1e-9);
@@ -313,7 +311,6 @@ fn consume(
     }
     store.write_restored(&asm.ops)?;
     asm.ops.clear();
-    counter.increment(unflushed);
     Ok(Consumed::Done(Box::new(asm)))
 }
 
