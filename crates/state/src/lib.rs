@@ -58,21 +58,25 @@
 //!    `Checkpoint { offset }` or `Rebuilt { reason }`.
 //! 2. [`internal::restore`] from [`internal::OpenReport::restore_from`], with the source
 //!    partition's committed offset as the floor of the applied set
-//!    ([`internal::RestoreOptions`]), before any task of the partition runs. If it fails, call it again **on the same store** with the
-//!    same arguments; do not reopen the store. Skip redelivered tasks for which
-//!    [`internal::PartitionStore::is_applied`] is true.
+//!    ([`internal::RestoreOptions`]), before any task of the partition runs. If it fails,
+//!    call it again **on the same store** with the same options; do not reopen the
+//!    store. Skip redelivered tasks for which [`internal::PartitionStore::is_applied`] is
+//!    true, and call [`internal::PartitionStore::forget_applied_below`] with the committed
+//!    offset as it advances.
 //! 3. Per task: [`internal::PartitionStore::task_batch`] for the task; when it completes,
 //!    [`internal::PartitionStore::take_mutations`], [`internal::ChangelogWriter::enqueue`]
-//!    (blocking), await [`internal::PendingAppend::wait`], then
-//!    [`internal::PartitionStore::apply_acknowledged`]; only then does the task count as
-//!    done. After a failed append, re-send the same mutations.
-//! 4. On revoke: [`internal::PartitionStore::fence`] and
-//!    [`internal::ChangelogWriter::purge_queued`], so nothing of this partition is written
-//!    any more. On a clean release, once every append was acknowledged and applied:
+//!    (blocking: run it on the blocking pool), await [`internal::PendingAppend::wait`],
+//!    then [`internal::PartitionStore::apply_acknowledged`]; only then does the task count
+//!    as done. After a failed append, re-send the same mutations.
+//! 4. On release, once every append was acknowledged and applied:
 //!    [`internal::PartitionStore::close_clean`] with the next changelog offset and the
 //!    applied offsets at or above the committed offset
-//!    ([`internal::PartitionStore::applied_source_offsets_from`]). Otherwise drop the store without
-//!    closing it.
+//!    ([`internal::PartitionStore::applied_source_offsets_from`]); it fences the store.
+//!    When the release cannot wait for that (appends still failing, tasks abandoned, the
+//!    partition lost): [`internal::PartitionStore::fence`] and
+//!    [`internal::ChangelogWriter::purge_queued`], so nothing of this partition is
+//!    written any more, and drop the store without a checkpoint; its next open restores
+//!    from the previous checkpoint.
 //!
 //! # Where things are
 //!
@@ -95,8 +99,9 @@ pub use error::StateError;
 /// The read and write view of partition-local state that one task uses.
 ///
 /// Reads see the task's own writes first, then the partition's store. Writes are
-/// buffered until the task completes; the runtime then applies them atomically and
-/// appends them to the changelog. Keys and values are opaque bytes.
+/// buffered until the task completes; the runtime then appends them to the changelog and,
+/// once the broker acknowledged them, applies them to the local store atomically. Keys
+/// and values are opaque bytes.
 pub trait StateStore: Send + Sync {
     /// The value stored under `key`, if any.
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StateError>;

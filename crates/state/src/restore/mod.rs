@@ -4,8 +4,8 @@
 //! (or from the beginning) up to the high watermark taken when the restore starts, and
 //! applies the writes of **complete task batches** only. The reasoning:
 //!
-//! * A task's writes reach the changelog as one batch of records (see the changelog
-//!   module for the headers). A writer that crashes part-way leaves a *torn* batch: its
+//! * A task's writes reach the changelog as one batch of records (see
+//!   [`record`](crate::record) for the headers). A writer that crashes part-way leaves a *torn* batch: its
 //!   first records, not the rest. Applying them would hand the redelivered task a state
 //!   with half of its own earlier effects, so a torn batch is ignored — the task runs
 //!   again against state that has none of them.

@@ -131,10 +131,13 @@ impl PartitionStore {
     /// Applies mutations the changelog has acknowledged to the local store, in one atomic
     /// batch, and records `source_offset` as applied (see [`is_applied`](Self::is_applied)).
     ///
-    /// Batches that may write the same state keys must be applied in the order they were
-    /// enqueued to the changelog, so the local store ends like the changelog. The runtime
-    /// gets this by running tasks that share a key one at a time, each waiting for its
-    /// acknowledgement before the next starts.
+    /// Batches that write the same state key must be applied in the order they were
+    /// enqueued to the changelog, so the local store ends like the changelog. Tasks that
+    /// share a task key run one at a time, the next one only after the previous one's
+    /// batch was acknowledged and applied, which gives that order (and fresh reads) for
+    /// state kept per task key. Tasks of different task keys that write one shared state
+    /// key race, as any concurrent read-modify-write does, and their batches may be
+    /// applied in another order than the changelog holds them.
     pub fn apply_acknowledged(
         &self,
         mutations: &[Mutation],
@@ -160,8 +163,9 @@ impl PartitionStore {
     /// [`restore`](crate::internal::restore) in progress on this store stops at its next
     /// poll with [`StateError::Closed`], appending nothing to the changelog.
     ///
-    /// Call it when the partition is revoked. A local write in progress finishes before
-    /// this returns; none starts after. Reads still work.
+    /// Call it when the partition is released without a clean close (a clean close
+    /// fences by itself). A local write in progress finishes before this returns; none
+    /// starts after. Reads still work.
     pub fn fence(&self) {
         let _order = self.inner.write_lock.lock();
         if !self.inner.fenced.swap(true, Ordering::AcqRel) {
