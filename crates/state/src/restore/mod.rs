@@ -233,13 +233,35 @@ pub async fn restore(
                 })
             })
             .collect::<Result<Vec<_>, StateError>>()?;
-        let writer = ChangelogWriter::new(bootstrap, kafka)?;
-        let markers = writer.enqueue_abort_markers(changelog_topic, partition, &torn)?;
-        let rewrite = writer.enqueue(changelog_topic, partition, NO_TASK, &compensation)?;
-        for last in [markers.wait().await?, rewrite.wait().await?]
-            .into_iter()
-            .flatten()
-        {
+        let (writer, markers, rewrite) = {
+            let (bootstrap, kafka) = (bootstrap.to_string(), kafka.clone());
+            let (topic, torn, compensation) = (
+                changelog_topic.to_string(),
+                torn.clone(),
+                compensation.clone(),
+            );
+            blocking(move || {
+                let writer = ChangelogWriter::new(&bootstrap, &kafka)?;
+                let markers = writer.enqueue_abort_markers(&topic, partition, &torn)?;
+                let rewrite = writer.enqueue(&topic, partition, NO_TASK, &compensation)?;
+                Ok((writer, markers, rewrite))
+            })
+            .await?
+        };
+        let acknowledged = tokio::time::timeout(options.stall_timeout, async {
+            Ok::<_, StateError>([markers.wait().await?, rewrite.wait().await?])
+        })
+        .await
+        .map_err(|_| {
+            StateError::Timeout(format!(
+                "restore of {changelog_topic}[{partition}]: abort markers not acknowledged \
+                 within {:?}",
+                options.stall_timeout
+            ))
+        })??;
+        // Dropping the writer purges whatever it still holds; everything is acknowledged.
+        drop(writer);
+        for last in acknowledged.into_iter().flatten() {
             report.next_offset = report.next_offset.max(last + 1);
         }
         report.abort_markers_written = torn.len() as u64;
