@@ -138,6 +138,9 @@ impl PartitionStore {
     /// state kept per task key. Tasks of different task keys that write one shared state
     /// key race, as any concurrent read-modify-write does, and their batches may be
     /// applied in another order than the changelog holds them.
+    ///
+    /// Refused with [`StateError::Closed`] once the store is fenced. For the sled
+    /// backend this writes to disk: call it from a blocking context in async code.
     pub fn apply_acknowledged(
         &self,
         mutations: &[Mutation],
@@ -199,7 +202,8 @@ impl PartitionStore {
     /// local store: every append was acknowledged and applied (a failed append counts once
     /// its mutations were re-sent, acknowledged and applied). Otherwise drop the store
     /// without closing: the next open then restores from the previous checkpoint, or from
-    /// the beginning. The in-memory backend keeps no checkpoint.
+    /// the beginning. The in-memory backend keeps no checkpoint. For the sled backend this
+    /// flushes to disk: call it from a blocking context in async code.
     pub fn close_clean(
         &self,
         changelog_next_offset: i64,
