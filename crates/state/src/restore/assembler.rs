@@ -466,6 +466,51 @@ mod tests {
         assert_eq!(asm.ops.last(), Some(&(b"j".to_vec(), None)));
     }
 
+    /// A restore that fails part-way has written some of its ops; the retry replays the
+    /// same records from the same offset over that state and must end where a single
+    /// replay ends.
+    #[test]
+    fn a_retried_replay_over_a_partly_restored_state_ends_the_same() {
+        let mut log = Vec::new();
+        let mut w1 = Writer::new(1);
+        w1.batch(&mut log, 0, &[(b"a", Some(b"1")), (b"b", Some(b"1"))]);
+        w1.batch(&mut log, 1, &[(b"a", Some(b"2")), (b"c", Some(b"1"))]);
+        let mut w2 = Writer::new(2);
+        w2.batch(&mut log, 2, &[(b"b", None), (b"c", Some(b"2"))]);
+        w2.batch(&mut log, 3, &[(b"a", Some(b"3")), (b"d", Some(b"1"))]);
+        log.pop(); // torn tail
+        let log = compact(&log, 4, false);
+        let expected = replay(&log).state;
+        let apply = |state: &mut State, ops: &mut Vec<(Vec<u8>, Option<Vec<u8>>)>| {
+            for (k, v) in ops.drain(..) {
+                match v {
+                    Some(v) => state.insert(k, v),
+                    None => state.remove(&k),
+                };
+            }
+        };
+        for stop in 0..=log.len() {
+            // The failed attempt: the ops of the records it got to, written locally.
+            let mut first = Assembler::default();
+            for r in &log[..stop] {
+                first.push(r.offset, Some(r.key.clone()), r.value.clone(), r.kind);
+            }
+            let mut state = State::new();
+            apply(&mut state, &mut first.ops);
+            // The retry, from the same offset, over that state.
+            let mut retry = Assembler::default();
+            for r in &log {
+                retry.push(r.offset, Some(r.key.clone()), r.value.clone(), r.kind);
+            }
+            retry.finish();
+            apply(&mut state, &mut retry.ops);
+            assert_eq!(
+                state, expected,
+                "first attempt stopped after {stop} records"
+            );
+        }
+    }
+
     #[test]
     fn torn_tail_is_ignored_and_reported() {
         let mut log = Vec::new();
