@@ -351,7 +351,10 @@ async fn a_failed_restore_is_retried_on_the_same_store_from_its_checkpoint() -> 
     let options = RestoreOptions::new(Some(offset), 0).with_stall_timeout(Duration::from_secs(2));
     let started = Instant::now();
     let failed = restore(&a, NO_BROKER, &kafka(), &options).await;
-    assert!(failed.is_err(), "{failed:?}");
+    assert!(
+        matches!(failed, Err(decaton_state::StateError::Timeout(_))),
+        "{failed:?}"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(20),
         "a restore without a broker gave up after {:?}",
