@@ -127,7 +127,10 @@ async fn apply_restore_roundtrip(broker: &TestBroker) -> anyhow::Result<()> {
     let mut model = Model::new();
     run_tasks(&a, &writer, &sample_tasks(0, 40), &mut model).await?;
     // An empty task appends nothing.
-    assert_eq!(writer.append(&topic, PARTITION, 40, &[]).await?, None);
+    assert_eq!(
+        writer.enqueue(&topic, PARTITION, 40, &[])?.wait().await?,
+        None
+    );
     assert_eq!(entries(&a)?, model);
 
     // Another host, nothing on disk.

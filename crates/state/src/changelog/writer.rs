@@ -75,24 +75,6 @@ impl ChangelogWriter {
         self.writer_id
     }
 
-    /// Appends the batch of the task at `source_offset` to `changelog_topic` partition
-    /// `partition` and resolves when every record is acknowledged, with the offset of the
-    /// last one: [`enqueue`](Self::enqueue), then [`PendingAppend::wait`]. An empty batch
-    /// sends nothing and resolves to `None`.
-    ///
-    /// Blocks the calling thread while librdkafka's queue is full (see `enqueue`).
-    pub async fn append(
-        &self,
-        changelog_topic: &str,
-        partition: i32,
-        source_offset: i64,
-        mutations: &[Mutation],
-    ) -> Result<Option<i64>, StateError> {
-        self.enqueue(changelog_topic, partition, source_offset, mutations)?
-            .wait()
-            .await
-    }
-
     /// Hands every record of the batch of the task at `source_offset` to librdkafka now,
     /// in order, one record per mutation, and returns the acknowledgements to await.
     /// Batches enqueued one after the other land in the partition in that order.
