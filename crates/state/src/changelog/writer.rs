@@ -79,8 +79,12 @@ impl ChangelogWriter {
     /// in order, one record per mutation, and returns the acknowledgements to await.
     /// Batches enqueued one after the other land in the partition in that order.
     ///
-    /// **Blocking:** while librdkafka's queue is full (back-pressure) this call sleeps and
-    /// retries, for at most 30 s. Call it from a blocking context
+    /// When librdkafka's queue is full before the batch's first record, nothing is sent and
+    /// the call fails at once ([`StateError::Delivery`] with `QueueFull`): the caller backs
+    /// off and sends again later, holding no thread meanwhile. A queue that fills up part
+    /// way through a batch is waited for (at most 30 s) so the batch is not torn.
+    ///
+    /// **Blocking:** that wait sleeps; call it from a blocking context
     /// (`tokio::task::spawn_blocking`), not on an async worker.
     pub fn enqueue(
         &self,
@@ -125,10 +129,13 @@ impl ChangelogWriter {
             if let Some(v) = &m.value {
                 record = record.payload(v.as_slice());
             }
-            match self.send(record) {
+            match self.send(record, index > 0) {
                 Ok(delivery) => pending.deliveries.push(delivery),
                 Err(error) => {
-                    if index > 0 {
+                    if index == 0 {
+                        // Nothing of the batch was sent: its sequence numbers are unused.
+                        *next = base;
+                    } else {
                         // Part of the batch is on its way and later batches of this writer
                         // would follow it: say right behind it that it is torn.
                         self.enqueue_abort_marker(changelog_topic, partition, batch);
@@ -159,13 +166,19 @@ impl ChangelogWriter {
         tracing::debug!(writer = self.writer_id, "purged queued changelog records");
     }
 
-    fn send(&self, mut record: FutureRecord<'_, [u8], [u8]>) -> Result<DeliveryFuture, KafkaError> {
+    /// Hands one record to librdkafka; while its queue is full, waits (at most 30 s) only
+    /// if `wait_if_full`.
+    fn send(
+        &self,
+        mut record: FutureRecord<'_, [u8], [u8]>,
+        wait_if_full: bool,
+    ) -> Result<DeliveryFuture, KafkaError> {
         let started = Instant::now();
         loop {
             match self.producer.send_result(record) {
                 Ok(delivery) => return Ok(delivery),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
-                    if started.elapsed() < QUEUE_FULL_TIMEOUT =>
+                    if wait_if_full && started.elapsed() < QUEUE_FULL_TIMEOUT =>
                 {
                     record = back;
                     std::thread::sleep(Duration::from_millis(5));
@@ -199,7 +212,7 @@ impl ChangelogWriter {
             .key(key.as_slice())
             .payload(value)
             .headers(encode_abort(batch));
-        self.send(record)
+        self.send(record, true)
     }
 
     /// Enqueues one abort marker per batch (for a restore that found torn batches).
