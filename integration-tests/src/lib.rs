@@ -350,16 +350,12 @@ pub fn read_counters(
 ) -> anyhow::Result<HashMap<String, u64>> {
     let mut out = HashMap::new();
     for p in 0..partitions {
-        let (store, report) =
+        // Opening leaves the checkpoint in place: reading changes nothing.
+        let (store, _) =
             decaton_state::internal::PartitionStore::open(cfg, subscription, topic, p)?;
         for (k, v) in store.scan_prefix(b"count/")? {
             let user = String::from_utf8_lossy(&k["count/".len()..]).to_string();
             out.insert(user, String::from_utf8_lossy(&v).parse()?);
-        }
-        // Opening consumes the checkpoint; put it back so the next owner still has it.
-        if let Some(offset) = report.restore_from() {
-            let applied: Vec<i64> = store.applied_source_offsets().into_iter().collect();
-            store.close_clean(offset, &applied)?;
         }
     }
     Ok(out)

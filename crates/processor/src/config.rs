@@ -60,6 +60,11 @@ pub struct ProcessorProperties {
     /// Largest encoded offset map; above it, only the position is committed (default
     /// 4000 bytes, under Kafka's default `offset.metadata.max.bytes` of 4096).
     pub offset_map_max_bytes: usize,
+    /// A task scheduled further ahead than this is discarded and counted instead of
+    /// waiting (default 30 days): a corrupt or absurd `scheduled_time_millis` must not
+    /// hold its key forever.
+    #[serde(with = "millis")]
+    pub max_scheduled_delay: Duration,
 }
 
 impl Default for ProcessorProperties {
@@ -75,6 +80,7 @@ impl Default for ProcessorProperties {
             ignore_keys: Vec::new(),
             offset_map: true,
             offset_map_max_bytes: 4000,
+            max_scheduled_delay: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
@@ -96,6 +102,27 @@ pub enum PropertyError {
 }
 
 impl ProcessorProperties {
+    /// Checks the values together; [`SubscriptionBuilder::build`](crate::SubscriptionBuilder::build)
+    /// calls it.
+    pub fn validate(&self) -> Result<(), PropertyError> {
+        let bad = |name: &str, value: String| {
+            Err(PropertyError::InvalidValue {
+                name: name.to_string(),
+                value,
+            })
+        };
+        if self.partition_concurrency == 0 {
+            return bad("partition_concurrency", "0".into());
+        }
+        if self.max_pending == 0 {
+            return bad("max_pending", "0".into());
+        }
+        if self.commit_interval.is_zero() {
+            return bad("commit_interval", "0".into());
+        }
+        Ok(())
+    }
+
     /// Sets one property by its name here (`partition_concurrency`) or its Decaton name
     /// (`decaton.partition.concurrency`). Durations are in milliseconds; a negative
     /// `deferred_complete_timeout` means none.
@@ -164,6 +191,7 @@ impl ProcessorProperties {
                 self.offset_map = value.trim().parse().map_err(|_| bad())?;
             }
             "offset_map_max_bytes" => self.offset_map_max_bytes = num()? as usize,
+            "max_scheduled_delay" | "max_scheduled_delay_ms" => self.max_scheduled_delay = ms()?,
             _ => return Err(PropertyError::Unknown(name.to_string())),
         }
         Ok(self)

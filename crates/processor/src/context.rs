@@ -3,137 +3,21 @@
 //! A task completes when `process` returns, unless the processor calls
 //! [`ProcessingContext::defer`]: then the task completes when the returned [`Completion`]
 //! is completed, from anywhere — another task, a callback, a timer. The lane does not wait:
-//! the key's next task may start as soon as `process` returns. A deferred task counts as
-//! unfinished (its offset is not committed) until then; if it is not completed within
-//! `deferred_complete_timeout`, it is completed as failed. A `Completion` dropped without
-//! being completed fails its task rather than stalling the partition forever.
+//! the key's next task may start as soon as `process` returns — except when the task
+//! wrote partition-local state, which must be durable before the key's next task reads
+//! it. A deferred task counts as unfinished (its offset is not committed) until it
+//! completes; if it is not completed within `deferred_complete_timeout`, it is completed
+//! as failed. A `Completion` dropped without being completed fails its task rather than
+//! stalling the partition forever.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use decaton_protocol::TaskMetadata;
-use parking_lot::Mutex;
 
-use crate::partition::PartitionShared;
-use crate::stats::Counters;
-
-/// How a task ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Outcome {
-    /// Completed normally.
-    Done,
-    /// `process` returned an error or panicked (already counted).
-    FailedCounted,
-    /// `Completion::fail`.
-    Failed,
-    /// Not completed within `deferred_complete_timeout`.
-    TimedOut,
-    /// Every `Completion` handle dropped without completing.
-    Leaked,
-}
-
-/// Hook run when a task completes successfully, before its offset is marked done: the
-/// state store applies the task's buffered mutations here and marks the offset done only
-/// once the changelog has them.
-pub(crate) trait CompletionHook: Send + Sync {
-    /// Takes over marking the offset done (it must call `CompletionInner::mark_done`).
-    fn on_complete(&self, inner: Arc<CompletionInner>, outcome: Outcome);
-}
-
-pub(crate) struct CompletionInner {
-    pub(crate) partition: Arc<PartitionShared>,
-    pub(crate) offset: i64,
-    started: Instant,
-    done: AtomicBool,
-    handles: AtomicUsize,
-    counters: Arc<Counters>,
-    timer: Mutex<Option<tokio::task::AbortHandle>>,
-    pub(crate) hook: Option<Arc<dyn CompletionHook>>,
-    pub(crate) state: Option<crate::state::TaskState>,
-}
-
-impl Outcome {
-    /// Whether the task's effects (state mutations) should be kept.
-    pub(crate) fn is_success(self) -> bool {
-        self == Outcome::Done
-    }
-}
-
-impl CompletionInner {
-    pub(crate) fn new(
-        partition: Arc<PartitionShared>,
-        offset: i64,
-        counters: Arc<Counters>,
-        hook: Option<Arc<dyn CompletionHook>>,
-        state: Option<crate::state::TaskState>,
-    ) -> Arc<Self> {
-        Arc::new(CompletionInner {
-            partition,
-            offset,
-            started: Instant::now(),
-            done: AtomicBool::new(false),
-            handles: AtomicUsize::new(0),
-            counters,
-            timer: Mutex::new(None),
-            hook,
-            state,
-        })
-    }
-
-    /// Completes the task once; later calls do nothing.
-    pub(crate) fn finish(self: &Arc<Self>, outcome: Outcome) {
-        if self.done.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        if let Some(t) = self.timer.lock().take() {
-            t.abort();
-        }
-        let m = &self.partition.metrics;
-        match outcome {
-            Outcome::Done | Outcome::FailedCounted => {}
-            Outcome::Failed => {
-                m.failed.increment(1);
-                self.counters.failed.fetch_add(1, Ordering::Relaxed);
-            }
-            Outcome::TimedOut => {
-                m.failed.increment(1);
-                m.deferred_timeouts.increment(1);
-                self.counters.failed.fetch_add(1, Ordering::Relaxed);
-                self.counters
-                    .deferred_timeouts
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(topic = %self.partition.topic, partition = self.partition.partition, offset = self.offset,
-                    "deferred task not completed in time; completed as failed");
-            }
-            Outcome::Leaked => {
-                m.failed.increment(1);
-                m.leaked.increment(1);
-                self.counters.failed.fetch_add(1, Ordering::Relaxed);
-                self.counters
-                    .completions_leaked
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(topic = %self.partition.topic, partition = self.partition.partition, offset = self.offset,
-                    "Completion dropped without completing; task failed");
-            }
-        }
-        m.complete_seconds
-            .record(self.started.elapsed().as_secs_f64());
-        match &self.hook {
-            Some(hook) => hook.on_complete(self.clone(), outcome),
-            None => self.mark_done(),
-        }
-    }
-
-    /// Marks the offset done in the partition's tracker.
-    pub(crate) fn mark_done(&self) {
-        self.partition.finish(self.offset);
-    }
-
-    pub(crate) fn is_done(&self) -> bool {
-        self.done.load(Ordering::Acquire)
-    }
-}
+use crate::runtime::completion::{CompletionInner, Outcome};
+use crate::runtime::state::TaskState;
 
 /// Everything a processor knows about the task it is running.
 pub struct ProcessingContext {
@@ -143,6 +27,7 @@ pub struct ProcessingContext {
     pub(crate) completion: Arc<CompletionInner>,
     pub(crate) deferred: AtomicBool,
     pub(crate) deferred_timeout: Option<Duration>,
+    pub(crate) state: Option<TaskState>,
 }
 
 impl ProcessingContext {
@@ -158,17 +43,17 @@ impl ProcessingContext {
 
     /// The source topic.
     pub fn topic(&self) -> &str {
-        &self.completion.partition.topic
+        self.completion.partition().topic()
     }
 
     /// The source partition.
     pub fn partition(&self) -> i32 {
-        self.completion.partition.partition
+        self.completion.partition().partition()
     }
 
     /// The record's offset in its partition.
     pub fn offset(&self) -> i64 {
-        self.completion.offset
+        self.completion.offset()
     }
 
     /// The subscription (consumer group) running this task.
@@ -176,31 +61,33 @@ impl ProcessingContext {
         &self.subscription
     }
 
-    /// The partition-local state store for this task, if the subscription has one. Reads
-    /// see this task's own writes; writes are buffered and, when the task completes
-    /// successfully, applied to the store and appended to the changelog before the
-    /// task's offset can be committed. A failed task's writes are dropped.
+    /// The partition-local state store for this task, if the subscription has one.
+    ///
+    /// Reads see this task's own writes, then the partition's store. Writes are buffered;
+    /// when the task completes successfully they are appended to the changelog and, once
+    /// the broker has acknowledged them, applied to the local store — only then does the
+    /// task's offset become committable and may the key's next task start. A failed task's
+    /// writes are dropped. State keys should belong to one task key (a user's state is
+    /// written by that user's tasks): tasks of different keys run concurrently.
     pub fn state(&self) -> Option<&dyn decaton_state::StateStore> {
-        self.completion
-            .state
+        self.state
             .as_ref()
-            .map(|s| &s.batch as &dyn decaton_state::StateStore)
+            .map(|s| s as &dyn decaton_state::StateStore)
     }
 
     /// Defers completion: the task stays unfinished after `process` returns, until the
     /// returned [`Completion`] is completed (or times out, or is dropped). Calling it
     /// again returns another handle to the same completion.
     pub fn defer(&self) -> Completion {
-        let first = !self.deferred.swap(true, Ordering::AcqRel);
-        self.completion.handles.fetch_add(1, Ordering::AcqRel);
-        if first {
+        self.deferred.store(true, Ordering::Release);
+        if self.completion.add_handle() {
             if let Some(timeout) = self.deferred_timeout {
                 let inner = self.completion.clone();
                 let task = tokio::spawn(async move {
                     tokio::time::sleep(timeout).await;
                     inner.finish(Outcome::TimedOut);
                 });
-                *self.completion.timer.lock() = Some(task.abort_handle());
+                self.completion.set_timer(task.abort_handle());
             }
         }
         Completion {
@@ -232,8 +119,9 @@ impl Completion {
     /// Completes the task as failed (logged and counted; the partition moves on).
     pub fn fail(mut self, reason: impl std::fmt::Display) {
         self.live = false;
-        tracing::warn!(topic = %self.inner.partition.topic, partition = self.inner.partition.partition,
-            offset = self.inner.offset, "deferred task failed: {reason}");
+        let p = self.inner.partition();
+        tracing::warn!(topic = %p.topic(), partition = p.partition(),
+            offset = self.inner.offset(), "deferred task failed: {reason}");
         self.inner.finish(Outcome::Failed);
     }
 
@@ -245,10 +133,7 @@ impl Completion {
 
 impl Drop for Completion {
     fn drop(&mut self) {
-        if self.live
-            && self.inner.handles.fetch_sub(1, Ordering::AcqRel) == 1
-            && !self.inner.is_done()
-        {
+        if self.live && self.inner.drop_handle() && !self.inner.is_done() {
             self.inner.finish(Outcome::Leaked);
         }
     }
@@ -257,7 +142,7 @@ impl Drop for Completion {
 impl std::fmt::Debug for Completion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Completion")
-            .field("offset", &self.inner.offset)
+            .field("offset", &self.inner.offset())
             .field("done", &self.is_done())
             .finish()
     }

@@ -39,17 +39,16 @@
 mod config;
 mod context;
 mod metrics;
-mod offsets;
-mod partition;
 mod processor;
-mod scheduler;
-mod state;
+mod runtime;
 mod stats;
 mod subscription;
 
 pub use async_trait::async_trait;
 pub use config::{ProcessorProperties, PropertyError, SchedulingMode};
 pub use context::{Completion, ProcessingContext};
+pub use decaton_protocol::TaskMetadata;
+pub use decaton_state::{Backend, StateConfig, StateError, StateStore};
 pub use processor::{ProcessError, TaskProcessor};
 pub use stats::SubscriptionStats;
 pub use subscription::{Subscription, SubscriptionBuilder, SubscriptionError, SubscriptionHandle};
@@ -57,8 +56,5 @@ pub use subscription::{Subscription, SubscriptionBuilder, SubscriptionError, Sub
 /// Metric names the runtime records (Prometheus style, labels `subscription`, `topic`,
 /// `partition`).
 pub mod metric_names {
-    pub use crate::metrics::{
-        COMMITTED_OFFSET, COMPLETE_SECONDS, COMPLETIONS_LEAKED, DEFERRED_TIMEOUTS, DISCARDED,
-        FAILED, PAUSED_PARTITIONS, PENDING, PROCESSED, PROCESS_SECONDS, SKIPPED,
-    };
+    pub use crate::metrics::*;
 }

@@ -2,35 +2,43 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-/// Counters shared by the consumer thread and the lanes.
+/// Counters shared by the consumer thread and the lanes; written only through the
+/// runtime's recorder, so each event is counted in one place.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     pub(crate) processed: AtomicU64,
     pub(crate) failed: AtomicU64,
     pub(crate) discarded: AtomicU64,
     pub(crate) skipped: AtomicU64,
+    pub(crate) rewound: AtomicU64,
     pub(crate) deferred_timeouts: AtomicU64,
     pub(crate) completions_leaked: AtomicU64,
     pub(crate) abandoned: AtomicU64,
     pub(crate) paused_partitions: AtomicU64,
     pub(crate) assigned_partitions: AtomicU64,
     pub(crate) pauses: AtomicU64,
+    pub(crate) delayed: AtomicU64,
     pub(crate) state_records_restored: AtomicU64,
     pub(crate) state_write_failures: AtomicU64,
 }
 
 /// A snapshot of a subscription's counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SubscriptionStats {
     /// Tasks whose `process` returned `Ok`.
     pub processed: u64,
     /// Tasks whose `process` returned an error or panicked, or whose deferred completion
     /// failed, timed out or was dropped.
     pub failed: u64,
-    /// Records that could not be decoded, or whose key is ignored.
+    /// Records that could not be decoded, whose key is ignored, or whose scheduled time is
+    /// further ahead than `max_scheduled_delay`.
     pub discarded: u64,
     /// Records skipped because the offset map (or the state store) shows they already ran.
     pub skipped: u64,
+    /// Records dropped because the fetch position went back below records already taken
+    /// (they are still registered once, from their first delivery).
+    pub rewound: u64,
     /// Deferred tasks completed as failed after `deferred_complete_timeout`.
     pub deferred_timeouts: u64,
     /// `Completion`s dropped without being completed.
@@ -43,9 +51,12 @@ pub struct SubscriptionStats {
     pub assigned_partitions: u64,
     /// How many times a partition was paused for backpressure.
     pub pauses: u64,
+    /// Tasks waiting for their scheduled time right now.
+    pub delayed: u64,
     /// Changelog records read while restoring state stores.
     pub state_records_restored: u64,
-    /// Tasks whose state mutations could not be applied or appended to the changelog.
+    /// Failed attempts to append a task's state writes to the changelog (each is retried
+    /// until it succeeds or the partition is released).
     pub state_write_failures: u64,
 }
 
@@ -56,12 +67,14 @@ impl Counters {
             failed: self.failed.load(Relaxed),
             discarded: self.discarded.load(Relaxed),
             skipped: self.skipped.load(Relaxed),
+            rewound: self.rewound.load(Relaxed),
             deferred_timeouts: self.deferred_timeouts.load(Relaxed),
             completions_leaked: self.completions_leaked.load(Relaxed),
             abandoned: self.abandoned.load(Relaxed),
             paused_partitions: self.paused_partitions.load(Relaxed),
             assigned_partitions: self.assigned_partitions.load(Relaxed),
             pauses: self.pauses.load(Relaxed),
+            delayed: self.delayed.load(Relaxed),
             state_records_restored: self.state_records_restored.load(Relaxed),
             state_write_failures: self.state_write_failures.load(Relaxed),
         }

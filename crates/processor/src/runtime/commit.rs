@@ -1,0 +1,164 @@
+//! Committing positions and offset maps.
+//!
+//! Each round commits every owned partition whose position or offset map changed since
+//! its last successful commit. A commit that fails (synchronously, or later in the commit
+//! callback) is forgotten, so the next round sends it again; the final commit of a
+//! released partition is always sent.
+//!
+//! Whether the broker keeps commit metadata at all is learnt once: the first commit that
+//! carries an offset map is synchronous and read back. A broker that drops metadata gets
+//! position-only commits from then on (correct, less economical), with one warning.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::KafkaResult;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::RuntimeCore;
+
+const UNKNOWN: u8 = 0;
+const SUPPORTED: u8 = 1;
+const UNSUPPORTED: u8 = 2;
+
+/// Commit settings and what was learnt about the broker.
+pub(crate) struct Committer {
+    offset_map: bool,
+    max_bytes: usize,
+    metadata_support: AtomicU8,
+}
+
+impl Committer {
+    pub(crate) fn new(offset_map: bool, max_bytes: usize) -> Self {
+        Committer {
+            offset_map,
+            max_bytes,
+            metadata_support: AtomicU8::new(UNKNOWN),
+        }
+    }
+
+    fn map_bytes(&self) -> Option<usize> {
+        (self.offset_map && self.metadata_support.load(Ordering::Acquire) != UNSUPPORTED)
+            .then_some(self.max_bytes)
+    }
+}
+
+impl<T: Send + 'static> RuntimeCore<T> {
+    /// Commits the owned partitions (only `only`, when given) whose position or offset map
+    /// changed.
+    pub(crate) fn commit<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        mode: CommitMode,
+        only: Option<&[i32]>,
+    ) {
+        let map_bytes = self.committer.map_bytes();
+        let mut tpl = TopicPartitionList::new();
+        let mut sent: Vec<(i32, (i64, String))> = Vec::new();
+        {
+            let parts = self.partitions.lock();
+            for ctx in parts.contexts() {
+                let p = ctx.core().partition();
+                if only.is_some_and(|o| !o.contains(&p)) {
+                    continue;
+                }
+                let Some(commit) = ctx.commit_candidate(map_bytes) else {
+                    continue;
+                };
+                if tpl
+                    .add_partition_offset(&self.topic, p, Offset::Offset(commit.0))
+                    .is_ok()
+                {
+                    if let Some(mut e) = tpl.find_partition(&self.topic, p) {
+                        e.set_metadata(commit.1.clone());
+                    }
+                    sent.push((p, commit));
+                }
+            }
+        }
+        if sent.is_empty() {
+            return;
+        }
+        let probe = (self.committer.metadata_support.load(Ordering::Acquire) == UNKNOWN)
+            .then(|| sent.iter().find(|(_, c)| !c.1.is_empty()).cloned())
+            .flatten();
+        let mode = if probe.is_some() {
+            CommitMode::Sync
+        } else {
+            mode
+        };
+        let result = consumer.commit(&tpl, mode);
+        {
+            let mut parts = self.partitions.lock();
+            for (p, commit) in sent {
+                if let Some(ctx) = parts.get_mut(p) {
+                    match &result {
+                        Ok(()) => ctx.committed(commit),
+                        Err(_) => ctx.forget_committed(),
+                    }
+                }
+            }
+        }
+        if let Err(e) = result {
+            tracing::warn!(subscription = %self.recorder.subscription(), "commit failed: {e}");
+            return;
+        }
+        if let Some((partition, (_, sent))) = probe {
+            self.probe_metadata_support(consumer, partition, &sent);
+        }
+    }
+
+    fn probe_metadata_support<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        partition: i32,
+        sent: &str,
+    ) {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.topic, partition);
+        match consumer.committed_offsets(tpl, Duration::from_secs(10)) {
+            Ok(back) => {
+                let got = back
+                    .find_partition(&self.topic, partition)
+                    .map(|e| e.metadata().to_string())
+                    .unwrap_or_default();
+                let support = if got.is_empty() {
+                    UNSUPPORTED
+                } else {
+                    SUPPORTED
+                };
+                self.committer
+                    .metadata_support
+                    .store(support, Ordering::Release);
+                if support == UNSUPPORTED {
+                    tracing::warn!(subscription = %self.recorder.subscription(),
+                        "the broker does not return offset-commit metadata; offset map disabled, committing positions only \
+                         (tasks finished above the position will run again after a partition moves)");
+                } else if got != sent {
+                    tracing::debug!("committed metadata changed since the probe commit");
+                }
+            }
+            Err(e) => tracing::debug!("could not read back committed offsets: {e}"),
+        }
+    }
+
+    /// The commit callback: forget failed asynchronous commits so they are sent again.
+    pub(crate) fn on_commit_result(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        let Err(e) = result else {
+            return;
+        };
+        tracing::warn!(subscription = %self.recorder.subscription(),
+            "commit of {} partitions failed: {e}", offsets.count());
+        let mut parts = self.partitions.lock();
+        for e in offsets
+            .elements()
+            .iter()
+            .filter(|e| e.topic() == &*self.topic)
+        {
+            if let Some(ctx) = parts.get_mut(e.partition()) {
+                ctx.forget_committed();
+            }
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! The consumer thread: the poll loop and librdkafka's callbacks.
+//!
+//! One dedicated OS thread per subscription polls the consumer. Rebalance callbacks run
+//! inside its poll, on that thread, so assignment, revocation, pause/resume and commits
+//! never race each other, and blocking there (waiting for a revoked partition's tasks, a
+//! synchronous commit) never blocks a tokio worker.
+//!
+//! The loop polls for at most 50 ms, or until the next delayed task is due. When every
+//! owned partition is throttled there is nothing to fetch: it waits on the [`Wakeup`]
+//! instead and polls without blocking, so rebalances and heartbeat-driven events are
+//! still served.
+//!
+//! [`Wakeup`]: super::wakeup::Wakeup
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use decaton_protocol::now_millis;
+use rdkafka::consumer::{BaseConsumer, CommitMode, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::{ClientContext, TopicPartitionList};
+
+use super::assignment::ConsumerPause;
+use super::RuntimeCore;
+
+const POLL: Duration = Duration::from_millis(50);
+/// Poll timeout while some partition is throttled and others fetch.
+const THROTTLED_POLL: Duration = Duration::from_millis(10);
+/// Flow control runs for every partition at least this often (a safety net; wakeups do
+/// the real work).
+const FULL_SCAN: Duration = Duration::from_millis(200);
+
+/// The consumer's context: routes librdkafka's callbacks to the runtime.
+pub(crate) struct RuntimeContext<T> {
+    pub(crate) core: Arc<RuntimeCore<T>>,
+}
+
+impl<T: prost::Message + Default + Send + 'static> ClientContext for RuntimeContext<T> {}
+
+impl<T: prost::Message + Default + Send + 'static> ConsumerContext for RuntimeContext<T> {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let parts = self.core.own_partitions(tpl);
+            self.core
+                .revoke(consumer, &parts, self.core.props.rebalance_timeout, false);
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let parts = self.core.own_partitions(tpl);
+                self.core.assign(consumer, &parts);
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => {
+                tracing::warn!(subscription = %self.core.recorder.subscription(), "rebalance error: {e}")
+            }
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        self.core.on_commit_result(result, offsets);
+    }
+}
+
+impl<T: prost::Message + Default + Send + 'static> RuntimeCore<T> {
+    /// The partitions of this subscription's topic in `tpl`.
+    fn own_partitions(&self, tpl: &TopicPartitionList) -> Vec<i32> {
+        tpl.elements()
+            .iter()
+            .filter(|e| e.topic() == &*self.topic)
+            .map(|e| e.partition())
+            .collect()
+    }
+
+    /// Takes one fetched record.
+    fn on_message(&self, msg: &BorrowedMessage<'_>) {
+        if msg.topic() != &*self.topic {
+            return;
+        }
+        let now = now_millis();
+        let mut parts = self.partitions.lock();
+        let Some(ctx) = parts.get_mut(msg.partition()) else {
+            tracing::debug!(
+                partition = msg.partition(),
+                offset = msg.offset(),
+                "record for a partition not assigned here; ignored"
+            );
+            return;
+        };
+        let incoming = self.extractor.extract::<T>(ctx.core(), msg, now);
+        if ctx.offer(incoming, now) {
+            self.wakeup.notify(msg.partition());
+        }
+    }
+
+    /// Polls until `shutdown` is set.
+    pub(crate) fn run_loop(
+        &self,
+        consumer: &BaseConsumer<RuntimeContext<T>>,
+        shutdown: &AtomicBool,
+    ) {
+        let pause = ConsumerPause {
+            consumer,
+            topic: &self.topic,
+        };
+        let mut last_commit = Instant::now();
+        let mut last_scan = Instant::now();
+        while !shutdown.load(Ordering::Acquire) {
+            let (some_throttled, all_throttled, next_due) = {
+                let parts = self.partitions.lock();
+                let (some, all) = parts.throttled();
+                (some, all, parts.next_due())
+            };
+            let mut timeout = if some_throttled { THROTTLED_POLL } else { POLL };
+            if let Some(due) = next_due {
+                let until = Duration::from_millis((due - now_millis()).max(0) as u64);
+                timeout = timeout.min(until);
+            }
+            let mut flagged = Vec::new();
+            let poll_for = if all_throttled {
+                flagged = self.wakeup.wait(timeout);
+                Duration::ZERO
+            } else {
+                timeout
+            };
+            match consumer.poll(poll_for) {
+                Some(Ok(msg)) => self.on_message(&msg),
+                Some(Err(e)) => {
+                    tracing::warn!(subscription = %self.recorder.subscription(), "consumer error: {e}")
+                }
+                None => {}
+            }
+            flagged.extend(self.wakeup.take());
+            let now = now_millis();
+            {
+                let mut parts = self.partitions.lock();
+                if last_scan.elapsed() >= FULL_SCAN {
+                    parts.flow(None, &pause, &self.recorder, now);
+                    last_scan = Instant::now();
+                } else if !flagged.is_empty() {
+                    parts.flow(Some(&flagged), &pause, &self.recorder, now);
+                }
+                parts.release_due(now);
+            }
+            if last_commit.elapsed() >= self.props.commit_interval {
+                self.commit(consumer, CommitMode::Async, None);
+                last_commit = Instant::now();
+            }
+        }
+    }
+}

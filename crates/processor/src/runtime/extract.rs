@@ -1,0 +1,118 @@
+//! From a fetched record to a task: decode, and decide what needs no processing.
+//!
+//! A record carries its task metadata in the `dt_meta` header (or the legacy envelope)
+//! and the serialized task as its value. A record that cannot be decoded, whose key is in
+//! `ignore_keys`, or whose scheduled time lies further ahead than `max_scheduled_delay`
+//! is discarded: logged, counted in `decaton_tasks_discarded_total`, and its offset
+//! completed so the partition moves on. Nothing is dropped silently.
+
+use std::sync::Arc;
+
+use decaton_protocol::{decode_record, METADATA_HEADER};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+
+use super::partition::PartitionCore;
+use super::pipeline::TaskUnit;
+use crate::config::ProcessorProperties;
+
+/// A record's fate once decoded.
+pub(crate) enum Incoming<T> {
+    Task(TaskUnit<T>),
+    /// Completes without running (discarded).
+    Skip(i64),
+}
+
+impl<T> Incoming<T> {
+    pub(crate) fn offset(&self) -> i64 {
+        match self {
+            Incoming::Task(u) => u.offset,
+            Incoming::Skip(o) => *o,
+        }
+    }
+}
+
+/// Decodes records into tasks of type `T` for one subscription.
+pub(crate) struct Extractor {
+    ignore_keys: Vec<Vec<u8>>,
+    max_delay_ms: i64,
+}
+
+impl Extractor {
+    pub(crate) fn new(props: &ProcessorProperties) -> Self {
+        Extractor {
+            ignore_keys: props
+                .ignore_keys
+                .iter()
+                .map(|k| k.as_bytes().to_vec())
+                .collect(),
+            max_delay_ms: i64::try_from(props.max_scheduled_delay.as_millis()).unwrap_or(i64::MAX),
+        }
+    }
+
+    pub(crate) fn extract<T: prost::Message + Default>(
+        &self,
+        partition: &Arc<PartitionCore>,
+        msg: &BorrowedMessage<'_>,
+        now_ms: i64,
+    ) -> Incoming<T> {
+        self.extract_parts(
+            partition,
+            msg.offset(),
+            msg.key(),
+            msg.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == METADATA_HEADER)
+                    .map(|h| h.value.unwrap_or_default())
+            }),
+            msg.payload(),
+            now_ms,
+        )
+    }
+
+    pub(crate) fn extract_parts<T: prost::Message + Default>(
+        &self,
+        partition: &Arc<PartitionCore>,
+        offset: i64,
+        key: Option<&[u8]>,
+        header: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        now_ms: i64,
+    ) -> Incoming<T> {
+        let discard = |what: &dyn std::fmt::Display| {
+            tracing::warn!(topic = %partition.topic(), partition = partition.partition(), offset,
+                "discarding record: {what}");
+            partition.recorder().discarded();
+            Incoming::Skip(offset)
+        };
+        let record = match decode_record(header, payload) {
+            Ok(r) => r,
+            Err(e) => return discard(&format_args!("undecodable: {e}")),
+        };
+        let task = match T::decode(&*record.task) {
+            Ok(t) => t,
+            Err(e) => return discard(&format_args!("undecodable task bytes: {e}")),
+        };
+        let key = key.filter(|k| !k.is_empty());
+        if let Some(k) = key {
+            if self.ignore_keys.iter().any(|i| i.as_slice() == k) {
+                partition.recorder().discarded();
+                return Incoming::Skip(offset);
+            }
+        }
+        let scheduled = record.metadata.scheduled_time_millis;
+        if scheduled > now_ms.saturating_add(self.max_delay_ms) {
+            return discard(&format_args!(
+                "scheduled time {scheduled} is more than max_scheduled_delay ({} ms) ahead",
+                self.max_delay_ms
+            ));
+        }
+        Incoming::Task(TaskUnit {
+            partition: partition.clone(),
+            offset,
+            key: key.map(Arc::from),
+            metadata: record.metadata,
+            task,
+            state: None,
+        })
+    }
+}

@@ -1,0 +1,103 @@
+//! The librdkafka configuration of every client the runtime creates.
+//!
+//! The user's settings pass through verbatim to every client — the consumer, the
+//! changelog producer, metadata probes and admin calls — so security settings
+//! (`security.protocol`, `sasl.*`, `ssl.*`) reach them all. The runtime adds only the
+//! settings its guarantees rest on, and says which ones it overrides.
+
+use std::collections::BTreeMap;
+
+use rdkafka::ClientConfig;
+
+/// Settings that only make sense on a consumer; dropped from producers and probes so
+/// librdkafka does not warn about them.
+const CONSUMER_ONLY: &[&str] = &[
+    "group.id",
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "max.poll.interval.ms",
+    "auto.offset.reset",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "partition.assignment.strategy",
+    "group.instance.id",
+    "fetch.min.bytes",
+    "fetch.wait.max.ms",
+    "max.partition.fetch.bytes",
+    "queued.max.messages.kbytes",
+    "queued.min.messages",
+    "isolation.level",
+    "enable.partition.eof",
+];
+
+/// The subscription's consumer: manual commits of the runtime's own positions.
+pub(crate) fn consumer(
+    bootstrap: &str,
+    group: &str,
+    user: &BTreeMap<String, String>,
+) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", bootstrap)
+        .set("client.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false");
+    for (k, v) in user {
+        config.set(k, v);
+    }
+    config.set("group.id", group);
+    config
+}
+
+/// The user's settings minus consumer-only ones: for producers, probes and admin clients.
+pub(crate) fn shared_settings(user: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    user.iter()
+        .filter(|(k, _)| !CONSUMER_ONLY.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// A short-lived client for metadata probes.
+pub(crate) fn probe(bootstrap: &str, user: &BTreeMap<String, String>) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    for (k, v) in shared_settings(user) {
+        config.set(k, v);
+    }
+    config
+        .set("bootstrap.servers", bootstrap)
+        .set("allow.auto.create.topics", "false");
+    config
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The changelog existence probe must use the user's security settings.
+    #[test]
+    fn security_settings_reach_every_client() {
+        let user: BTreeMap<String, String> = [
+            ("security.protocol", "sasl_ssl"),
+            ("sasl.mechanism", "PLAIN"),
+            ("session.timeout.ms", "10000"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let probe = probe("b:9092", &user);
+        assert_eq!(probe.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(probe.get("sasl.mechanism"), Some("PLAIN"));
+        assert_eq!(probe.get("session.timeout.ms"), None);
+        let consumer = consumer("b:9092", "g", &user);
+        assert_eq!(consumer.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(consumer.get("group.id"), Some("g"));
+        assert_eq!(
+            shared_settings(&user)
+                .get("sasl.mechanism")
+                .map(String::as_str),
+            Some("PLAIN")
+        );
+    }
+}

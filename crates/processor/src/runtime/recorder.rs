@@ -1,0 +1,196 @@
+//! One place that counts each runtime event.
+//!
+//! Every event (a task processed, a record discarded, a partition paused, ...) is recorded
+//! by one call on a recorder, which updates the Prometheus-style metric (through the
+//! `metrics` facade) and the subscription's live [`Counters`] together. Metric handles are
+//! resolved once per partition assignment, so the hot path formats no labels.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+
+use crate::metrics as names;
+use crate::stats::Counters;
+
+/// Subscription-wide events.
+pub(crate) struct SubscriptionRecorder {
+    subscription: Arc<str>,
+    counters: Arc<Counters>,
+    paused: Gauge,
+    assigned: Gauge,
+}
+
+impl SubscriptionRecorder {
+    pub(crate) fn new(subscription: Arc<str>, counters: Arc<Counters>) -> Self {
+        let label = [("subscription", subscription.to_string())];
+        SubscriptionRecorder {
+            paused: gauge!(names::PAUSED_PARTITIONS, &label),
+            assigned: gauge!(names::ASSIGNED_PARTITIONS, &label),
+            subscription,
+            counters,
+        }
+    }
+
+    pub(crate) fn subscription(&self) -> &Arc<str> {
+        &self.subscription
+    }
+
+    pub(crate) fn counters(&self) -> &Arc<Counters> {
+        &self.counters
+    }
+
+    /// The recorder of one assigned partition.
+    pub(crate) fn partition(&self, topic: &str, partition: i32) -> PartitionRecorder {
+        PartitionRecorder::new(&self.subscription, topic, partition, self.counters.clone())
+    }
+
+    pub(crate) fn assigned(&self, partitions: usize) {
+        self.counters
+            .assigned_partitions
+            .store(partitions as u64, Relaxed);
+        self.assigned.set(partitions as f64);
+    }
+
+    pub(crate) fn paused(&self, now_paused: bool) {
+        if now_paused {
+            self.counters.pauses.fetch_add(1, Relaxed);
+            self.counters.paused_partitions.fetch_add(1, Relaxed);
+        } else {
+            self.counters.paused_partitions.fetch_sub(1, Relaxed);
+        }
+        self.paused
+            .set(self.counters.paused_partitions.load(Relaxed) as f64);
+    }
+
+    pub(crate) fn state_restored(&self, records: u64) {
+        self.counters
+            .state_records_restored
+            .fetch_add(records, Relaxed);
+    }
+}
+
+/// Events of one assigned partition.
+pub(crate) struct PartitionRecorder {
+    counters: Arc<Counters>,
+    processed: Counter,
+    failed: Counter,
+    discarded: Counter,
+    skipped: Counter,
+    rewound: Counter,
+    deferred_timeouts: Counter,
+    leaked: Counter,
+    abandoned: Counter,
+    state_write_failures: Counter,
+    process_seconds: Histogram,
+    complete_seconds: Histogram,
+    pending: Gauge,
+    delayed: Gauge,
+    committed: Gauge,
+}
+
+impl PartitionRecorder {
+    fn new(subscription: &str, topic: &str, partition: i32, counters: Arc<Counters>) -> Self {
+        let labels = [
+            ("subscription", subscription.to_string()),
+            ("topic", topic.to_string()),
+            ("partition", partition.to_string()),
+        ];
+        PartitionRecorder {
+            counters,
+            processed: counter!(names::PROCESSED, &labels),
+            failed: counter!(names::FAILED, &labels),
+            discarded: counter!(names::DISCARDED, &labels),
+            skipped: counter!(names::SKIPPED, &labels),
+            rewound: counter!(names::REWOUND, &labels),
+            deferred_timeouts: counter!(names::DEFERRED_TIMEOUTS, &labels),
+            leaked: counter!(names::COMPLETIONS_LEAKED, &labels),
+            abandoned: counter!(names::ABANDONED, &labels),
+            state_write_failures: counter!(names::STATE_WRITE_FAILURES, &labels),
+            process_seconds: histogram!(names::PROCESS_SECONDS, &labels),
+            complete_seconds: histogram!(names::COMPLETE_SECONDS, &labels),
+            pending: gauge!(names::PENDING, &labels),
+            delayed: gauge!(names::DELAYED, &labels),
+            committed: gauge!(names::COMMITTED_OFFSET, &labels),
+        }
+    }
+
+    pub(crate) fn processed(&self, took: Duration) {
+        self.process_seconds.record(took.as_secs_f64());
+        self.processed.increment(1);
+        self.counters.processed.fetch_add(1, Relaxed);
+    }
+
+    /// `process` returned an error or panicked.
+    pub(crate) fn process_failed(&self, took: Duration) {
+        self.process_seconds.record(took.as_secs_f64());
+        self.failed();
+    }
+
+    pub(crate) fn failed(&self) {
+        self.failed.increment(1);
+        self.counters.failed.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn deferred_timed_out(&self) {
+        self.deferred_timeouts.increment(1);
+        self.counters.deferred_timeouts.fetch_add(1, Relaxed);
+        self.failed();
+    }
+
+    pub(crate) fn completion_leaked(&self) {
+        self.leaked.increment(1);
+        self.counters.completions_leaked.fetch_add(1, Relaxed);
+        self.failed();
+    }
+
+    pub(crate) fn completed(&self, since_start: Duration) {
+        self.complete_seconds.record(since_start.as_secs_f64());
+    }
+
+    pub(crate) fn discarded(&self) {
+        self.discarded.increment(1);
+        self.counters.discarded.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn skipped(&self) {
+        self.skipped.increment(1);
+        self.counters.skipped.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn rewound(&self) {
+        self.rewound.increment(1);
+        self.counters.rewound.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn abandoned(&self, tasks: usize) {
+        self.abandoned.increment(tasks as u64);
+        self.counters.abandoned.fetch_add(tasks as u64, Relaxed);
+    }
+
+    pub(crate) fn state_write_failed(&self) {
+        self.state_write_failures.increment(1);
+        self.counters.state_write_failures.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn pending(&self, unfinished: usize) {
+        self.pending.set(unfinished as f64);
+    }
+
+    /// `change` tasks started (+) or stopped (-) waiting for their scheduled time.
+    pub(crate) fn delayed(&self, now_waiting: usize, change: i64) {
+        self.delayed.set(now_waiting as f64);
+        if change >= 0 {
+            self.counters.delayed.fetch_add(change as u64, Relaxed);
+        } else {
+            self.counters
+                .delayed
+                .fetch_sub(change.unsigned_abs(), Relaxed);
+        }
+    }
+
+    pub(crate) fn committed(&self, offset: i64) {
+        self.committed.set(offset as f64);
+    }
+}

@@ -1,0 +1,426 @@
+//! Partition-local state in the runtime: restore before processing, durable writes before
+//! completion, a fence at release.
+//!
+//! Per assigned partition a [`StateSlot`] tracks the store through its life:
+//!
+//! 1. **Assignment**: the partition is held (not ready) while a background task opens the
+//!    local store on the blocking pool and replays the changelog from its checkpoint, or
+//!    from the beginning. A failed restore is retried on the same open store, so a broker
+//!    hiccup never turns into a full rebuild. Offsets whose effects the restore found in
+//!    the changelog are skipped when redelivered; only those at or above the committed
+//!    position are remembered, and commits forget the ones they pass.
+//! 2. **Completion**: a successful task's writes go to the changelog first. Only when the
+//!    broker has acknowledged every record are they applied to the local store, and only
+//!    then is the offset done and may the key's next task start. A failed append is sent
+//!    again (the values are absolute, so a record that did land and its repeat restore
+//!    the same state) until it is acknowledged or the partition is released: the local
+//!    store never holds a write the changelog lacks, and no task's effects apply twice.
+//! 3. **Release**: the slot is fenced: no later apply, append or restore write reaches the
+//!    store. After the final commit a clean store is checkpointed (changelog position plus
+//!    the applied offsets at or above the commit position); a store with abandoned tasks
+//!    or a failed local write is left without one, and its next owner rebuilds it.
+//!
+//! Sled work and librdkafka calls that may wait run on the blocking pool; reads from the
+//! sled store inside `process` tell the runtime they block.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use backon::BackoffBuilder;
+use decaton_state::internal::{
+    restore, ChangelogWriter, Mutation, PartitionStore, RestoreOptions, TaskBatch,
+};
+use decaton_state::{Backend, StateConfig, StateError, StateStore};
+use tokio::runtime::Handle;
+
+use super::completion::Outcome;
+use super::kafka_config;
+use super::partition::PartitionCore;
+use super::recorder::{PartitionRecorder, SubscriptionRecorder};
+use super::wakeup::Wakeup;
+
+/// One assignment of one partition's store.
+pub(crate) struct StateSlot {
+    partition: i32,
+    store: OnceLock<PartitionStore>,
+    ready: AtomicBool,
+    /// First changelog offset not in the local store.
+    next_changelog_offset: AtomicI64,
+    /// A local write failed: never checkpoint this store.
+    failed: AtomicBool,
+    fenced: AtomicBool,
+    blocking_reads: bool,
+}
+
+impl StateSlot {
+    /// Restored, so the partition's tasks may run.
+    pub(crate) fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Whether the task at `offset` already has its effects in the store.
+    pub(crate) fn is_applied(&self, offset: i64) -> bool {
+        self.store.get().is_some_and(|s| s.is_applied(offset))
+    }
+
+    pub(crate) fn forget_applied_below(&self, offset: i64) {
+        if let Some(s) = self.store.get() {
+            s.forget_applied_below(offset);
+        }
+    }
+
+    /// A task's view of the store.
+    pub(crate) fn task_state(self: &Arc<Self>) -> Option<TaskState> {
+        let store = self.store.get()?;
+        Some(TaskState {
+            batch: store.task_batch(),
+            slot: self.clone(),
+        })
+    }
+
+    /// No later write, append or restore step reaches the store.
+    pub(crate) fn fence(&self) {
+        self.fenced.store(true, Ordering::SeqCst);
+        if let Some(s) = self.store.get() {
+            s.fence();
+        }
+    }
+
+    fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::SeqCst)
+    }
+}
+
+/// What a task sees of the state: its buffered writes over the partition's store.
+pub(crate) struct TaskState {
+    batch: TaskBatch,
+    slot: Arc<StateSlot>,
+}
+
+impl TaskState {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.batch.is_empty()
+    }
+
+    fn read<R>(&self, f: impl FnOnce(&TaskBatch) -> R) -> R {
+        let multi_thread = Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if self.slot.blocking_reads && multi_thread {
+            tokio::task::block_in_place(|| f(&self.batch))
+        } else {
+            f(&self.batch)
+        }
+    }
+}
+
+impl StateStore for TaskState {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
+        self.read(|b| b.get(key))
+    }
+    fn put(&self, key: &[u8], value: &[u8]) -> Result<(), StateError> {
+        self.batch.put(key, value)
+    }
+    fn delete(&self, key: &[u8]) -> Result<(), StateError> {
+        self.batch.delete(key)
+    }
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StateError> {
+        self.read(|b| b.scan_prefix(prefix))
+    }
+}
+
+/// The state machinery of one subscription.
+pub(crate) struct StateRuntime {
+    config: StateConfig,
+    subscription: String,
+    bootstrap: String,
+    /// The user's settings for non-consumer clients.
+    kafka: BTreeMap<String, String>,
+    changelog_topic: String,
+    writer: Arc<ChangelogWriter>,
+    runtime: Handle,
+    recorder: Arc<SubscriptionRecorder>,
+}
+
+fn backoff() -> impl Iterator<Item = Duration> {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+impl StateRuntime {
+    pub(crate) fn new(
+        config: StateConfig,
+        subscription: &str,
+        bootstrap: &str,
+        user: &BTreeMap<String, String>,
+        runtime: Handle,
+        recorder: Arc<SubscriptionRecorder>,
+    ) -> Result<Self, StateError> {
+        let kafka = kafka_config::shared_settings(user);
+        Ok(StateRuntime {
+            changelog_topic: decaton_state::changelog_topic(subscription, &config.store_name),
+            writer: Arc::new(ChangelogWriter::new(bootstrap, &kafka)?),
+            config,
+            subscription: subscription.to_string(),
+            bootstrap: bootstrap.to_string(),
+            kafka,
+            runtime,
+            recorder,
+        })
+    }
+
+    /// Creates the changelog topic (compacted, as many partitions as `source_topic`) if
+    /// it does not exist and the broker lets us; otherwise a warning.
+    pub(crate) async fn ensure_changelog(&self, source_topic: &str) {
+        let probe = kafka_config::probe(&self.bootstrap, &self.kafka);
+        let topic = self.changelog_topic.clone();
+        let exists =
+            tokio::task::spawn_blocking(move || {
+                use rdkafka::consumer::{BaseConsumer, Consumer};
+                let consumer: BaseConsumer = probe.create().ok()?;
+                let md = consumer
+                    .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                    .ok()?;
+                Some(md.topics().iter().any(|t| {
+                    t.name() == topic && t.error().is_none() && !t.partitions().is_empty()
+                }))
+            })
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(false);
+        if exists {
+            return;
+        }
+        match decaton_state::internal::create_changelog_topic(
+            &self.bootstrap,
+            &self.kafka,
+            &self.subscription,
+            &self.config.store_name,
+            source_topic,
+            None,
+        )
+        .await
+        {
+            Ok(info) => tracing::info!(topic = %info.topic, partitions = info.partitions,
+                created = info.created, compacted = info.compacted, "changelog topic ready"),
+            Err(e) => tracing::warn!(topic = %self.changelog_topic,
+                "could not create the changelog topic ({e}); assuming it exists"),
+        }
+    }
+
+    /// Opens and restores the store of `partition` in the background; the slot turns
+    /// ready (and `wakeup` is told) once its tasks may run. `committed` is the source
+    /// partition's committed offset: nothing below it is redelivered.
+    pub(crate) fn open_partition(
+        &self,
+        topic: &str,
+        partition: i32,
+        committed: Option<i64>,
+        wakeup: Arc<Wakeup>,
+    ) -> Arc<StateSlot> {
+        let slot = Arc::new(StateSlot {
+            partition,
+            store: OnceLock::new(),
+            ready: AtomicBool::new(false),
+            next_changelog_offset: AtomicI64::new(0),
+            failed: AtomicBool::new(false),
+            fenced: AtomicBool::new(false),
+            blocking_reads: self.config.backend == Backend::Sled,
+        });
+        let task_slot = slot.clone();
+        let (config, subscription, topic) = (
+            self.config.clone(),
+            self.subscription.clone(),
+            topic.to_string(),
+        );
+        let (bootstrap, kafka) = (self.bootstrap.clone(), self.kafka.clone());
+        let recorder = self.recorder.clone();
+        self.runtime.spawn(async move {
+            let slot = task_slot;
+            let mut delays = backoff();
+            // Open (on the blocking pool), once.
+            let (store, report) = loop {
+                if slot.is_fenced() {
+                    return;
+                }
+                let (c, s, t) = (config.clone(), subscription.clone(), topic.clone());
+                match tokio::task::spawn_blocking(move || PartitionStore::open(&c, &s, &t, partition)).await {
+                    Ok(Ok(opened)) => break opened,
+                    Ok(Err(e)) => tracing::error!(partition, "state store open failed, retrying: {e}"),
+                    Err(e) => tracing::error!(partition, "state store open panicked, retrying: {e}"),
+                }
+                tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(10))).await;
+            };
+            let _ = slot.store.set(store.clone());
+            if slot.is_fenced() {
+                store.fence();
+                return;
+            }
+            tracing::info!(partition, ?report, "state store opened; restoring from the changelog");
+            // Restore, retried on the same store: the checkpoint it was opened with stays valid.
+            let options = RestoreOptions::new(report.restore_from(), committed.unwrap_or(0));
+            loop {
+                match restore(&store, &bootstrap, &kafka, &options).await {
+                    Ok(r) => {
+                        let rate = r.records_read as f64 / r.elapsed.as_secs_f64().max(1e-6);
+                        tracing::info!(partition, records = r.records_read, batches = r.batches_applied,
+                            partial_ignored = r.partial_batches_ignored, next_offset = r.next_offset,
+                            elapsed = ?r.elapsed, records_per_s = rate as u64, "state restored");
+                        recorder.state_restored(r.records_read);
+                        slot.next_changelog_offset.store(r.next_offset, Ordering::Release);
+                        slot.ready.store(true, Ordering::Release);
+                        wakeup.notify(partition);
+                        return;
+                    }
+                    Err(StateError::Closed(_)) => return,
+                    Err(e) if slot.is_fenced() => {
+                        tracing::debug!(partition, "restore stopped by release: {e}");
+                        return;
+                    }
+                    Err(e) => {
+                        let delay = delays.next().unwrap_or(Duration::from_secs(10));
+                        tracing::error!(partition, "state restore failed, retrying in {delay:?}: {e}");
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+            }
+        });
+        slot
+    }
+
+    /// Ends a task that ran with state: keeps its writes if it succeeded (durable in the
+    /// changelog, then local), then marks its offset done — or nothing, if the partition
+    /// was released before the writes could be kept.
+    pub(crate) async fn finish_task(
+        &self,
+        partition: &PartitionCore,
+        offset: i64,
+        state: TaskState,
+        outcome: Outcome,
+    ) {
+        if !outcome.is_success() || state.is_empty() {
+            partition.finish(offset);
+            return;
+        }
+        if self.persist(&state, offset, partition.recorder()).await {
+            partition.finish(offset);
+        } else {
+            partition.release();
+        }
+    }
+
+    async fn persist(&self, state: &TaskState, offset: i64, recorder: &PartitionRecorder) -> bool {
+        let slot = &state.slot;
+        let Some(store) = slot.store.get() else {
+            return false;
+        };
+        let Ok(mutations) = store.take_mutations(&state.batch) else {
+            return false;
+        };
+        let mutations: Arc<[Mutation]> = mutations.into();
+        let mut delays = backoff();
+        let last = loop {
+            if slot.is_fenced() {
+                return false;
+            }
+            match self.append(store, offset, mutations.clone()).await {
+                Ok(last) => break last,
+                Err(e) => {
+                    recorder.state_write_failed();
+                    let delay = delays.next().unwrap_or(Duration::from_secs(10));
+                    tracing::warn!(
+                        partition = slot.partition,
+                        offset,
+                        "changelog append failed; sending it again in {delay:?}: {e}"
+                    );
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        };
+        loop {
+            let (s, m) = (store.clone(), mutations.clone());
+            match tokio::task::spawn_blocking(move || s.apply_acknowledged(&m, offset)).await {
+                Ok(Ok(())) => break,
+                Ok(Err(StateError::Closed(_))) => return false,
+                Ok(Err(e)) => {
+                    slot.failed.store(true, Ordering::Release);
+                    tracing::error!(
+                        partition = slot.partition,
+                        offset,
+                        "local state write failed (the changelog has it); retrying: {e}"
+                    );
+                }
+                Err(e) => tracing::error!(
+                    partition = slot.partition,
+                    offset,
+                    "local state write panicked: {e}"
+                ),
+            }
+            if slot.is_fenced() {
+                return false;
+            }
+            tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(10))).await;
+        }
+        if let Some(last) = last {
+            slot.next_changelog_offset
+                .fetch_max(last + 1, Ordering::AcqRel);
+        }
+        true
+    }
+
+    async fn append(
+        &self,
+        store: &PartitionStore,
+        offset: i64,
+        mutations: Arc<[Mutation]>,
+    ) -> Result<Option<i64>, StateError> {
+        let writer = self.writer.clone();
+        let (topic, partition) = (store.changelog_topic().to_string(), store.partition());
+        // Handing records to librdkafka waits while its queue is full.
+        let pending = tokio::task::spawn_blocking(move || {
+            writer.enqueue(&topic, partition, offset, &mutations)
+        })
+        .await
+        .map_err(|e| StateError::Internal(e.to_string()))??;
+        pending.wait().await
+    }
+
+    /// Releases a partition's slot after its final commit at `position`: fenced in any
+    /// case; checkpointed when clean.
+    pub(crate) fn close_partition(
+        &self,
+        slot: &StateSlot,
+        position: Option<i64>,
+        abandoned: usize,
+    ) {
+        let Some(store) = slot.store.get() else {
+            slot.fence();
+            return;
+        };
+        if abandoned > 0 {
+            slot.fence();
+            // Appends of abandoned tasks still queued must not land after another owner
+            // took over; those of other partitions fail and are sent again.
+            self.writer.purge_queued();
+        }
+        if !slot.is_ready() || abandoned > 0 || slot.failed.load(Ordering::Acquire) {
+            slot.fence();
+            tracing::warn!(partition = slot.partition, restored = slot.is_ready(), abandoned,
+                "state store released without a checkpoint; its next owner rebuilds it from the changelog");
+            return;
+        }
+        let applied = store.applied_source_offsets_from(position.unwrap_or(0));
+        if let Err(e) =
+            store.close_clean(slot.next_changelog_offset.load(Ordering::Acquire), &applied)
+        {
+            tracing::warn!(partition = slot.partition, "state checkpoint failed: {e}");
+        }
+        slot.fence();
+    }
+}
