@@ -161,6 +161,17 @@ impl TestBroker {
         self.wait_ready(Duration::from_secs(60))
     }
 
+    /// The broker process's log so far (Tansu only; its level follows `TANSU_LOG`,
+    /// default `warn`), for failure reports.
+    pub fn log(&self) -> Option<String> {
+        match &self.inner {
+            Inner::Tansu(t) => std::fs::read(t.dir.path().join("tansu.log"))
+                .ok()
+                .map(|l| String::from_utf8_lossy(&l).into_owned()),
+            Inner::Embedded(_) => None,
+        }
+    }
+
     /// Stops the broker process without restarting it (Tansu only); [`restart`](Self::restart)
     /// brings it back.
     pub fn stop(&mut self) -> Result<(), TestkitError> {
@@ -383,8 +394,11 @@ impl Tansu {
             .prefix("decaton-tansu-")
             .tempdir()?;
         let storage_url = match kind {
+            // Tansu 0.6 takes everything after `sqlite://` minus one leading `/` as the
+            // path (`sqlite:///tmp/x.db` opens `tmp/x.db` relative to its working
+            // directory), so an absolute path needs an extra slash.
             BrokerKind::TansuSqlite => {
-                format!("sqlite://{}", dir.path().join("tansu.db").display())
+                format!("sqlite:///{}", dir.path().join("tansu.db").display())
             }
             _ => "memory://tansu/".to_string(),
         };
