@@ -21,7 +21,8 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::lanes::Lanes;
 use super::offsets::{decode_offset_map, DoneRanges, OffsetTracker};
-use super::partition::{PartitionContext, PartitionCore, PauseControl};
+use super::partition::{PartitionContext, PauseControl};
+use super::partition_core::PartitionCore;
 use super::RuntimeCore;
 
 /// Pauses and resumes partitions of the subscription's topic on a consumer.

@@ -15,7 +15,7 @@ use std::time::Instant;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-use super::partition::PartitionCore;
+use super::partition_core::PartitionCore;
 
 /// How a task ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

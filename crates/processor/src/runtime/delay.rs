@@ -15,7 +15,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 
-use super::pipeline::TaskUnit;
+use super::task::TaskUnit;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum WaitKey {
@@ -118,7 +118,7 @@ impl<T> DelayQueue<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::pipeline::tests::unit;
+    use super::super::task::tests::unit;
     use super::*;
     use proptest::prelude::*;
 

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use decaton_protocol::{decode_record, METADATA_HEADER};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 
-use super::partition::PartitionCore;
-use super::pipeline::TaskUnit;
+use super::partition_core::PartitionCore;
+use super::task::TaskUnit;
 use crate::config::ProcessorProperties;
 
 /// A record's fate once decoded.

@@ -19,7 +19,8 @@ use parking_lot::Mutex;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 
-use super::pipeline::{TaskRunner, TaskUnit};
+use super::pipeline::TaskRunner;
+use super::task::TaskUnit;
 use crate::config::{ProcessorProperties, SchedulingMode};
 
 type KeyHasher = BuildHasherDefault<std::collections::hash_map::DefaultHasher>;
@@ -136,7 +137,8 @@ impl<T: Send + 'static> Lanes<T> {
 #[allow(clippy::field_reassign_with_default)]
 mod tests {
     use super::*;
-    use crate::runtime::pipeline::{tests::core, Pipeline};
+    use crate::runtime::pipeline::Pipeline;
+    use crate::runtime::task::tests::core;
     use crate::{ProcessError, ProcessingContext, TaskProcessor};
     use decaton_protocol::TaskMetadata;
     use proptest::prelude::*;

@@ -29,10 +29,12 @@ pub(crate) mod kafka_config;
 pub(crate) mod lanes;
 pub(crate) mod offsets;
 pub(crate) mod partition;
+pub(crate) mod partition_core;
 pub(crate) mod partitions;
 pub(crate) mod pipeline;
 pub(crate) mod recorder;
 pub(crate) mod state;
+pub(crate) mod task;
 pub(crate) mod wakeup;
 
 use std::sync::Arc;

@@ -3,223 +3,33 @@
 //! A [`PartitionContext`] lives on the consumer thread from assignment to release. It alone
 //! owns the partition's overflow queue, pause flag, delay queue, lanes, last commit and
 //! state slot. The part that lanes and completions touch — the offset tracker and the
-//! counts of dispatched and running tasks — is its [`PartitionCore`], shared with them
-//! behind a lock and reachable only through methods.
+//! counts of dispatched and running tasks — is its
+//! [`PartitionCore`](super::partition_core::PartitionCore), shared with them behind a lock
+//! and reachable only through methods.
 //!
-//! Release is a fence. Revocation first stops tasks from starting ([`PartitionCore::revoke`]),
+//! Release is a fence. Revocation first stops tasks from starting (`PartitionCore::revoke`),
 //! waits for running ones up to a timeout, then closes the core
-//! ([`PartitionCore::close`]): from then on a late completion marks nothing done, so
+//! (`PartitionCore::close`): from then on a late completion marks nothing done, so
 //! nothing is committed for a partition this instance no longer owns; its state slot is
 //! fenced the same way. If tasks were still running (abandoned), the closed core stays
 //! around as the *predecessor* of the partition's next context in this process, which
 //! starts no task until those have ended: one key never runs twice at once.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
-
-use parking_lot::{Condvar, Mutex};
 
 use super::delay::DelayQueue;
 use super::extract::Incoming;
 use super::lanes::Lanes;
-use super::offsets::{OffsetTracker, Registration};
-use super::pipeline::TaskUnit;
-use super::recorder::{PartitionRecorder, SubscriptionRecorder};
+use super::offsets::Registration;
+use super::partition_core::PartitionCore;
+use super::recorder::SubscriptionRecorder;
 use super::state::StateSlot;
-use super::wakeup::Wakeup;
+use super::task::TaskUnit;
 
 /// Pauses and resumes fetching of one partition (the consumer, or a test double).
 pub(crate) trait PauseControl {
     fn set_paused(&self, partition: i32, paused: bool);
-}
-
-struct Inner {
-    tracker: OffsetTracker,
-    /// Tasks started and not completed.
-    running: usize,
-    /// Tasks handed to the lanes and not completed nor dropped.
-    dispatched: usize,
-    /// No new task may start.
-    revoked: bool,
-    /// Completions are ignored.
-    closed: bool,
-}
-
-/// The half of a partition that lanes and completions use.
-pub(crate) struct PartitionCore {
-    topic: Arc<str>,
-    partition: i32,
-    inner: Mutex<Inner>,
-    changed: Condvar,
-    recorder: PartitionRecorder,
-    wakeup: Arc<Wakeup>,
-    wants_wakeup: AtomicBool,
-}
-
-impl PartitionCore {
-    pub(crate) fn new(
-        topic: Arc<str>,
-        partition: i32,
-        tracker: OffsetTracker,
-        recorder: PartitionRecorder,
-        wakeup: Arc<Wakeup>,
-    ) -> Self {
-        PartitionCore {
-            topic,
-            partition,
-            inner: Mutex::new(Inner {
-                tracker,
-                running: 0,
-                dispatched: 0,
-                revoked: false,
-                closed: false,
-            }),
-            changed: Condvar::new(),
-            recorder,
-            wakeup,
-            wants_wakeup: AtomicBool::new(false),
-        }
-    }
-
-    pub(crate) fn topic(&self) -> &Arc<str> {
-        &self.topic
-    }
-
-    pub(crate) fn partition(&self) -> i32 {
-        self.partition
-    }
-
-    pub(crate) fn recorder(&self) -> &PartitionRecorder {
-        &self.recorder
-    }
-
-    /// Called by a lane before starting a task. False if the partition was revoked: the
-    /// task must not run (its offset stays unfinished and is redelivered to the next owner).
-    pub(crate) fn try_start(&self) -> bool {
-        let mut inner = self.inner.lock();
-        if inner.revoked {
-            inner.dispatched -= 1;
-            drop(inner);
-            self.changed.notify_all();
-            return false;
-        }
-        inner.running += 1;
-        true
-    }
-
-    /// A started task is over; `offset` is marked done unless the partition is closed.
-    pub(crate) fn finish(&self, offset: i64) {
-        let mut inner = self.inner.lock();
-        inner.running -= 1;
-        inner.dispatched -= 1;
-        if !inner.closed {
-            inner.tracker.complete(offset);
-            self.recorder.pending(inner.tracker.unfinished());
-        }
-        let wake = inner.running == 0 || inner.dispatched == 0;
-        drop(inner);
-        if wake {
-            self.changed.notify_all();
-        }
-        if self.wants_wakeup.load(Ordering::Acquire) {
-            self.wakeup.notify(self.partition);
-        }
-    }
-
-    /// A started task is given up without completing its offset (its partition was
-    /// released before its effects could be kept).
-    pub(crate) fn release(&self) {
-        let mut inner = self.inner.lock();
-        inner.running -= 1;
-        inner.dispatched -= 1;
-        drop(inner);
-        self.changed.notify_all();
-        if self.wants_wakeup.load(Ordering::Acquire) {
-            self.wakeup.notify(self.partition);
-        }
-    }
-
-    pub(crate) fn running(&self) -> usize {
-        self.inner.lock().running
-    }
-
-    fn register(&self, offset: i64) -> Registration {
-        self.inner.lock().tracker.register(offset)
-    }
-
-    /// Completes a registered record that needs no task (discarded or skipped).
-    fn complete_registered(&self, offset: i64) {
-        self.inner.lock().tracker.complete(offset);
-    }
-
-    fn mark_dispatched(&self) {
-        let mut inner = self.inner.lock();
-        inner.dispatched += 1;
-        self.recorder.pending(inner.tracker.unfinished());
-    }
-
-    fn in_flight(&self) -> usize {
-        self.inner.lock().tracker.in_flight()
-    }
-
-    /// The position to commit and, if `map_bytes` is given, the offset map (at most that
-    /// long; empty if longer).
-    pub(crate) fn commit_point(&self, map_bytes: Option<usize>) -> Option<(i64, String)> {
-        let inner = self.inner.lock();
-        let position = inner.tracker.position()?;
-        let map = map_bytes.map_or_else(String::new, |max| inner.tracker.offset_map(max));
-        Some((position, map))
-    }
-
-    /// The current commit position.
-    pub(crate) fn position(&self) -> Option<i64> {
-        self.inner.lock().tracker.position()
-    }
-
-    /// Stops tasks from starting.
-    pub(crate) fn revoke(&self) {
-        self.inner.lock().revoked = true;
-        self.changed.notify_all();
-    }
-
-    /// Waits until no task runs (`drain`: until no dispatched task is left either) or
-    /// `deadline` passes; returns whether that happened.
-    pub(crate) fn wait_idle(&self, deadline: Instant, drain: bool) -> bool {
-        let idle = |i: &Inner| {
-            if drain {
-                i.dispatched == 0
-            } else {
-                i.running == 0
-            }
-        };
-        let mut inner = self.inner.lock();
-        while !idle(&inner) {
-            if self.changed.wait_until(&mut inner, deadline).timed_out() {
-                return idle(&inner);
-            }
-        }
-        true
-    }
-
-    /// Closes the partition: no task starts and no completion counts any more. Returns how
-    /// many tasks are still running (abandoned).
-    pub(crate) fn close(&self) -> usize {
-        let mut inner = self.inner.lock();
-        inner.revoked = true;
-        inner.closed = true;
-        let running = inner.running;
-        drop(inner);
-        // Whoever waits for the abandoned tasks (the next context of this partition) is
-        // woken when they end.
-        self.wants_wakeup.store(running > 0, Ordering::Release);
-        running
-    }
-
-    fn set_wants_wakeup(&self, wants: bool) {
-        self.wants_wakeup.store(wants, Ordering::Release);
-    }
 }
 
 /// One assigned partition, owned by the consumer thread.
@@ -303,7 +113,7 @@ impl<T: Send + 'static> PartitionContext<T> {
         match self.core.register(offset) {
             Registration::Rewound => {
                 recorder.rewound();
-                tracing::debug!(topic = %self.core.topic, partition = self.core.partition, offset,
+                tracing::debug!(topic = %self.core.topic(), partition = self.core.partition(), offset,
                     "record below the records already taken (the fetch position went back); dropped");
             }
             Registration::Inherited => recorder.skipped(),
@@ -316,7 +126,7 @@ impl<T: Send + 'static> PartitionContext<T> {
                 Incoming::Task(unit) => {
                     let before = self.delayed.len();
                     match self.delayed.offer(unit, now_ms) {
-                        Some(unit) => self.to_lane(unit),
+                        Some(unit) => self.send_to_lane(unit),
                         None => recorder
                             .delayed(self.delayed.len(), (self.delayed.len() - before) as i64),
                     }
@@ -325,7 +135,7 @@ impl<T: Send + 'static> PartitionContext<T> {
         }
     }
 
-    fn to_lane(&mut self, mut unit: TaskUnit<T>) {
+    fn send_to_lane(&mut self, mut unit: TaskUnit<T>) {
         unit.state = self.state.as_ref().and_then(|s| s.task_state());
         self.core.mark_dispatched();
         self.lanes.dispatch(unit);
@@ -343,7 +153,7 @@ impl<T: Send + 'static> PartitionContext<T> {
             .recorder()
             .delayed(now, now as i64 - before as i64);
         for unit in due {
-            self.to_lane(unit);
+            self.send_to_lane(unit);
         }
     }
 
@@ -373,7 +183,7 @@ impl<T: Send + 'static> PartitionContext<T> {
         }
         let throttled = !ready || !self.overflow.is_empty() || !self.has_room();
         if throttled != self.paused {
-            control.set_paused(self.core.partition, throttled);
+            control.set_paused(self.core.partition(), throttled);
             self.paused = throttled;
             subscription.paused(throttled);
         }
@@ -422,5 +232,194 @@ impl<T: Send + 'static> PartitionContext<T> {
         }
         let zombie = (running > 0).then(|| self.core.clone());
         (zombie, self.state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ProcessorProperties;
+    use crate::runtime::offsets::DoneRanges;
+    use crate::runtime::offsets::OffsetTracker;
+    use crate::runtime::pipeline::TaskRunner;
+    use crate::runtime::task::tests::unit;
+    use crate::runtime::wakeup::Wakeup;
+    use crate::stats::Counters;
+    use parking_lot::Mutex;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::Ordering;
+
+    /// Counts the tasks handed to it and completes them at once.
+    struct Instant0(Arc<AtomicUsize>);
+
+    #[async_trait::async_trait]
+    impl TaskRunner<u64> for Instant0 {
+        async fn run(&self, unit: TaskUnit<u64>) {
+            if unit.partition.try_start() {
+                self.0.fetch_add(1, Ordering::SeqCst);
+                unit.partition.finish(unit.offset);
+            }
+        }
+    }
+
+    #[derive(Default)]
+    struct Pauses(Mutex<Vec<(i32, bool)>>);
+
+    impl PauseControl for Pauses {
+        fn set_paused(&self, partition: i32, paused: bool) {
+            self.0.lock().push((partition, paused));
+        }
+    }
+
+    struct Fixture {
+        ctx: PartitionContext<u64>,
+        core: Arc<PartitionCore>,
+        ran: Arc<AtomicUsize>,
+        wakeup: Arc<Wakeup>,
+        counters: Arc<Counters>,
+        subscription: SubscriptionRecorder,
+        _rt: tokio::runtime::Runtime,
+    }
+
+    fn fixture(
+        partition: i32,
+        max_pending: usize,
+        predecessor: Option<Arc<PartitionCore>>,
+    ) -> Fixture {
+        fixture_with(
+            partition,
+            max_pending,
+            predecessor,
+            Arc::new(Wakeup::default()),
+        )
+    }
+
+    fn fixture_with(
+        partition: i32,
+        max_pending: usize,
+        predecessor: Option<Arc<PartitionCore>>,
+        wakeup: Arc<Wakeup>,
+    ) -> Fixture {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let counters = Arc::new(Counters::default());
+        let subscription = SubscriptionRecorder::new(Arc::from("s"), counters.clone());
+        let core = Arc::new(PartitionCore::new(
+            Arc::from("t"),
+            partition,
+            OffsetTracker::starting_at(Some(0), DoneRanges::default()),
+            subscription.partition("t", partition),
+            wakeup.clone(),
+        ));
+        let ran = Arc::new(AtomicUsize::new(0));
+        let lanes = Lanes::new(
+            &ProcessorProperties::default(),
+            Arc::new(Instant0(ran.clone())),
+            rt.handle().clone(),
+        );
+        let ctx = PartitionContext::new(core.clone(), lanes, max_pending, None, None, predecessor);
+        Fixture {
+            ctx,
+            core,
+            ran,
+            wakeup,
+            counters,
+            subscription,
+            _rt: rt,
+        }
+    }
+
+    fn task(f: &Fixture, offset: i64, key: &[u8]) -> Incoming<u64> {
+        let mut u = unit(offset, Some(key), 0);
+        u.partition = f.core.clone();
+        Incoming::Task(u)
+    }
+
+    /// A partition assigned again in this process while its previous assignment's
+    /// abandoned task still runs starts nothing until that task ends: one key never runs
+    /// twice at once.
+    #[test]
+    fn a_predecessor_with_running_tasks_holds_the_partition() {
+        let old = fixture(3, 100, None);
+        assert!(old.core.try_start_for_test(0));
+        assert_eq!(old.core.close(), 1, "abandoned");
+        let mut new = fixture_with(3, 100, Some(old.core.clone()), old.wakeup.clone());
+        let pauses = Pauses::default();
+        assert!(new.ctx.offer(task(&new, 0, b"k"), 0), "must wait");
+        assert!(new.ctx.flow(&pauses, &new.subscription, 0), "throttled");
+        assert_eq!(pauses.0.lock().as_slice(), &[(3, true)]);
+        new._rt.block_on(async { tokio::task::yield_now().await });
+        assert_eq!(new.ran.load(Ordering::SeqCst), 0);
+        // The abandoned task ends: its completion counts for nothing, and it wakes the
+        // consumer thread for partition 3.
+        old.core.finish(0);
+        assert_eq!(old.core.position(), Some(0));
+        assert_eq!(new.wakeup.take(), vec![3]);
+        assert!(!new.ctx.flow(&pauses, &new.subscription, 0));
+        assert_eq!(pauses.0.lock().last(), Some(&(3, false)));
+        new._rt.block_on(async {
+            while new.ran.load(Ordering::SeqCst) == 0 {
+                tokio::task::yield_now().await;
+            }
+        });
+        assert_eq!(new.core.position(), Some(1));
+    }
+
+    /// Completions wake the consumer thread only for a throttled partition, and only
+    /// that partition: no polling over every partition.
+    #[test]
+    fn only_throttled_partitions_ask_for_a_wakeup() {
+        let mut f = fixture(5, 2, None);
+        let pauses = Pauses::default();
+        assert!(f.core.try_start_for_test(0));
+        f.core.finish(0);
+        assert!(f.wakeup.take().is_empty(), "not throttled: no wakeup");
+        assert!(f.core.try_start_for_test(1));
+        assert!(f.core.try_start_for_test(2));
+        assert!(
+            f.ctx.flow(&pauses, &f.subscription, 0),
+            "max_pending reached"
+        );
+        f.core.finish(2);
+        f.core.finish(1);
+        assert_eq!(f.wakeup.take(), vec![5]);
+        assert!(!f.ctx.flow(&pauses, &f.subscription, 0));
+        assert_eq!(pauses.0.lock().as_slice(), &[(5, true), (5, false)]);
+    }
+
+    /// A record below those already registered (the fetch position went back) is
+    /// dropped and counted, never registered twice.
+    #[test]
+    fn rewound_records_are_counted() {
+        let mut f = fixture(0, 100, None);
+        assert!(!f.ctx.offer(task(&f, 5, b"a"), 0));
+        assert!(!f.ctx.offer(task(&f, 3, b"a"), 0));
+        assert_eq!(f.counters.rewound.load(Ordering::Relaxed), 1);
+    }
+
+    /// Applied offsets below the committed position are forgotten: the set is bounded by
+    /// what can still be redelivered.
+    #[test]
+    fn a_commit_forgets_applied_offsets_below_it() {
+        let cfg = decaton_state::StateConfig {
+            backend: decaton_state::Backend::Memory,
+            ..Default::default()
+        };
+        let (store, _) = decaton_state::internal::PartitionStore::open(&cfg, "s", "t", 0).unwrap();
+        for o in 0..10 {
+            store.apply_acknowledged(&[], o).unwrap();
+        }
+        let slot = crate::runtime::state::StateSlot::ready_with(store.clone());
+        let f = fixture(0, 100, None);
+        let lanes = Lanes::new(
+            &ProcessorProperties::default(),
+            Arc::new(Instant0(f.ran.clone())),
+            f._rt.handle().clone(),
+        );
+        let mut ctx = PartitionContext::new(f.core.clone(), lanes, 100, None, Some(slot), None);
+        ctx.committed((6, String::new()));
+        assert_eq!(store.applied_source_offsets_from(0), vec![6, 7, 8, 9]);
     }
 }

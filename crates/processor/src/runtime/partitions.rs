@@ -9,7 +9,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::partition::{PartitionContext, PartitionCore, PauseControl};
+use super::partition::{PartitionContext, PauseControl};
+use super::partition_core::PartitionCore;
 use super::recorder::SubscriptionRecorder;
 
 /// The owned partitions of one subscription.

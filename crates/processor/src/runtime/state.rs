@@ -37,7 +37,7 @@ use tokio::runtime::Handle;
 
 use super::completion::Outcome;
 use super::kafka_config;
-use super::partition::PartitionCore;
+use super::partition_core::PartitionCore;
 use super::recorder::{PartitionRecorder, SubscriptionRecorder};
 use super::wakeup::Wakeup;
 
@@ -90,6 +90,24 @@ impl StateSlot {
 
     fn is_fenced(&self) -> bool {
         self.fenced.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+impl StateSlot {
+    /// A restored slot around an open store.
+    pub(crate) fn ready_with(store: PartitionStore) -> Arc<Self> {
+        let slot = StateSlot {
+            partition: store.partition(),
+            store: OnceLock::new(),
+            ready: AtomicBool::new(true),
+            next_changelog_offset: AtomicI64::new(0),
+            failed: AtomicBool::new(false),
+            fenced: AtomicBool::new(false),
+            blocking_reads: false,
+        };
+        let _ = slot.store.set(store);
+        Arc::new(slot)
     }
 }
 
@@ -422,5 +440,55 @@ impl StateRuntime {
             tracing::warn!(partition = slot.partition, "state checkpoint failed: {e}");
         }
         slot.fence();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::task::tests::core;
+
+    fn memory_store() -> PartitionStore {
+        let cfg = StateConfig {
+            backend: Backend::Memory,
+            ..Default::default()
+        };
+        PartitionStore::open(&cfg, "s", "t", 0).unwrap().0
+    }
+
+    /// A task that finishes after its partition was released keeps none of its writes and
+    /// marks nothing done: the slot is fenced exactly like commits.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_task_finishing_after_release_writes_no_state() {
+        let store = memory_store();
+        let slot = StateSlot::ready_with(store.clone());
+        // Nothing listens there: the writer must never be reached.
+        let runtime = StateRuntime::new(
+            StateConfig::default(),
+            "s",
+            "127.0.0.1:1",
+            &BTreeMap::new(),
+            Handle::current(),
+            Arc::new(SubscriptionRecorder::new(Arc::from("s"), Arc::default())),
+        )
+        .unwrap();
+        let partition = core();
+        let task = slot.task_state().unwrap();
+        task.put(b"k", b"late").unwrap();
+        assert!(partition.try_start_for_test(7));
+        // Revoked and released while the task ran.
+        partition.close();
+        slot.fence();
+        runtime
+            .finish_task(&partition, 7, task, Outcome::Done)
+            .await;
+        assert_eq!(store.get(b"k").unwrap(), None);
+        assert!(!store.is_applied(7));
+        assert_eq!(partition.running(), 0);
+        assert_eq!(
+            partition.position(),
+            Some(7),
+            "offset 7 must stay unfinished"
+        );
     }
 }
