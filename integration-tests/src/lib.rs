@@ -45,9 +45,28 @@ pub async fn produce_range(
     range: std::ops::Range<u64>,
     keys: u64,
 ) -> anyhow::Result<HashMap<String, u64>> {
-    let mut builder =
-        TaskClient::<ChatOp>::builder(broker.bootstrap_servers(), topic).application_id("it");
-    for (k, v) in broker.kind().producer_settings() {
+    put_tasks(
+        &broker.bootstrap_servers(),
+        broker.kind().producer_settings(),
+        topic,
+        range,
+        keys,
+    )
+    .await
+}
+
+/// Puts tasks `range` (`chat_op(i % keys, i / keys)`, keyed by user) into `topic` at
+/// `bootstrap` with extra producer `settings`, up to 5 000 in flight; returns the expected
+/// per-user counts of tasks `0..range.end`.
+pub async fn put_tasks(
+    bootstrap: &str,
+    settings: &[(&str, &str)],
+    topic: &str,
+    range: std::ops::Range<u64>,
+    keys: u64,
+) -> anyhow::Result<HashMap<String, u64>> {
+    let mut builder = TaskClient::<ChatOp>::builder(bootstrap, topic).application_id("it");
+    for (k, v) in settings {
         builder = builder.set(*k, *v);
     }
     let client = builder.build()?;

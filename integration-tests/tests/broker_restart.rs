@@ -139,8 +139,7 @@ async fn producer(
 /// the time from the restart to the first task processed after it, and to the first task
 /// produced after it.
 ///
-/// PASSES on the runtime of 2026-11-27 (the restart takes ~60 ms; librdkafka reconnects
-/// and the group survives).
+/// The restart takes ~60 ms; librdkafka reconnects and the group survives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processing_resumes_after_broker_restart() -> anyhow::Result<()> {
     restart_test(Duration::ZERO, false).await
@@ -150,9 +149,8 @@ async fn processing_resumes_after_broker_restart() -> anyhow::Result<()> {
 /// than the session timeout (6 s), so the group loses its member, and longer than the
 /// producer's 5 s delivery timeout, so puts fail and are retried.
 ///
-/// PASSES on the runtime of 2026-11-27 (the lost session is revoked and assigned again;
-/// processing resumes ~5-6 s after the broker is back, ~300 tasks re-run since Tansu keeps
-/// no offset map).
+/// The lost session is revoked and assigned again; processing resumes ~5-6 s after the
+/// broker is back, and ~300 tasks run again since Tansu keeps no offset map.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processing_resumes_after_broker_outage() -> anyhow::Result<()> {
     restart_test(Duration::from_secs(8), false).await
@@ -170,8 +168,8 @@ async fn processing_resumes_after_broker_outage() -> anyhow::Result<()> {
 /// lost session and the reassignment; the runtime starts the reassigned partition as not
 /// paused and never resumes it.
 ///
-/// FAILS on the runtime of 2026-11-27: after the reassignment nothing is fetched again
-/// (stats show 0 paused partitions; a fresh consumer group reads the topic fine).
+/// Without the fix, nothing is fetched again after the reassignment (stats show 0 paused
+/// partitions while librdkafka keeps them paused; a fresh consumer group reads the topic).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processing_resumes_after_broker_outage_while_paused() -> anyhow::Result<()> {
     restart_test(Duration::from_secs(8), true).await

@@ -70,8 +70,8 @@ async fn stop(
 /// revokes both partitions from A and gives one back to it. Once the gate opens, every
 /// task of both partitions must be processed.
 ///
-/// FAILS on the runtime of 2026-11-27: the partition A got back is never fetched again
-/// (lost tasks, all of one partition's keys).
+/// Without the fix, the partition A gets back is never fetched again (every task of that
+/// partition is lost to this instance).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_partition_resumes_after_reassignment() -> anyhow::Result<()> {
     init_tracing();
@@ -225,8 +225,8 @@ impl TaskProcessor<ChatOp> for HoldAt {
 /// the first fetch, made deterministic. While P is held, every commit must still list
 /// P+2..=P+5; after the gate opens those four tasks must be skipped and all others run.
 ///
-/// FAILS on the runtime of 2026-11-27: the first commit of the new owner carries a map of
-/// P+1 only (the inherited P+2..=P+5 are gone).
+/// Without the fix, the new owner's first commit carries a map of P+1 only (the inherited
+/// P+2..=P+5 are gone).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inherited_offset_map_survives_first_commit() -> anyhow::Result<()> {
     init_tracing();

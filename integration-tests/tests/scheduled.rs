@@ -73,8 +73,8 @@ async fn stop(
 /// is not waited for) and the committed position must stay at the delayed task, so the
 /// next owner gets it again.
 ///
-/// FAILS on the runtime of 2026-11-27: none of the 200 tasks is processed (the lane
-/// sleeps for an hour); shutdown then also takes the full shutdown_timeout.
+/// Without the fix, none of the 200 tasks is processed (the lane sleeps for an hour) and
+/// shutdown takes the full shutdown_timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delayed_task_does_not_block_other_keys() -> anyhow::Result<()> {
     init_tracing();
@@ -151,8 +151,7 @@ async fn delayed_task_does_not_block_other_keys() -> anyhow::Result<()> {
 /// Key "k": the absurd task, then a normal one. The normal one must be processed (within
 /// 20 s), the absurd one never, `discarded` must count it, and the position must pass both.
 ///
-/// FAILS on the runtime of 2026-11-27: the second task of "k" is never processed and
-/// nothing is discarded.
+/// Without the fix, the second task of "k" is never processed and nothing is discarded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn absurd_schedule_is_discarded_and_counted() -> anyhow::Result<()> {
     init_tracing();

@@ -11,8 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use decaton_client::TaskClient;
-use decaton_integration_tests::{chat_op, read_counters, CounterProcessor};
+use decaton_integration_tests::{put_tasks, read_counters, CounterProcessor};
 use decaton_processor::{
     ProcessError, ProcessingContext, ProcessorProperties, SchedulingMode, StateConfig,
     Subscription, SubscriptionStats, TaskProcessor,
@@ -34,24 +33,7 @@ fn props() -> ProcessorProperties {
 }
 
 async fn put_all(bootstrap: &str, topic: &str, range: std::ops::Range<u64>, keys: u64) {
-    let client = TaskClient::<ChatOp>::builder(bootstrap, topic)
-        .application_id("it")
-        .build()
-        .unwrap();
-    use futures::StreamExt;
-    let results: Vec<_> = futures::stream::iter(range)
-        .map(|i| {
-            let op = chat_op(i % keys, i / keys);
-            let client = &client;
-            async move { client.put(op.user_id.clone(), &op).await }
-        })
-        .buffered(1_000)
-        .collect()
-        .await;
-    for r in results {
-        r.unwrap();
-    }
-    client.close().await.unwrap();
+    put_tasks(bootstrap, &[], topic, range, keys).await.unwrap();
 }
 
 fn committed_sum(bootstrap: &str, group: &str, topic: &str, partitions: i32) -> i64 {
