@@ -183,7 +183,9 @@ impl<T: Send + 'static> RuntimeCore<T> {
         let mut parts = self.partitions.lock();
         for (p, running) in abandoned {
             let Some(ctx) = parts.remove(p) else { continue };
-            let position = ctx.core().position();
+            // The checkpoint keeps the applied offsets the broker may redeliver: those at or
+            // above the last position it confirmed (the final commit may have failed).
+            let position = ctx.confirmed_position();
             let (zombie, slot) = ctx.into_released(&self.recorder);
             if let Some(z) = zombie {
                 parts.add_zombie(z);

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaResult;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::RuntimeCore;
@@ -94,14 +95,29 @@ impl<T: Send + 'static> RuntimeCore<T> {
             for (p, commit) in sent {
                 if let Some(ctx) = parts.get_mut(p) {
                     match &result {
-                        Ok(()) => ctx.committed(commit),
+                        Ok(()) => {
+                            let position = commit.0;
+                            ctx.committed(commit);
+                            if matches!(mode, CommitMode::Sync) {
+                                ctx.confirmed(position);
+                            }
+                        }
                         Err(_) => ctx.forget_committed(),
                     }
                 }
             }
         }
         if let Err(e) = result {
-            tracing::warn!(subscription = %self.recorder.subscription(), "commit failed: {e}");
+            if e.rdkafka_error_code() == Some(RDKafkaErrorCode::OffsetMetadataTooLarge) {
+                self.committer
+                    .metadata_support
+                    .store(UNSUPPORTED, Ordering::Release);
+                tracing::warn!(subscription = %self.recorder.subscription(),
+                    "the broker refuses offset maps of this size (offset.metadata.max.bytes); \
+                     committing positions only — lower offset_map_max_bytes to keep the map");
+            } else {
+                tracing::warn!(subscription = %self.recorder.subscription(), "commit failed: {e}");
+            }
             return;
         }
         if let Some((partition, (_, sent))) = probe {
@@ -143,9 +159,20 @@ impl<T: Send + 'static> RuntimeCore<T> {
         }
     }
 
-    /// The commit callback: forget failed asynchronous commits so they are sent again.
+    /// The commit callback: record confirmed positions; forget failed asynchronous
+    /// commits so they are sent again.
     pub(crate) fn on_commit_result(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
         let Err(e) = result else {
+            let mut parts = self.partitions.lock();
+            for e in offsets
+                .elements()
+                .iter()
+                .filter(|e| e.topic() == &*self.topic)
+            {
+                if let (Some(ctx), Offset::Offset(o)) = (parts.get_mut(e.partition()), e.offset()) {
+                    ctx.confirmed(o);
+                }
+            }
             return;
         };
         tracing::warn!(subscription = %self.recorder.subscription(),

@@ -40,11 +40,23 @@ pub(crate) fn consumer(
     config
         .set("bootstrap.servers", bootstrap)
         .set("client.id", group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false");
     for (k, v) in user {
+        config.set(k, v);
+    }
+    // The runtime commits its own positions; librdkafka's automatic commits would pass
+    // unfinished tasks and lose them in a crash.
+    for (k, v) in [
+        ("enable.auto.commit", "false"),
+        ("enable.auto.offset.store", "false"),
+    ] {
+        if user.get(k).is_some_and(|given| given != v) {
+            tracing::warn!(
+                "the subscription ignores {k}={}: it commits its own positions",
+                user[k]
+            );
+        }
         config.set(k, v);
     }
     config.set("group.id", group);
@@ -90,9 +102,17 @@ mod tests {
         assert_eq!(probe.get("security.protocol"), Some("sasl_ssl"));
         assert_eq!(probe.get("sasl.mechanism"), Some("PLAIN"));
         assert_eq!(probe.get("session.timeout.ms"), None);
-        let consumer = consumer("b:9092", "g", &user);
-        assert_eq!(consumer.get("security.protocol"), Some("sasl_ssl"));
-        assert_eq!(consumer.get("group.id"), Some("g"));
+        let config = consumer("b:9092", "g", &user);
+        assert_eq!(config.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(config.get("group.id"), Some("g"));
+        let auto: BTreeMap<String, String> = [("enable.auto.commit", "true")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(
+            consumer("b:9092", "g", &auto).get("enable.auto.commit"),
+            Some("false")
+        );
         assert_eq!(
             shared_settings(&user)
                 .get("sasl.mechanism")

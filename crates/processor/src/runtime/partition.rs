@@ -44,6 +44,9 @@ pub(crate) struct PartitionContext<T> {
     paused: bool,
     max_pending: usize,
     last_committed: Option<(i64, String)>,
+    /// The newest position the broker confirmed as committed: applied state offsets below
+    /// it are never redelivered, those at or above it may be.
+    confirmed: Option<i64>,
     state: Option<Arc<StateSlot>>,
     /// The closed core of this partition's previous assignment here, while its abandoned
     /// tasks still run.
@@ -66,6 +69,7 @@ impl<T: Send + 'static> PartitionContext<T> {
             overflow: VecDeque::new(),
             paused: false,
             max_pending,
+            confirmed: last_committed.as_ref().map(|c| c.0),
             last_committed,
             state,
             predecessor,
@@ -199,12 +203,27 @@ impl<T: Send + 'static> PartitionContext<T> {
         (self.last_committed.as_ref() != Some(&commit)).then_some(commit)
     }
 
+    /// A commit of `commit` was sent (and, if synchronous, accepted).
     pub(crate) fn committed(&mut self, commit: (i64, String)) {
-        self.core.recorder().committed(commit.0);
-        if let Some(slot) = &self.state {
-            slot.forget_applied_below(commit.0);
-        }
         self.last_committed = Some(commit);
+    }
+
+    /// The broker confirmed `position` as committed: state offsets below it can be
+    /// forgotten.
+    pub(crate) fn confirmed(&mut self, position: i64) {
+        if self.confirmed.is_some_and(|c| c >= position) {
+            return;
+        }
+        self.confirmed = Some(position);
+        self.core.recorder().committed(position);
+        if let Some(slot) = &self.state {
+            slot.forget_applied_below(position);
+        }
+    }
+
+    /// The newest confirmed committed position.
+    pub(crate) fn confirmed_position(&self) -> Option<i64> {
+        self.confirmed
     }
 
     /// Forgets the last commit, so the next round sends it again (it failed, or this is
@@ -230,7 +249,14 @@ impl<T: Send + 'static> PartitionContext<T> {
         if running > 0 {
             self.core.recorder().abandoned(running);
         }
-        let zombie = (running > 0).then(|| self.core.clone());
+        // Whoever still runs tasks of this partition — this assignment's abandoned ones,
+        // or, if this assignment never started any, its predecessor's — must hold back the
+        // partition's next context here.
+        let zombie = if running > 0 {
+            Some(self.core.clone())
+        } else {
+            self.predecessor.filter(|p| p.running() > 0)
+        };
         (zombie, self.state)
     }
 }
@@ -367,6 +393,25 @@ mod tests {
         assert_eq!(new.core.position(), Some(1));
     }
 
+    /// Two quick rebalances: the partition's second context never started a task (its
+    /// predecessor still ran one), so on release it must hand the predecessor on, or the
+    /// third context would run the abandoned task's key again at once.
+    #[test]
+    fn a_still_running_predecessor_is_handed_on() {
+        let first = fixture(4, 100, None);
+        assert!(first.core.try_start_for_test(0));
+        first.core.close();
+        let second = fixture(4, 100, Some(first.core.clone()));
+        second.core.close();
+        let (zombie, _) = second.ctx.into_released(&second.subscription);
+        assert!(zombie.is_some_and(|z| Arc::ptr_eq(&z, &first.core)));
+        first.core.finish(0);
+        let third = fixture(4, 100, Some(first.core.clone()));
+        third.core.close();
+        let (zombie, _) = third.ctx.into_released(&third.subscription);
+        assert!(zombie.is_none(), "nothing runs any more");
+    }
+
     /// Completions wake the consumer thread only for a throttled partition, and only
     /// that partition: no polling over every partition.
     #[test]
@@ -419,7 +464,10 @@ mod tests {
             f._rt.handle().clone(),
         );
         let mut ctx = PartitionContext::new(f.core.clone(), lanes, 100, None, Some(slot), None);
+        // Sent but not confirmed (an asynchronous commit may still fail): nothing forgotten.
         ctx.committed((6, String::new()));
+        assert_eq!(store.applied_source_offsets_from(0).len(), 10);
+        ctx.confirmed(6);
         assert_eq!(store.applied_source_offsets_from(0), vec![6, 7, 8, 9]);
     }
 }

@@ -156,6 +156,7 @@ impl PartitionCore {
     }
 
     /// The current commit position.
+    #[cfg(test)]
     pub(crate) fn position(&self) -> Option<i64> {
         self.inner.lock().tracker.position()
     }

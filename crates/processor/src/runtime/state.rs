@@ -93,9 +93,8 @@ impl StateSlot {
     }
 }
 
-#[cfg(test)]
 impl StateSlot {
-    /// A restored slot around an open store.
+    /// A restored slot around an open store (for tests and the processor test harness).
     pub(crate) fn ready_with(store: PartitionStore) -> Arc<Self> {
         let slot = StateSlot {
             partition: store.partition(),
@@ -120,6 +119,21 @@ pub(crate) struct TaskState {
 impl TaskState {
     pub(crate) fn is_empty(&self) -> bool {
         self.batch.is_empty()
+    }
+
+    /// Applies the task's writes to the local store directly, with no changelog (the
+    /// processor test harness), and returns them in key order.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn apply_without_changelog(
+        &self,
+        offset: i64,
+    ) -> Result<Vec<(Vec<u8>, Option<Vec<u8>>)>, StateError> {
+        let Some(store) = self.slot.store.get() else {
+            return Ok(Vec::new());
+        };
+        let mutations = store.take_mutations(&self.batch)?;
+        store.apply_acknowledged(&mutations, offset)?;
+        Ok(mutations.into_iter().map(|m| (m.key, m.value)).collect())
     }
 
     fn read<R>(&self, f: impl FnOnce(&TaskBatch) -> R) -> R {
@@ -398,11 +412,12 @@ impl StateRuntime {
         offset: i64,
         mutations: Arc<[Mutation]>,
     ) -> Result<Option<i64>, StateError> {
-        let writer = self.writer.clone();
-        let (topic, partition) = (store.changelog_topic().to_string(), store.partition());
-        // Handing records to librdkafka waits while its queue is full.
+        let (writer, store) = (self.writer.clone(), store.clone());
+        // Handing records to librdkafka may wait while a batch is part-way out; the fence
+        // is checked under the lock the release's purge takes.
         let pending = tokio::task::spawn_blocking(move || {
-            writer.enqueue(&topic, partition, offset, &mutations)
+            let (topic, partition) = (store.changelog_topic(), store.partition());
+            writer.enqueue_unless(|| store.is_fenced(), topic, partition, offset, &mutations)
         })
         .await
         .map_err(|e| StateError::Internal(e.to_string()))??;
@@ -424,7 +439,8 @@ impl StateRuntime {
         if abandoned > 0 {
             slot.fence();
             // Appends of abandoned tasks still queued must not land after another owner
-            // took over; those of other partitions fail and are sent again.
+            // took over; those of other partitions fail and are sent again. Records
+            // already in flight cannot be recalled.
             self.writer.purge_queued();
         }
         if !slot.is_ready() || abandoned > 0 || slot.failed.load(Ordering::Acquire) {

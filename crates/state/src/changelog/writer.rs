@@ -75,6 +75,23 @@ impl ChangelogWriter {
         self.writer_id
     }
 
+    /// [`enqueue_unless`](Self::enqueue_unless) for a partition that is never fenced.
+    pub fn enqueue(
+        &self,
+        changelog_topic: &str,
+        partition: i32,
+        source_offset: i64,
+        mutations: &[Mutation],
+    ) -> Result<PendingAppend, StateError> {
+        self.enqueue_unless(
+            || false,
+            changelog_topic,
+            partition,
+            source_offset,
+            mutations,
+        )
+    }
+
     /// Hands every record of the batch of the task at `source_offset` to librdkafka now,
     /// in order, one record per mutation, and returns the acknowledgements to await.
     /// Batches enqueued one after the other land in the partition in that order.
@@ -86,8 +103,13 @@ impl ChangelogWriter {
     ///
     /// **Blocking:** that wait sleeps; call it from a blocking context
     /// (`tokio::task::spawn_blocking`), not on an async worker.
-    pub fn enqueue(
+    ///
+    /// `fenced` is asked under the same lock [`purge_queued`](Self::purge_queued) takes: a
+    /// batch is either refused ([`StateError::Closed`]) or queued before a purge that
+    /// follows the fence, never queued after it.
+    pub fn enqueue_unless(
         &self,
+        fenced: impl Fn() -> bool,
         changelog_topic: &str,
         partition: i32,
         source_offset: i64,
@@ -107,6 +129,11 @@ impl ChangelogWriter {
         })?;
         let batch: u64 = rand::random();
         let mut seqs = self.seqs.lock();
+        if fenced() {
+            return Err(StateError::Closed(format!(
+                "{changelog_topic}[{partition}]"
+            )));
+        }
         let next = seqs
             .entry((changelog_topic.to_string(), partition))
             .or_insert(0);
@@ -162,6 +189,8 @@ impl ChangelogWriter {
     /// **Blocking:** may block briefly while librdkafka purges its queues; call it from a
     /// blocking context.
     pub fn purge_queued(&self) {
+        // Under the enqueue lock: a batch being queued now is purged with the rest.
+        let _seqs = self.seqs.lock();
         self.producer.purge(PurgeConfig::default().queue());
         tracing::debug!(writer = self.writer_id, "purged queued changelog records");
     }
@@ -318,6 +347,21 @@ mod tests {
             matches!(waited, Err(StateError::Delivery { .. })),
             "{waited:?}"
         );
+        Ok(())
+    }
+
+    /// A batch of a fenced partition is refused under the enqueue lock: nothing is queued
+    /// that a release's purge could miss.
+    #[test]
+    fn a_fenced_partition_queues_nothing() -> anyhow::Result<()> {
+        let writer = ChangelogWriter::new("127.0.0.1:1", &BTreeMap::new())?;
+        let muts = [Mutation {
+            key: b"k".to_vec(),
+            value: Some(b"v".to_vec()),
+        }];
+        let refused = writer.enqueue_unless(|| true, "t-changelog", 0, 7, &muts);
+        assert!(matches!(refused, Err(StateError::Closed(_))), "{refused:?}");
+        assert_eq!(writer.producer.in_flight_count(), 0);
         Ok(())
     }
 }

@@ -203,7 +203,11 @@ pub async fn restore(
         };
         blocking(move || replay(&store, &consumer_cfg, plan)).await?
     };
-    store.write_restored(&tail_ops)?;
+    {
+        // sled writes: off the async workers.
+        let store = store.clone();
+        blocking(move || store.write_restored(&tail_ops)).await?;
+    }
     let mut report = RestoreReport {
         records_read: progress.records_read,
         batches_applied: asm.batches_applied,
@@ -224,15 +228,21 @@ pub async fn restore(
         // Mark the torn batches, then write again the valid values of the keys their
         // records touched: compaction would otherwise keep the torn record as the newest
         // of its key and delete the valid one before it.
-        let compensation = dangling
-            .into_iter()
-            .map(|key| {
-                Ok(Mutation {
-                    value: store.get(&key)?,
-                    key,
-                })
+        let compensation = {
+            let store = store.clone();
+            blocking(move || {
+                dangling
+                    .into_iter()
+                    .map(|key| {
+                        Ok(Mutation {
+                            value: store.get(&key)?,
+                            key,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, StateError>>()
             })
-            .collect::<Result<Vec<_>, StateError>>()?;
+            .await?
+        };
         let (writer, markers, rewrite) = {
             let (bootstrap, kafka) = (bootstrap.to_string(), kafka.clone());
             let (topic, torn, compensation) = (
@@ -259,8 +269,13 @@ pub async fn restore(
                 options.stall_timeout
             ))
         })??;
-        // Dropping the writer purges whatever it still holds; everything is acknowledged.
-        drop(writer);
+        // Destroying a producer joins its threads: off the async workers. Everything it
+        // sent is acknowledged.
+        blocking(move || {
+            drop(writer);
+            Ok(())
+        })
+        .await?;
         for last in acknowledged.into_iter().flatten() {
             report.next_offset = report.next_offset.max(last + 1);
         }
