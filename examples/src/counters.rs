@@ -393,4 +393,33 @@ mod tests {
         assert_eq!(report, OpenReport::Checkpoint { offset: 42 });
         Ok(())
     }
+
+    /// The processor as the runtime runs it, without a broker: each op counts once, the
+    /// writes are the ones the changelog would carry, and a task without state fails.
+    #[tokio::test]
+    async fn counts_through_the_processor_test_harness() {
+        use decaton_processor::testing::{ProcessorTester, TaskResult};
+        let tester = ProcessorTester::new(UserCountersProcessor::new()).with_state();
+        let first = tester
+            .process(Some(b"a"), op("a", OpType::SendMessage, 10))
+            .await;
+        assert_eq!(first.result, TaskResult::Completed);
+        assert!(first
+            .state_writes
+            .iter()
+            .any(|(k, v)| k == total_key("a").as_bytes()
+                && v.as_deref() == Some(1u64.to_be_bytes().as_slice())));
+        tester.process(Some(b"a"), op("a", OpType::Read, 20)).await;
+        assert_eq!(
+            tester.state_get(total_key("a").as_bytes()),
+            Some(2u64.to_be_bytes().to_vec())
+        );
+
+        let without_state = ProcessorTester::new(UserCountersProcessor::new());
+        let failed = without_state
+            .process(Some(b"a"), op("a", OpType::Read, 1))
+            .await;
+        assert!(matches!(failed.result, TaskResult::Failed(_)), "{failed:?}");
+        assert!(failed.state_writes.is_empty());
+    }
 }

@@ -76,3 +76,33 @@ impl TaskProcessor<ChatOp> for NotificationProcessor {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use decaton_processor::testing::{ProcessorTester, TaskResult};
+
+    /// Only `SEND_MESSAGE` sends a notification; everything completes.
+    #[tokio::test]
+    async fn notifies_only_for_messages() {
+        let processor = NotificationProcessor::new(0..=1);
+        let stats = processor.stats();
+        let tester = ProcessorTester::new(processor);
+        for (i, kind) in [OpType::SendMessage, OpType::Read, OpType::SendMessage]
+            .into_iter()
+            .enumerate()
+        {
+            let op = ChatOp {
+                user_id: "u".into(),
+                op: kind as i32,
+                sequence: i as u64,
+                ..Default::default()
+            };
+            let out = tester.process(Some(b"u"), op).await;
+            assert_eq!(out.result, TaskResult::Completed);
+            assert!(!out.deferred);
+        }
+        assert_eq!(stats.sent.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.ignored.load(Ordering::Relaxed), 1);
+    }
+}

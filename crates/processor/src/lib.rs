@@ -43,6 +43,7 @@ mod processor;
 mod runtime;
 mod stats;
 mod subscription;
+pub mod testing;
 
 pub use async_trait::async_trait;
 pub use config::{ProcessorProperties, PropertyError, SchedulingMode};

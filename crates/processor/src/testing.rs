@@ -1,0 +1,230 @@
+//! Unit-testing processors without a broker.
+//!
+//! A [`ProcessorTester`] runs a [`TaskProcessor`] the way a lane does — a real
+//! [`ProcessingContext`], `process` with panics caught, deferred completion with a
+//! timeout, partition-local state in memory — and reports what happened to each task:
+//! completed, failed (with the error), panicked, timed out or leaked, whether it was
+//! deferred, and which state writes it made. No Kafka is involved; tasks run one at a time
+//! in the order given, as one key's tasks would.
+//!
+//! ```
+//! use decaton_processor::testing::{ProcessorTester, TaskResult};
+//! use decaton_processor::{async_trait, ProcessError, ProcessingContext, TaskProcessor};
+//! use decaton_protocol::ChatOp;
+//!
+//! struct CountOps;
+//!
+//! #[async_trait]
+//! impl TaskProcessor<ChatOp> for CountOps {
+//!     async fn process(&self, ctx: &ProcessingContext, op: ChatOp) -> Result<(), ProcessError> {
+//!         let state = ctx.state().ok_or_else(|| ProcessError::new("no state"))?;
+//!         let key = format!("count/{}", op.user_id);
+//!         let n = state.get(key.as_bytes())?.map_or(0, |v| v[0]);
+//!         state.put(key.as_bytes(), &[n + 1])?;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let tester = ProcessorTester::new(CountOps).with_state();
+//! let op = ChatOp { user_id: "u1".into(), ..Default::default() };
+//! let first = tester.process(Some(b"u1"), op.clone()).await;
+//! assert_eq!(first.result, TaskResult::Completed);
+//! assert_eq!(first.state_writes, vec![(b"count/u1".to_vec(), Some(vec![1]))]);
+//! tester.process(Some(b"u1"), op).await;
+//! assert_eq!(tester.state_get(b"count/u1"), Some(vec![2]));
+//! # }
+//! ```
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use decaton_protocol::TaskMetadata;
+use decaton_state::internal::PartitionStore;
+use decaton_state::{Backend, StateConfig};
+use futures::FutureExt;
+use tokio::sync::oneshot;
+
+use crate::context::ProcessingContext;
+use crate::runtime::completion::{CompletionInner, Outcome};
+use crate::runtime::offsets::{DoneRanges, OffsetTracker};
+use crate::runtime::partition_core::PartitionCore;
+use crate::runtime::recorder::SubscriptionRecorder;
+use crate::runtime::state::StateSlot;
+use crate::runtime::wakeup::Wakeup;
+use crate::stats::Counters;
+use crate::TaskProcessor;
+
+/// How one task ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TaskResult {
+    /// `process` returned `Ok` (or its deferred completion was completed).
+    Completed,
+    /// `process` returned this error, or the deferred completion failed with it.
+    Failed(String),
+    /// `process` panicked.
+    Panicked,
+    /// The task was deferred and not completed within the tester's deferred timeout.
+    TimedOut,
+    /// The task was deferred and every `Completion` was dropped without completing.
+    Leaked,
+}
+
+/// What a [`ProcessorTester`] saw of one task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TaskOutcome {
+    /// The offset the task was given (0, 1, 2, … in the order tasks were run).
+    pub offset: i64,
+    /// How it ended.
+    pub result: TaskResult,
+    /// Whether the processor deferred its completion.
+    pub deferred: bool,
+    /// The state writes it made, in key order (`None` deletes), if it completed: what the
+    /// runtime would append to the changelog and apply to the store.
+    pub state_writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+/// Runs a processor against tasks without a broker; see the [module docs](self).
+pub struct ProcessorTester<T, P> {
+    processor: P,
+    subscription: Arc<str>,
+    topic: Arc<str>,
+    partition: i32,
+    deferred_timeout: Duration,
+    store: Option<PartitionStore>,
+    next_offset: AtomicI64,
+    recorder: SubscriptionRecorder,
+    _task: std::marker::PhantomData<fn(T)>,
+}
+
+impl<T: Send + 'static, P: TaskProcessor<T>> ProcessorTester<T, P> {
+    /// A tester for `processor`: subscription `test`, topic `test-topic`, partition 0,
+    /// deferred tasks waited for up to 5 s, no state store.
+    pub fn new(processor: P) -> Self {
+        ProcessorTester {
+            processor,
+            subscription: Arc::from("test"),
+            topic: Arc::from("test-topic"),
+            partition: 0,
+            deferred_timeout: Duration::from_secs(5),
+            store: None,
+            next_offset: AtomicI64::new(0),
+            recorder: SubscriptionRecorder::new(Arc::from("test"), Arc::new(Counters::default())),
+            _task: std::marker::PhantomData,
+        }
+    }
+
+    /// Gives tasks a partition-local state store, in memory, shared by every task run by
+    /// this tester ([`ProcessingContext::state`]).
+    pub fn with_state(mut self) -> Self {
+        let cfg = StateConfig {
+            backend: Backend::Memory,
+            ..Default::default()
+        };
+        // The memory backend opens without touching disk or names a file could refuse.
+        self.store = PartitionStore::open(&cfg, &self.subscription, &self.topic, self.partition)
+            .ok()
+            .map(|(store, _)| store);
+        self
+    }
+
+    /// The topic and partition tasks appear to come from.
+    pub fn source(mut self, topic: &str, partition: i32) -> Self {
+        self.topic = Arc::from(topic);
+        self.partition = partition;
+        self
+    }
+
+    /// How long a deferred task is waited for before it counts as timed out.
+    pub fn deferred_timeout(mut self, timeout: Duration) -> Self {
+        self.deferred_timeout = timeout;
+        self
+    }
+
+    /// Runs one task with `key` and default metadata.
+    pub async fn process(&self, key: Option<&[u8]>, task: T) -> TaskOutcome {
+        self.process_with(key, TaskMetadata::default(), task).await
+    }
+
+    /// Runs one task with `key` and `metadata` (retry count, scheduled time, …). A
+    /// deferred task is waited for, up to the deferred timeout; its key's next task runs
+    /// only after that, as in the runtime when the task wrote state.
+    pub async fn process_with(
+        &self,
+        key: Option<&[u8]>,
+        metadata: TaskMetadata,
+        task: T,
+    ) -> TaskOutcome {
+        let offset = self.next_offset.fetch_add(1, Ordering::Relaxed);
+        let core = Arc::new(PartitionCore::new(
+            self.topic.clone(),
+            self.partition,
+            OffsetTracker::starting_at(Some(offset), DoneRanges::default()),
+            self.recorder.partition(&self.topic, self.partition),
+            Arc::new(Wakeup::default()),
+        ));
+        let (tx, rx) = oneshot::channel();
+        let completion = CompletionInner::new(core, offset, Some(tx));
+        let ctx = ProcessingContext {
+            subscription: self.subscription.clone(),
+            key: key.map(Arc::from),
+            metadata,
+            completion: completion.clone(),
+            deferred: AtomicBool::new(false),
+            deferred_timeout: Some(self.deferred_timeout),
+            state: self
+                .store
+                .as_ref()
+                .and_then(|s| StateSlot::ready_with(s.clone()).task_state()),
+        };
+        let ran = AssertUnwindSafe(self.processor.process(&ctx, task))
+            .catch_unwind()
+            .await;
+        let deferred = ctx.is_deferred();
+        let result = match ran {
+            Ok(Ok(())) if deferred => None,
+            Ok(Ok(())) => Some(TaskResult::Completed),
+            Ok(Err(e)) => Some(TaskResult::Failed(e.to_string())),
+            Err(_) => Some(TaskResult::Panicked),
+        };
+        let result = match result {
+            Some(r) => {
+                completion.settle(if r == TaskResult::Completed {
+                    Outcome::Done
+                } else {
+                    Outcome::FailedCounted
+                });
+                r
+            }
+            None => match rx.await {
+                Ok(Outcome::Done) => TaskResult::Completed,
+                Ok(Outcome::TimedOut) => TaskResult::TimedOut,
+                Ok(Outcome::Leaked) | Err(_) => TaskResult::Leaked,
+                Ok(Outcome::Failed | Outcome::FailedCounted) => {
+                    TaskResult::Failed("deferred completion failed".into())
+                }
+            },
+        };
+        let state_writes = match (ctx.state.as_ref(), &result) {
+            (Some(state), TaskResult::Completed) => {
+                state.apply_without_changelog(offset).unwrap_or_default()
+            }
+            _ => Vec::new(),
+        };
+        TaskOutcome {
+            offset,
+            result,
+            deferred,
+            state_writes,
+        }
+    }
+
+    /// A value in the tester's state store (after the writes of completed tasks).
+    pub fn state_get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.store.as_ref().and_then(|s| s.get(key).ok().flatten())
+    }
+}
