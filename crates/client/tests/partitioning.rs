@@ -79,10 +79,7 @@ fn task(i: usize) -> ChatOp {
 }
 
 /// Puts one task for each of `keys` distinct keys and returns (key, partition) as acknowledged.
-async fn put_keys(
-    client: &TaskClient<ChatOp>,
-    keys: usize,
-) -> anyhow::Result<Vec<(String, i32)>> {
+async fn put_keys(client: &TaskClient<ChatOp>, keys: usize) -> anyhow::Result<Vec<(String, i32)>> {
     let results: Vec<_> = futures::stream::iter(0..keys)
         .map(|i| async move {
             let t = task(i);
@@ -100,7 +97,8 @@ async fn keys_land_in_the_java_murmur2_partition() -> anyhow::Result<()> {
     const PARTITIONS: i32 = 6;
     let broker = TestBroker::start(BrokerKind::Embedded)?;
     broker.create_topic("java-placed", PARTITIONS)?;
-    let client = TaskClient::<ChatOp>::builder(broker.bootstrap_servers(), "java-placed").build()?;
+    let client =
+        TaskClient::<ChatOp>::builder(broker.bootstrap_servers(), "java-placed").build()?;
     let placed = put_keys(&client, 1_000).await?;
     assert_eq!(placed.len(), 1_000);
     let mut per_partition = [0usize; PARTITIONS as usize];
@@ -132,7 +130,10 @@ async fn an_explicit_partitioner_overrides_the_default() -> anyhow::Result<()> {
         .iter()
         .filter(|(key, p)| *p != java_partition(key.as_bytes(), PARTITIONS))
         .count();
-    assert!(differing > 50, "only {differing} of 200 keys placed differently");
+    assert!(
+        differing > 50,
+        "only {differing} of 200 keys placed differently"
+    );
     client.close().await?;
     Ok(())
 }

@@ -22,7 +22,8 @@ use crate::StateError;
 /// Defaults of the changelog producer; the pass-through settings override them.
 /// `murmur2_random` places keyed records as Java clients do (the changelog names its
 /// partition explicitly, but any keyed record without one lands where Java would put it).
-const PRODUCER_DEFAULTS: [(&str, &str); 2] = [("linger.ms", "1"), ("partitioner", "murmur2_random")];
+const PRODUCER_DEFAULTS: [(&str, &str); 2] =
+    [("linger.ms", "1"), ("partitioner", "murmur2_random")];
 
 /// Producer settings the changelog cannot do without; they override the pass-through.
 const FORCED_PRODUCER: [(&str, &str); 2] = [("acks", "all"), ("enable.idempotence", "true")];
