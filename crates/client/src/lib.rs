@@ -48,6 +48,7 @@ pub const DEFAULT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a task was not stored.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ClientError {
     /// No broker acknowledged the record within the delivery timeout (broker down,
     /// unreachable or partition leaderless).
@@ -89,6 +90,20 @@ pub struct PutOptions {
     pub timestamp: Option<SystemTime>,
     /// Do not process before this time (metadata `scheduled_time_millis`).
     pub scheduled_time: Option<SystemTime>,
+}
+
+impl PutOptions {
+    /// Sets the creation timestamp: `PutOptions::default().timestamp(t)`.
+    pub fn timestamp(mut self, timestamp: SystemTime) -> Self {
+        self.timestamp = Some(timestamp);
+        self
+    }
+
+    /// Sets the time before which the task is not processed.
+    pub fn scheduled_time(mut self, scheduled_time: SystemTime) -> Self {
+        self.scheduled_time = Some(scheduled_time);
+        self
+    }
 }
 
 fn millis(t: SystemTime) -> i64 {
