@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# Installs what the tests need (the pinned Tansu broker, only when missing) and runs
-# every test in the workspace against both the embedded mock cluster and Tansu.
+# Checks formatting, lints and docs, installs what the tests need (the pinned Tansu
+# broker, only when missing) and runs every test in the workspace against both the
+# embedded mock cluster and Tansu. Arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# Cheap checks first, so a formatting slip fails in seconds rather than after the tests.
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+RUSTDOCFLAGS="-D warnings -D missing-docs" cargo doc --workspace --no-deps --locked
 
 TANSU_BIN="$(scripts/install-tansu.sh)"
 export TANSU_BIN

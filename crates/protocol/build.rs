@@ -1,7 +1,9 @@
 //! Generates the protobuf types with prost-build, using the protoc binary vendored by
 //! `protoc-bin-vendored` so no system protoc is needed.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // `proto` in this crate links to the workspace's top-level `proto/`; `cargo package`
+    // copies the files it points to, so the published crate carries its own sources.
+    let proto_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proto");
     let files = ["decaton.proto", "chat.proto", "changelog.proto"].map(|f| proto_dir.join(f));
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());

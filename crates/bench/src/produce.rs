@@ -261,6 +261,7 @@ async fn produce_once(
                         .set("acks", "all")
                         .set("enable.idempotence", "true")
                         .set("linger.ms", "5")
+                        .set("partitioner", decaton_client::JAVA_COMPATIBLE_PARTITIONER)
                         .set("message.timeout.ms", "30000");
                     for (k, v) in &workload.producer_params {
                         config.set(k, v);

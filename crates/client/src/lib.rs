@@ -6,8 +6,10 @@
 //! and in order) and resolves once the broker has acknowledged it.
 //!
 //! Defaults favour durability: `acks=all` and idempotence on, so a retried produce never
-//! duplicates or reorders a key's tasks. Every librdkafka producer setting passes straight
-//! through [`TaskClientBuilder::set`].
+//! duplicates or reorders a key's tasks. Keys are placed like Java clients place them
+//! (`partitioner=murmur2_random`: murmur2 of the key, as Java `DecatonClient` and every JVM
+//! producer do), so a Rust and a Java producer send one key's tasks to one partition. Every
+//! librdkafka producer setting passes straight through [`TaskClientBuilder::set`].
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), decaton_client::ClientError> {
@@ -36,11 +38,17 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::ClientConfig;
 
+/// The librdkafka partitioner that places keyed records as Java clients do: murmur2 of the
+/// key, positive, modulo the partition count; records without a key go to a random
+/// partition. [`TaskClient`]'s default; override it with `set("partitioner", ...)`.
+pub const JAVA_COMPATIBLE_PARTITIONER: &str = "murmur2_random";
+
 /// Default time a `put` may take before it fails (librdkafka `message.timeout.ms`).
 pub const DEFAULT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a task was not stored.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ClientError {
     /// No broker acknowledged the record within the delivery timeout (broker down,
     /// unreachable or partition leaderless).
@@ -84,6 +92,20 @@ pub struct PutOptions {
     pub scheduled_time: Option<SystemTime>,
 }
 
+impl PutOptions {
+    /// Sets the creation timestamp: `PutOptions::default().timestamp(t)`.
+    pub fn timestamp(mut self, timestamp: SystemTime) -> Self {
+        self.timestamp = Some(timestamp);
+        self
+    }
+
+    /// Sets the time before which the task is not processed.
+    pub fn scheduled_time(mut self, scheduled_time: SystemTime) -> Self {
+        self.scheduled_time = Some(scheduled_time);
+        self
+    }
+}
+
 fn millis(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -123,7 +145,8 @@ impl<T: prost::Message> TaskClientBuilder<T> {
     }
 
     /// Sets any librdkafka producer property, verbatim. Overrides the defaults
-    /// (`acks=all`, `enable.idempotence=true`, `linger.ms=5`).
+    /// (`acks=all`, `enable.idempotence=true`, `linger.ms=5`,
+    /// `partitioner=murmur2_random`).
     pub fn set(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.kafka.insert(key.into(), value.into());
         self
@@ -137,6 +160,9 @@ impl<T: prost::Message> TaskClientBuilder<T> {
             .set("acks", "all")
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")
+            // Java clients hash keys with murmur2; librdkafka's default is CRC32. Matching
+            // Java keeps one key in one partition when both enqueue to the same topic.
+            .set("partitioner", JAVA_COMPATIBLE_PARTITIONER)
             .set(
                 "message.timeout.ms",
                 self.delivery_timeout.as_millis().to_string(),

@@ -57,6 +57,7 @@ pub const METADATA_HEADER: &str = "dt_meta";
 
 /// Why a record could not be decoded as a task.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ProtocolError {
     /// The `dt_meta` header is not a valid `TaskMetadataProto`.
     #[error("invalid dt_meta header: {0}")]

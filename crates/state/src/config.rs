@@ -43,6 +43,34 @@ impl Default for StateConfig {
     }
 }
 
+impl StateConfig {
+    /// The defaults with `state_dir` set: `StateConfig::new(dir).backend(Backend::Memory)`.
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        StateConfig {
+            state_dir: state_dir.into(),
+            ..StateConfig::default()
+        }
+    }
+
+    /// Sets the local storage backend.
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    /// Sets the store name (part of the changelog topic name).
+    pub fn store_name(mut self, store_name: impl Into<String>) -> Self {
+        self.store_name = store_name.into();
+        self
+    }
+
+    /// Sets the page cache size of each partition's sled database, in bytes.
+    pub fn sled_cache_bytes(mut self, bytes: u64) -> Self {
+        self.sled_cache_bytes = bytes;
+        self
+    }
+}
+
 /// The changelog topic of `store` for `subscription`: `<subscription>-<store>-changelog`.
 ///
 /// It has one partition per source partition; partition `p` of the changelog holds the

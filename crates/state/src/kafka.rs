@@ -20,7 +20,10 @@ use rdkafka::ClientConfig;
 use crate::StateError;
 
 /// Defaults of the changelog producer; the pass-through settings override them.
-const PRODUCER_DEFAULTS: [(&str, &str); 1] = [("linger.ms", "1")];
+/// `murmur2_random` places keyed records as Java clients do (the changelog names its
+/// partition explicitly, but any keyed record without one lands where Java would put it).
+const PRODUCER_DEFAULTS: [(&str, &str); 2] =
+    [("linger.ms", "1"), ("partitioner", "murmur2_random")];
 
 /// Producer settings the changelog cannot do without; they override the pass-through.
 const FORCED_PRODUCER: [(&str, &str); 2] = [("acks", "all"), ("enable.idempotence", "true")];
@@ -96,6 +99,7 @@ mod tests {
     fn producer_defaults_yield_to_the_user_but_forced_settings_do_not() {
         let cfg = producer_config("b:9092", &settings(&[]));
         assert_eq!(cfg.get("linger.ms"), Some("1"));
+        assert_eq!(cfg.get("partitioner"), Some("murmur2_random"));
         assert_eq!(cfg.get("acks"), Some("all"));
         assert_eq!(cfg.get("enable.idempotence"), Some("true"));
         assert_eq!(cfg.get("bootstrap.servers"), Some("b:9092"));
@@ -104,6 +108,7 @@ mod tests {
             "b:9092",
             &settings(&[
                 ("linger.ms", "20"),
+                ("partitioner", "consistent_random"),
                 ("acks", "1"),
                 ("enable.idempotence", "false"),
                 ("bootstrap.servers", "elsewhere:1"),
@@ -111,6 +116,7 @@ mod tests {
             ]),
         );
         assert_eq!(cfg.get("linger.ms"), Some("20"));
+        assert_eq!(cfg.get("partitioner"), Some("consistent_random"));
         assert_eq!(cfg.get("compression.type"), Some("lz4"));
         assert_eq!(cfg.get("acks"), Some("all"));
         assert_eq!(cfg.get("enable.idempotence"), Some("true"));

@@ -17,6 +17,7 @@ pub const TANSU_VERSION: &str = "0.6.0";
 
 /// Errors from starting or driving a test broker.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TestkitError {
     /// librdkafka refused an operation.
     #[error("kafka: {0}")]

@@ -32,6 +32,7 @@ pub struct Processed {
 
 /// What [`check`] found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CheckReport {
     /// Tasks expected (sum over keys).
     pub expected: u64,

@@ -72,6 +72,7 @@ pub use replay::{RESTORED_RECORDS_TOTAL, RESTORE_SECONDS};
 
 /// What a [`restore`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RestoreReport {
     /// Changelog records read (including ignored and marker records).
     pub records_read: u64,
@@ -106,6 +107,7 @@ pub struct RestoreReport {
 
 /// Where a [`restore`] starts, and what it records.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RestoreOptions {
     /// First changelog offset to read: the checkpoint of
     /// [`OpenReport::restore_from`](crate::internal::OpenReport::restore_from), or `None`

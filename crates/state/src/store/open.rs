@@ -73,6 +73,7 @@ impl OpenReport {
 
 /// Why a partition's local files were deleted at open.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum RebuildReason {
     /// sled returned an error opening the database.
     #[error("sled could not open the database: {0}")]
