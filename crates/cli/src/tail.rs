@@ -261,6 +261,12 @@ fn assignment(
                     element.partition()
                 );
             }
+            tracing::debug!(
+                partition = element.partition(),
+                offset = ?element.offset(),
+                timestamp = millis,
+                "start offset for the timestamp"
+            );
         }
     }
     Ok(list)
@@ -272,6 +278,9 @@ struct RecordLine<'a> {
     topic: &'a str,
     partition: i32,
     offset: i64,
+    /// The record's timestamp (milliseconds since the Unix epoch), when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    record_timestamp_millis: Option<i64>,
     /// The key as text; `null` for no key or a key that is not UTF-8.
     key: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -346,6 +355,7 @@ struct Record<'a> {
     topic: &'a str,
     partition: i32,
     offset: i64,
+    timestamp: Option<i64>,
     key: Option<&'a [u8]>,
     /// Every header, `dt_meta` included.
     headers: Vec<(&'a str, Option<&'a [u8]>)>,
@@ -366,6 +376,7 @@ fn render(message: &BorrowedMessage<'_>, task_type: &TaskType, format: Format) -
         topic: message.topic(),
         partition: message.partition(),
         offset: message.offset(),
+        timestamp: message.timestamp().to_millis(),
         key: message.key(),
         headers,
     };
@@ -389,6 +400,7 @@ fn render_record(
         topic: record.topic,
         partition: record.partition,
         offset: record.offset,
+        record_timestamp_millis: record.timestamp,
         key: key_text,
         key_hex,
         metadata: None,
@@ -508,6 +520,7 @@ mod tests {
             topic: "t",
             partition,
             offset,
+            timestamp: None,
             key,
             headers,
         }
