@@ -6,6 +6,9 @@
 //! * `decaton tail` prints a task topic: key, partition, offset, the `dt_meta` metadata,
 //!   the other headers and the task as JSON, from a chosen start position, without joining
 //!   a consumer group or committing anything.
+//! * `decaton lag GROUP --topic T` shows a subscription's committed offset, high
+//!   watermark, lag and finished tasks above the commit (from its offset map), per
+//!   partition.
 //! * `decaton dev-broker` runs an in-process Kafka mock cluster for local development.
 //! * `decaton bench` runs the benchmark harness (`decaton-bench`).
 //!
@@ -13,6 +16,8 @@
 //! by `RUST_LOG` (default `info`).
 
 mod dev_broker;
+mod lag;
+mod offset_map;
 mod options;
 mod put;
 mod schema;
@@ -43,6 +48,8 @@ enum Command {
     Put(put::PutArgs),
     /// Print the tasks of a topic: key, partition, offset, metadata and task.
     Tail(tail::TailArgs),
+    /// Show how far a subscription (consumer group) is behind on a topic, per partition.
+    Lag(lag::LagArgs),
     /// Run an embedded Kafka mock cluster until Ctrl-C / SIGTERM.
     DevBroker(dev_broker::DevBrokerArgs),
     /// Run the benchmark harness.
@@ -75,6 +82,7 @@ fn run_async(command: Command) -> anyhow::Result<()> {
         match command {
             Command::Put(args) => put::run(args).await,
             Command::Tail(args) => tail::run(args).await,
+            Command::Lag(args) => lag::run(args).await,
             Command::DevBroker(args) => dev_broker::run(args).await,
             Command::Bench(_) => anyhow::bail!("bench runs outside the tokio runtime"),
         }

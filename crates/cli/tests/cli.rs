@@ -799,3 +799,123 @@ fn tail_from_a_timestamp_starts_at_the_record_with_it() -> anyhow::Result<()> {
     assert_eq!(tail_positions(&broker, &at(0))?.len(), 5);
     Ok(())
 }
+
+#[test]
+fn lag_shows_committed_offsets_lag_and_finished_tasks_from_the_offset_map() -> anyhow::Result<()> {
+    use base64::Engine as _;
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+
+    let broker = TestBroker::start(BrokerKind::Embedded)?;
+    broker.create_topic("chat-ops", 4)?;
+    let bootstrap = broker.bootstrap_servers();
+    // 20, 10, 5 and 5 records in partitions 0..4 (lag reads offsets, not tasks).
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()?;
+    for (partition, count) in [(0, 20), (1, 10), (2, 5), (3, 5)] {
+        for _ in 0..count {
+            producer
+                .send(
+                    BaseRecord::to("chat-ops")
+                        .partition(partition)
+                        .key("k")
+                        .payload(&b""[..]),
+                )
+                .map_err(|(e, _)| e)?;
+        }
+    }
+    producer.flush(TIMEOUT)?;
+
+    // What a processor of group "talk" would commit: partition 0 at 5 with offsets 6, 7
+    // and 10 finished (runs: 1 not done, 2 done, 2 not done, 1 done); partition 1 at 2
+    // with 3, 4, 5 and 9 finished (a bitset of 8 offsets from 2); partition 2 at 1 with
+    // metadata that is no offset map; partition 3 not at all.
+    let b64 = base64::engine::general_purpose::STANDARD_NO_PAD;
+    let commits = [
+        (0, 5, format!("dtom1:5:6:r{}", b64.encode([1u8, 2, 2, 1]))),
+        (1, 2, format!("dtom1:2:8:b{}", b64.encode([0b1000_1110u8]))),
+        (2, 1, "written-by-someone-else".to_string()),
+    ];
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", "talk")
+        .create()?;
+    let mut list = TopicPartitionList::new();
+    for (partition, offset, map) in &commits {
+        let mut element = list.add_partition("chat-ops", *partition);
+        element.set_offset(Offset::Offset(*offset))?;
+        element.set_metadata(map);
+    }
+    consumer.commit(&list, CommitMode::Sync)?;
+
+    let out = run_ok(&["lag", "talk", "-b", &bootstrap, "--topic", "chat-ops"])?;
+    let json: Value = serde_json::from_str(&run_ok(&[
+        "lag", "talk", "-b", &bootstrap, "--topic", "chat-ops", "--json",
+    ])?)?;
+    let rows = json["partitions"].as_array().context("partitions")?;
+    let summary: Vec<(Value, Value, Value, Value, Value)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["committed"].clone(),
+                r["high_watermark"].clone(),
+                r["lag"].clone(),
+                r["finished_above_commit"].clone(),
+                r["pending"].clone(),
+            )
+        })
+        .collect();
+    use serde_json::json;
+    assert_eq!(
+        summary,
+        [
+            (json!(5), json!(20), json!(15), json!(3), json!(12)),
+            (json!(2), json!(10), json!(8), json!(4), json!(4)),
+            (json!(1), json!(5), json!(4), json!(0), json!(4)),
+            (Value::Null, json!(5), Value::Null, json!(0), Value::Null),
+        ]
+    );
+    assert_eq!(rows[0]["offset_map"], "valid");
+    assert_eq!(
+        rows[2]["offset_map"],
+        "ignored: not a decaton-rs offset map"
+    );
+    assert_eq!(rows[3]["offset_map"], "none");
+    assert_eq!(
+        (json["total_lag"].as_i64(), json["total_pending"].as_i64()),
+        (Some(27), Some(20))
+    );
+
+    let table: Vec<Vec<&str>> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        table[0][..6],
+        [
+            "PARTITION",
+            "COMMITTED",
+            "HIGH_WATERMARK",
+            "LAG",
+            "FINISHED",
+            "PENDING"
+        ]
+    );
+    assert_eq!(table[1][..7], ["0", "5", "20", "15", "3", "12", "valid"]);
+    assert_eq!(table[4][..7], ["3", "-", "5", "-", "0", "-", "none"]);
+    assert_eq!(table[5], ["total", "27", "7", "20"]);
+
+    // A group that never committed: every partition without a commit.
+    let out = run_ok(&[
+        "lag", "nobody", "-b", &bootstrap, "--topic", "chat-ops", "--json",
+    ])?;
+    let json: Value = serde_json::from_str(&out)?;
+    assert_eq!(json["total_lag"], 0);
+    assert!(json["partitions"]
+        .as_array()
+        .context("partitions")?
+        .iter()
+        .all(|r| r["committed"].is_null()));
+    Ok(())
+}
