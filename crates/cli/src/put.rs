@@ -16,7 +16,6 @@ use futures::stream::{FuturesUnordered, StreamExt as _};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use prost::bytes::{Buf, BufMut};
 use prost::encoding::{DecodeContext, WireType};
-use tokio::io::AsyncBufReadExt as _;
 
 use crate::options::KafkaArgs;
 use crate::schema::{SchemaArgs, TaskType};
@@ -146,9 +145,8 @@ async fn put_ndjson(
         progress.suspend(|| eprintln!("decaton: line {line}: {error:#}"));
     };
     let concurrency = args.concurrency as usize;
-    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
+    let mut lines = stdin_lines();
     let mut in_flight = FuturesUnordered::new();
-    let mut buf = Vec::new();
     let mut line_no = 0u64;
     // (put, failed)
     let mut tally = (0u64, 0u64);
@@ -163,39 +161,34 @@ async fn put_ndjson(
                 report(line, &e);
             }
         };
+    // Acknowledgements are handled while waiting for input, so a slow producer on stdin
+    // (`tail -f events | decaton put --ndjson`) sees each task sent as its line arrives.
     loop {
-        while in_flight.len() >= concurrency {
-            if let Some(done) = in_flight.next().await {
-                settle(&mut tally, done);
-            }
-        }
-        buf.clear();
-        if stdin
-            .read_until(b'\n', &mut buf)
-            .await
-            .context("reading stdin")?
-            == 0
-        {
-            break;
-        }
-        line_no += 1;
-        if buf.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        match parse_line(&buf, task_type, args.key_field.as_deref()) {
-            Ok((key, bytes)) => {
-                let line = line_no;
-                in_flight.push(async move {
-                    let result = client
-                        .put_with(key, &RawTask(bytes), options)
-                        .await
-                        .context("put failed");
-                    (line, result)
-                });
-            }
-            Err(e) => {
-                tally.1 += 1;
-                report(line_no, &e);
+        tokio::select! {
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => settle(&mut tally, done),
+            line = lines.recv(), if in_flight.len() < concurrency => {
+                let Some(line) = line else { break };
+                let line = line.context("reading stdin")?;
+                line_no += 1;
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                match parse_line(&line, task_type, args.key_field.as_deref()) {
+                    Ok((key, bytes)) => {
+                        let line = line_no;
+                        in_flight.push(async move {
+                            let result = client
+                                .put_with(key, &RawTask(bytes), options)
+                                .await
+                                .context("put failed");
+                            (line, result)
+                        });
+                    }
+                    Err(e) => {
+                        tally.1 += 1;
+                        report(line_no, &e);
+                    }
+                }
             }
         }
     }
@@ -207,6 +200,30 @@ async fn put_ndjson(
     println!("put={put} failed={failed}");
     anyhow::ensure!(failed == 0, "{failed} of {} tasks failed", put + failed);
     Ok(())
+}
+
+/// The lines of stdin, read on a thread of their own (stdin reads block).
+fn stdin_lines() -> tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        loop {
+            let mut line = Vec::new();
+            match std::io::BufRead::read_until(&mut stdin, b'\n', &mut line) {
+                Ok(0) => return,
+                Ok(_) => {
+                    if tx.blocking_send(Ok(line)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+    rx
 }
 
 /// A counter on stderr, drawn only when stderr is a terminal.

@@ -750,6 +750,48 @@ fn tail_positions(broker: &TestBroker, from: &str) -> anyhow::Result<Vec<String>
 }
 
 #[test]
+fn ndjson_tasks_go_out_as_their_lines_arrive() -> anyhow::Result<()> {
+    let broker = TestBroker::start(BrokerKind::Embedded)?;
+    broker.create_topic("live", 1)?;
+    let bootstrap = broker.bootstrap_servers();
+    let mut put = Command::new(BIN)
+        .args(["put", "-b", &bootstrap, "--topic", "live", "--ndjson"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut stdin = put.stdin.take().context("stdin")?;
+    let stdout = collect(put.stdout.take().context("stdout")?);
+    std::io::Write::write_all(&mut stdin, b"{\"key\":\"k\",\"task\":{\"sequence\":1}}\n")?;
+    std::io::Write::flush(&mut stdin)?;
+    // stdin is still open: the task must reach the topic anyway.
+    let seen = run(&[
+        "tail",
+        "-b",
+        &bootstrap,
+        "--topic",
+        "live",
+        "--from",
+        "beginning",
+        "--count",
+        "1",
+    ]);
+    drop(stdin);
+    let seen = seen?;
+    let status = put.wait()?;
+    assert!(seen.status.success(), "{}", seen.stderr);
+    assert!(
+        seen.stdout.starts_with("live/0@0 key=\"k\""),
+        "{}",
+        seen.stdout
+    );
+    assert!(status.success());
+    assert_eq!(stdout.recv_timeout(TIMEOUT)?.trim(), "put=1 failed=0");
+    Ok(())
+}
+
+#[test]
 fn tail_starts_where_asked_shows_every_header_and_exits_at_the_end() -> anyhow::Result<()> {
     let broker = TestBroker::start(BrokerKind::Embedded)?;
     produce_positions(&broker, 2)?;
