@@ -1,10 +1,14 @@
 //! `decaton`: the command-line tool of decaton-rs.
 //!
-//! * `decaton put` enqueues one task, exactly as a service's `TaskClient` would: the
-//!   example [`ChatOp`](decaton_protocol::ChatOp) written as JSON, or any serialized
-//!   protobuf from a file.
-//! * `decaton tail` prints a task topic as it grows: key, partition, offset, the `dt_meta`
-//!   metadata and the task, without joining a consumer group or committing anything.
+//! * `decaton put` enqueues tasks exactly as a service's `TaskClient` would: one task as
+//!   proto3 JSON of any message type (`--descriptor-set` or `--proto`, and `--type`;
+//!   the example `ChatOp` by default) or raw bytes from a file, or many as NDJSON on stdin.
+//! * `decaton tail` prints a task topic: key, partition, offset, the `dt_meta` metadata,
+//!   the other headers and the task as JSON, from a chosen start position, without joining
+//!   a consumer group or committing anything.
+//! * `decaton lag GROUP --topic T` shows a subscription's committed offset, high
+//!   watermark, lag and finished tasks above the commit (from its offset map), per
+//!   partition.
 //! * `decaton dev-broker` runs an in-process Kafka mock cluster for local development.
 //! * `decaton bench` runs the benchmark harness (`decaton-bench`).
 //!
@@ -12,9 +16,11 @@
 //! by `RUST_LOG` (default `info`).
 
 mod dev_broker;
-mod json;
+mod lag;
+mod offset_map;
 mod options;
 mod put;
+mod schema;
 mod tail;
 
 use std::io::IsTerminal as _;
@@ -38,10 +44,12 @@ struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Enqueue one task (a ChatOp as JSON, or raw protobuf bytes from a file).
+    /// Enqueue a task (JSON of any protobuf type, or raw bytes), or many from NDJSON on stdin.
     Put(put::PutArgs),
     /// Print the tasks of a topic: key, partition, offset, metadata and task.
     Tail(tail::TailArgs),
+    /// Show how far a subscription (consumer group) is behind on a topic, per partition.
+    Lag(lag::LagArgs),
     /// Run an embedded Kafka mock cluster until Ctrl-C / SIGTERM.
     DevBroker(dev_broker::DevBrokerArgs),
     /// Run the benchmark harness.
@@ -74,6 +82,7 @@ fn run_async(command: Command) -> anyhow::Result<()> {
         match command {
             Command::Put(args) => put::run(args).await,
             Command::Tail(args) => tail::run(args).await,
+            Command::Lag(args) => lag::run(args).await,
             Command::DevBroker(args) => dev_broker::run(args).await,
             Command::Bench(_) => anyhow::bail!("bench runs outside the tokio runtime"),
         }

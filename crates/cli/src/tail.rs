@@ -3,30 +3,31 @@
 //! The tail reads like an operator's debugger, not like a processor: it assigns itself
 //! every partition of the topic (or the ones asked for) straight from the topic metadata,
 //! joins no consumer group and commits nothing, so it never disturbs a subscription's
-//! offsets. It starts at the end of each partition, or at the beginning with
-//! `--from-beginning`.
+//! offsets. It starts at the end of each partition, or where `--from` says: the
+//! beginning, an offset, or the first record at or after a timestamp. With
+//! `--exit-at-end` it stops once it has reached the end of every partition.
 //!
 //! For each record it prints the key, partition and offset, the five `dt_meta` metadata
-//! fields and the task: as ChatOp JSON when the bytes are exactly a ChatOp, else as hex.
+//! fields, every other header (as text when it is UTF-8, else as hex) and the task: as
+//! JSON of the task type (see [`crate::schema`]) when the bytes are one, else as hex.
 //! A record that is not a Decaton task (bad header, no header and no legacy envelope, no
 //! value) gets an error line naming its topic, partition and offset, and the tail goes on.
 
 use std::collections::BTreeSet;
 use std::io::Write;
+use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use decaton_protocol::{
-    decode_record, ChatOp, ProtocolError, TaskMetadata, TaskRecord, METADATA_HEADER,
-};
-use prost::Message as _;
+use decaton_protocol::{decode_record, ProtocolError, TaskMetadata, TaskRecord, METADATA_HEADER};
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::Serialize;
 
-use crate::json::{to_hex, ChatOpJson};
 use crate::options::{shutdown_signal, KafkaArgs};
+use crate::schema::{to_hex, SchemaArgs, TaskType};
 
 /// How long to wait for the topic's metadata.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(15);
@@ -41,9 +42,22 @@ pub struct TailArgs {
     #[arg(long)]
     topic: String,
 
-    /// Start at the oldest record of each partition instead of the end.
-    #[arg(long)]
+    #[command(flatten)]
+    schema: SchemaArgs,
+
+    /// Where to start in each partition: `beginning`, `end`, `offset:N` (the same offset
+    /// in every partition) or `timestamp:MILLIS` (the first record with a timestamp at or
+    /// after it, milliseconds since the Unix epoch).
+    #[arg(long, value_name = "POSITION", default_value = "end")]
+    from: StartAt,
+
+    /// Same as `--from beginning`.
+    #[arg(long, conflicts_with = "from")]
     from_beginning: bool,
+
+    /// Stop once the end of every partition has been reached.
+    #[arg(long)]
+    exit_at_end: bool,
 
     /// Stop after this many records (error lines included).
     #[arg(long, short = 'n', value_name = "N")]
@@ -67,11 +81,54 @@ pub enum Format {
     Json,
 }
 
-/// Runs `decaton tail` until `--count` records were printed or Ctrl-C / SIGTERM.
+/// Where `tail` starts reading each partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    /// The oldest record still stored.
+    Beginning,
+    /// Only records written from now on.
+    End,
+    /// This offset (clamped by the broker's `auto.offset.reset`, here to the end, when it
+    /// is out of range).
+    Offset(i64),
+    /// The first record whose timestamp is at or after these milliseconds.
+    Timestamp(i64),
+}
+
+impl FromStr for StartAt {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<StartAt, String> {
+        let number = |n: &str, what: &str| {
+            n.parse::<i64>()
+                .ok()
+                .filter(|n| *n >= 0)
+                .ok_or_else(|| format!("{what} must be a number >= 0, got {n:?}"))
+        };
+        match text.split_once(':') {
+            None if text == "beginning" => Ok(StartAt::Beginning),
+            None if text == "end" => Ok(StartAt::End),
+            Some(("offset", n)) => number(n, "offset").map(StartAt::Offset),
+            Some(("timestamp", n)) => number(n, "timestamp").map(StartAt::Timestamp),
+            _ => Err(format!(
+                "expected beginning, end, offset:N or timestamp:MILLIS, got {text:?}"
+            )),
+        }
+    }
+}
+
+/// Runs `decaton tail` until `--count` records were printed, the end of every partition
+/// with `--exit-at-end`, or Ctrl-C / SIGTERM.
 pub async fn run(args: TailArgs) -> anyhow::Result<()> {
     if args.count == Some(0) {
         return Ok(());
     }
+    let task_type = args.schema.load()?;
+    let start = if args.from_beginning {
+        StartAt::Beginning
+    } else {
+        args.from
+    };
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", &args.kafka.bootstrap)
@@ -81,8 +138,12 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set(
+            "enable.partition.eof",
+            if args.exit_at_end { "true" } else { "false" },
+        )
+        .set(
             "auto.offset.reset",
-            if args.from_beginning {
+            if start == StartAt::Beginning {
                 "earliest"
             } else {
                 "latest"
@@ -92,17 +153,25 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
         config.set(key, value);
     }
     let consumer: StreamConsumer = config.create().context("creating the consumer")?;
-    let assignment = assignment(&consumer, &args)?;
+    let assignment = assignment(&consumer, &args, start)?;
     consumer
         .assign(&assignment)
         .context("assigning partitions")?;
     tracing::debug!(topic = %args.topic, partitions = assignment.count(), "tailing");
+    let mut not_at_end: BTreeSet<i32> = assignment
+        .elements()
+        .iter()
+        .map(|e| e.partition())
+        .collect();
 
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     let stdout = std::io::stdout();
     let mut seen = 0u64;
     while args.count.is_none_or(|count| seen < count) {
+        if args.exit_at_end && not_at_end.is_empty() {
+            break;
+        }
         tokio::select! {
             signal = &mut shutdown => {
                 signal?;
@@ -111,7 +180,7 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
             received = consumer.recv() => match received {
                 Ok(message) => {
                     seen += 1;
-                    let line = render(&message, args.format);
+                    let line = render(&message, &task_type, args.format);
                     let mut out = stdout.lock();
                     match writeln!(out, "{line}").and_then(|()| out.flush()) {
                         Ok(()) => {}
@@ -119,6 +188,9 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
                         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break,
                         Err(e) => return Err(e).context("writing to stdout"),
                     }
+                }
+                Err(KafkaError::PartitionEOF(partition)) => {
+                    not_at_end.remove(&partition);
                 }
                 Err(e) => tracing::warn!(topic = %args.topic, error = %e, "consumer error"),
             },
@@ -128,7 +200,11 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
 }
 
 /// Every requested partition of the topic, at the start position asked for.
-fn assignment(consumer: &StreamConsumer, args: &TailArgs) -> anyhow::Result<TopicPartitionList> {
+fn assignment(
+    consumer: &StreamConsumer,
+    args: &TailArgs,
+    start: StartAt,
+) -> anyhow::Result<TopicPartitionList> {
     let metadata = consumer
         .fetch_metadata(Some(&args.topic), METADATA_TIMEOUT)
         .with_context(|| format!("fetching metadata of topic {}", args.topic))?;
@@ -162,14 +238,36 @@ fn assignment(consumer: &StreamConsumer, args: &TailArgs) -> anyhow::Result<Topi
             existing.len()
         );
     }
-    let start = if args.from_beginning {
-        Offset::Beginning
-    } else {
-        Offset::End
+    let offset = match start {
+        StartAt::Beginning => Offset::Beginning,
+        StartAt::End => Offset::End,
+        StartAt::Offset(n) => Offset::Offset(n),
+        StartAt::Timestamp(millis) => Offset::Offset(millis),
     };
     let mut list = TopicPartitionList::new();
     for partition in wanted {
-        list.add_partition_offset(&args.topic, partition, start)?;
+        list.add_partition_offset(&args.topic, partition, offset)?;
+    }
+    if let StartAt::Timestamp(millis) = start {
+        // offsets_for_times takes the timestamps in the offset slots and answers with the
+        // first offset at or after each (the end when there is none).
+        list = consumer
+            .offsets_for_times(list, METADATA_TIMEOUT)
+            .with_context(|| format!("looking up offsets for timestamp {millis}"))?;
+        for element in list.elements() {
+            if let Some(error) = element.error().err() {
+                anyhow::bail!(
+                    "looking up timestamp {millis} in partition {}: {error}",
+                    element.partition()
+                );
+            }
+            tracing::debug!(
+                partition = element.partition(),
+                offset = ?element.offset(),
+                timestamp = millis,
+                "start offset for the timestamp"
+            );
+        }
     }
     Ok(list)
 }
@@ -180,18 +278,53 @@ struct RecordLine<'a> {
     topic: &'a str,
     partition: i32,
     offset: i64,
+    /// The record's timestamp (milliseconds since the Unix epoch), when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    record_timestamp_millis: Option<i64>,
     /// The key as text; `null` for no key or a key that is not UTF-8.
     key: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     key_hex: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     metadata: Option<MetadataLine<'a>>,
+    /// Every header but `dt_meta`, in record order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    headers: Vec<HeaderLine<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    task: Option<ChatOpJson>,
+    task: Option<Box<serde_json::value::RawValue>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     value_hex: Option<String>,
+    /// Why the value is shown as hex rather than as the task type.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    task_error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+}
+
+/// A record header other than `dt_meta`: its value as text when it is UTF-8, else as hex;
+/// neither for a header without a value.
+#[derive(Debug, Serialize)]
+struct HeaderLine<'a> {
+    key: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value_hex: Option<String>,
+}
+
+impl<'a> HeaderLine<'a> {
+    fn new(key: &'a str, value: Option<&'a [u8]>) -> HeaderLine<'a> {
+        let (value, value_hex) = match value.map(|v| (v, std::str::from_utf8(v))) {
+            None => (None, None),
+            Some((_, Ok(text))) => (Some(text), None),
+            Some((bytes, Err(_))) => (None, Some(to_hex(bytes))),
+        };
+        HeaderLine {
+            key,
+            value,
+            value_hex,
+        }
+    }
 }
 
 /// The `dt_meta` fields, named as in the `.proto`.
@@ -216,56 +349,87 @@ impl<'a> From<&'a TaskMetadata> for MetadataLine<'a> {
     }
 }
 
-/// Renders one consumed record as a line of the chosen format.
-fn render(message: &BorrowedMessage<'_>, format: Format) -> String {
-    let header = message.headers().and_then(|headers| {
-        headers
-            .iter()
-            .find(|h| h.key == METADATA_HEADER)
-            .map(|h| h.value.unwrap_or_default())
-    });
-    let decoded = decode_record(header, message.payload());
-    render_record(
-        message.topic(),
-        message.partition(),
-        message.offset(),
-        message.key(),
-        &decoded,
-        format,
-    )
-}
-
-/// Renders a record from its parts (separate from rdkafka's message type for testing).
-fn render_record(
-    topic: &str,
+/// The parts of a consumed record that `tail` prints (separate from rdkafka's message
+/// type for testing).
+struct Record<'a> {
+    topic: &'a str,
     partition: i32,
     offset: i64,
-    key: Option<&[u8]>,
+    timestamp: Option<i64>,
+    key: Option<&'a [u8]>,
+    /// Every header, `dt_meta` included.
+    headers: Vec<(&'a str, Option<&'a [u8]>)>,
+}
+
+/// Renders one consumed record as a line of the chosen format.
+fn render(message: &BorrowedMessage<'_>, task_type: &TaskType, format: Format) -> String {
+    let headers: Vec<(&str, Option<&[u8]>)> = message
+        .headers()
+        .map(|headers| headers.iter().map(|h| (h.key, h.value)).collect())
+        .unwrap_or_default();
+    let meta = headers
+        .iter()
+        .find(|(key, _)| *key == METADATA_HEADER)
+        .map(|(_, value)| value.unwrap_or_default());
+    let decoded = decode_record(meta, message.payload());
+    let record = Record {
+        topic: message.topic(),
+        partition: message.partition(),
+        offset: message.offset(),
+        timestamp: message.timestamp().to_millis(),
+        key: message.key(),
+        headers,
+    };
+    render_record(&record, &decoded, task_type, format)
+}
+
+/// Renders a record from its parts.
+fn render_record(
+    record: &Record<'_>,
     decoded: &Result<TaskRecord<'_>, ProtocolError>,
+    task_type: &TaskType,
     format: Format,
 ) -> String {
+    let key = record.key;
     let (key_text, key_hex) = match key.map(std::str::from_utf8) {
         None => (None, None),
         Some(Ok(text)) => (Some(text.to_string()), None),
         Some(Err(_)) => (None, key.map(to_hex)),
     };
     let mut line = RecordLine {
-        topic,
-        partition,
-        offset,
+        topic: record.topic,
+        partition: record.partition,
+        offset: record.offset,
+        record_timestamp_millis: record.timestamp,
         key: key_text,
         key_hex,
         metadata: None,
+        headers: record
+            .headers
+            .iter()
+            .filter(|(key, _)| *key != METADATA_HEADER)
+            .map(|(key, value)| HeaderLine::new(key, *value))
+            .collect(),
         task: None,
         value_hex: None,
+        task_error: None,
         error: None,
     };
     match decoded {
-        Ok(record) => {
-            line.metadata = Some(MetadataLine::from(&record.metadata));
-            match as_chat_op(&record.task) {
-                Some(op) => line.task = Some(ChatOpJson::from(&op)),
-                None => line.value_hex = Some(to_hex(&record.task)),
+        Ok(task_record) => {
+            line.metadata = Some(MetadataLine::from(&task_record.metadata));
+            // An empty value decodes as any message with all defaults: show it as hex.
+            let as_task = if task_record.task.is_empty() {
+                Err(format!("empty value, not a {}", task_type.name()))
+            } else {
+                task_type.decode_to_json(&task_record.task)
+            };
+            match as_task {
+                Ok(task) => line.task = Some(task),
+                Err(e) => {
+                    line.value_hex = Some(to_hex(&task_record.task));
+                    line.task_error = Some(e);
+                }
             }
         }
         Err(e) => line.error = Some(format!("cannot decode task record: {e}")),
@@ -278,8 +442,8 @@ fn render_record(
     }
 }
 
-/// `topic/partition@offset key="..." timestamp_millis=... ... task={...}`, or with
-/// `ERROR ...` in place of metadata and task.
+/// `topic/partition@offset key="..." timestamp_millis=... ... header:k="v" ... task={...}`,
+/// or with `ERROR ...` in place of metadata and task.
 fn text_line(line: &RecordLine<'_>) -> String {
     let mut out = format!("{}/{}@{}", line.topic, line.partition, line.offset);
     match (&line.key, &line.key_hex) {
@@ -289,7 +453,6 @@ fn text_line(line: &RecordLine<'_>) -> String {
     }
     if let Some(error) = &line.error {
         out.push_str(&format!(" ERROR {error}"));
-        return out;
     }
     if let Some(m) = &line.metadata {
         out.push_str(&format!(
@@ -297,8 +460,15 @@ fn text_line(line: &RecordLine<'_>) -> String {
             m.timestamp_millis, m.source_application_id, m.source_instance_id, m.retry_count, m.scheduled_time_millis
         ));
     }
+    for header in &line.headers {
+        match (header.value, &header.value_hex) {
+            (Some(text), _) => out.push_str(&format!(" header:{}={text:?}", header.key)),
+            (None, Some(hex)) => out.push_str(&format!(" header:{}=hex:{hex}", header.key)),
+            (None, None) => out.push_str(&format!(" header:{}=null", header.key)),
+        }
+    }
     if let Some(task) = &line.task {
-        out.push_str(&format!(" task={}", task));
+        out.push_str(&format!(" task={}", task.get()));
     }
     if let Some(hex) = &line.value_hex {
         out.push_str(&format!(" value_hex={hex}"));
@@ -306,24 +476,12 @@ fn text_line(line: &RecordLine<'_>) -> String {
     out
 }
 
-/// The task as a ChatOp, if its bytes are exactly a ChatOp's encoding.
-///
-/// Protobuf decoding alone accepts almost anything (unknown fields are skipped), so the
-/// decoded message must also re-encode to the same bytes; otherwise the value is some
-/// other message and is shown as hex. An empty value is shown as hex (empty) too.
-fn as_chat_op(bytes: &[u8]) -> Option<ChatOp> {
-    if bytes.is_empty() {
-        return None;
-    }
-    let op = ChatOp::decode(bytes).ok()?;
-    (op.encode_to_vec() == bytes).then_some(op)
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use decaton_protocol::{encode_metadata, OpType};
+    use decaton_protocol::{encode_metadata, ChatOp, OpType};
+    use prost::Message as _;
 
     fn metadata() -> TaskMetadata {
         TaskMetadata {
@@ -344,12 +502,43 @@ mod tests {
         }
     }
 
+    fn chat_op_type() -> TaskType {
+        let pool = prost_reflect::DescriptorPool::decode(
+            include_bytes!(concat!(env!("OUT_DIR"), "/builtin.fds")).as_slice(),
+        )
+        .unwrap();
+        TaskType::find(&pool, crate::schema::DEFAULT_TYPE).unwrap()
+    }
+
+    fn record<'a>(
+        partition: i32,
+        offset: i64,
+        key: Option<&'a [u8]>,
+        headers: Vec<(&'a str, Option<&'a [u8]>)>,
+    ) -> Record<'a> {
+        Record {
+            topic: "t",
+            partition,
+            offset,
+            timestamp: None,
+            key,
+            headers,
+        }
+    }
+
     #[test]
-    fn json_line_has_metadata_and_task() {
+    fn json_line_has_metadata_headers_and_task() {
         let header = encode_metadata(&metadata());
         let value = chat_op().encode_to_vec();
         let decoded = decode_record(Some(&header), Some(&value));
-        let line = render_record("t", 2, 40, Some(b"u1"), &decoded, Format::Json);
+        let headers = vec![
+            ("trace-id", Some(&b"abc"[..])),
+            (METADATA_HEADER, Some(&header[..])),
+            ("bin", Some(&[0xff, 0x01][..])),
+            ("empty", None),
+        ];
+        let r = record(2, 40, Some(b"u1"), headers);
+        let line = render_record(&r, &decoded, &chat_op_type(), Format::Json);
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["topic"], "t");
         assert_eq!(v["partition"], 2);
@@ -358,36 +547,55 @@ mod tests {
         assert_eq!(v["metadata"]["source_application_id"], "talk");
         assert_eq!(v["metadata"]["retry_count"], 2);
         assert_eq!(v["metadata"]["scheduled_time_millis"], 1_700_000_060_000i64);
-        assert_eq!(v["task"]["op"], "READ");
+        assert_eq!(
+            v["headers"],
+            serde_json::json!([{"key":"trace-id","value":"abc"},{"key":"bin","value_hex":"ff01"},{"key":"empty"}])
+        );
+        assert_eq!(v["task"]["op"], "OP_TYPE_READ");
         assert_eq!(v["task"]["sequence"], 9);
         assert!(v.get("value_hex").is_none());
+
+        let text = render_record(&r, &decoded, &chat_op_type(), Format::Text);
+        assert!(
+            text.contains(r#" header:trace-id="abc" header:bin=hex:ff01 header:empty=null task={"#),
+            "{text}"
+        );
     }
 
     #[test]
     fn other_messages_print_as_hex() {
         let header = encode_metadata(&metadata());
-        // Field 9 is not a ChatOp field: it decodes (skipped) but does not re-encode.
+        // Field 9 is not a ChatOp field: it decodes (kept as unknown), so it is no ChatOp.
         let value = [0x48, 0x01];
         let decoded = decode_record(Some(&header), Some(&value));
-        let line = render_record("t", 0, 1, None, &decoded, Format::Text);
+        let r = record(0, 1, None, vec![]);
+        let line = render_record(&r, &decoded, &chat_op_type(), Format::Text);
         assert!(
             line.starts_with("t/0@1 key=null timestamp_millis=1700000000000"),
             "{line}"
         );
         assert!(line.ends_with(" value_hex=4801"), "{line}");
+        let json = render_record(&r, &decoded, &chat_op_type(), Format::Json);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert!(
+            v["task_error"].as_str().unwrap().contains("field number 9"),
+            "{json}"
+        );
     }
 
     #[test]
     fn undecodable_records_give_an_error_line() {
         let decoded = decode_record(Some(&[0xff]), Some(b"x"));
-        let text = render_record("t", 3, 7, Some(&[0xc3, 0x28]), &decoded, Format::Text);
+        let r = record(3, 7, Some(&[0xc3, 0x28]), vec![]);
+        let text = render_record(&r, &decoded, &chat_op_type(), Format::Text);
         assert!(
             text.starts_with(
                 "t/3@7 key_hex=c328 ERROR cannot decode task record: invalid dt_meta header"
             ),
             "{text}"
         );
-        let json = render_record("t", 3, 7, None, &decoded, Format::Json);
+        let r = record(3, 7, None, vec![]);
+        let json = render_record(&r, &decoded, &chat_op_type(), Format::Json);
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!(v["offset"], 7);
         assert!(v["error"]
@@ -395,5 +603,19 @@ mod tests {
             .unwrap()
             .contains("invalid dt_meta header"));
         assert!(v.get("metadata").is_none());
+    }
+
+    #[test]
+    fn start_positions_parse() {
+        assert_eq!("beginning".parse(), Ok(StartAt::Beginning));
+        assert_eq!("end".parse(), Ok(StartAt::End));
+        assert_eq!("offset:12".parse(), Ok(StartAt::Offset(12)));
+        assert_eq!(
+            "timestamp:1700000000000".parse(),
+            Ok(StartAt::Timestamp(1_700_000_000_000))
+        );
+        for bad in ["", "start", "offset:", "offset:-1", "timestamp:x", "offset"] {
+            assert!(bad.parse::<StartAt>().is_err(), "{bad}");
+        }
     }
 }
