@@ -10,6 +10,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    // The descriptor set too, for tools that handle these types by reflection (the CLI).
+    config.file_descriptor_set_path(
+        std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("descriptors.bin"),
+    );
     config.compile_protos(&files, &[proto_dir])?;
     Ok(())
 }

@@ -321,10 +321,8 @@ mod tests {
     use prost::Message as _;
 
     fn chat_op_type() -> TaskType {
-        let pool = prost_reflect::DescriptorPool::decode(
-            include_bytes!(concat!(env!("OUT_DIR"), "/builtin.fds")).as_slice(),
-        )
-        .unwrap();
+        let pool =
+            prost_reflect::DescriptorPool::decode(decaton_protocol::FILE_DESCRIPTOR_SET).unwrap();
         TaskType::find(&pool, crate::schema::DEFAULT_TYPE).unwrap()
     }
 

@@ -21,7 +21,7 @@ use prost_reflect::{
 };
 
 /// The descriptor set of the project's own `.proto` files (see `build.rs`).
-const BUILTIN_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/builtin.fds"));
+const BUILTIN_DESCRIPTOR_SET: &[u8] = decaton_protocol::FILE_DESCRIPTOR_SET;
 
 /// The task type when `--type` is not given.
 pub const DEFAULT_TYPE: &str = "decaton.example.ChatOp";

@@ -27,6 +27,10 @@
 
 use prost::Message;
 
+/// The protobuf descriptor set of every message in this crate (`decaton.proto`,
+/// `chat.proto`, `changelog.proto`), for handling them by reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
+
 /// Code generated from the `.proto` files under `proto/`.
 pub mod proto {
     /// Decaton's own messages (`proto/decaton.proto`).
