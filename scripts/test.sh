@@ -9,14 +9,15 @@ cd "$(dirname "$0")/.."
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 RUSTDOCFLAGS="-D warnings -D missing-docs" cargo doc --workspace --no-deps --locked
-# The TLS, SASL and zstd build (vendored OpenSSL: several minutes the first time) and the
-# tests that check librdkafka accepts those settings.
-cargo test --locked -p decaton-client --features tls,sasl,zstd --test security
-cargo check --locked -p decaton-cli --features tls,sasl,zstd
-
 TANSU_BIN="$(scripts/install-tansu.sh)"
 export TANSU_BIN
 echo "using tansu at $TANSU_BIN" >&2
+
+# The TLS, SASL and zstd build (vendored OpenSSL: several minutes the first time) and the
+# tests that check librdkafka accepts those settings (SCRAM against a Tansu that requires
+# it).
+cargo test --locked -p decaton-client --features tls,sasl,zstd --test security
+cargo check --locked -p decaton-cli --features tls,sasl,zstd
 
 # librdkafka logs broker disconnects at error level when a test stops its broker; keep
 # test output readable unless asked otherwise.

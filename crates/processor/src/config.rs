@@ -87,6 +87,7 @@ impl Default for ProcessorProperties {
 
 /// A property name or value [`ProcessorProperties::set`] did not accept.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum PropertyError {
     /// No property has this name.
     #[error("unknown property {0}")]

@@ -34,6 +34,7 @@ use crate::TaskProcessor;
 
 /// Why a subscription could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SubscriptionError {
     /// The builder was missing something or had an invalid value.
     #[error("invalid subscription configuration: {0}")]
