@@ -80,7 +80,7 @@ impl<T: Send + 'static> RuntimeCore<T> {
         for &p in &new {
             let (position, metadata) = match committed
                 .find_partition(&self.topic, p)
-                .map(|e| (e.offset(), e.metadata().to_string()))
+                .map(|e| (e.offset(), super::commit::commit_metadata(&e)))
             {
                 Some((Offset::Offset(o), metadata)) => (Some(o), metadata),
                 _ => (None, String::new()),

@@ -19,6 +19,22 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::RuntimeCore;
 
+/// The commit metadata of `e`, or empty when it is not UTF-8: rdkafka panics on such
+/// metadata (any client may have written it), and a panic inside a rebalance callback
+/// would abort the process.
+pub(crate) fn commit_metadata(
+    e: &rdkafka::topic_partition_list::TopicPartitionListElem<'_>,
+) -> String {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| e.metadata().to_string()))
+        .unwrap_or_else(|_| {
+            tracing::warn!(
+                partition = e.partition(),
+                "committed metadata is not UTF-8; ignored (position only)"
+            );
+            String::new()
+        })
+}
+
 const UNKNOWN: u8 = 0;
 const SUPPORTED: u8 = 1;
 const UNSUPPORTED: u8 = 2;
@@ -137,7 +153,7 @@ impl<T: Send + 'static> RuntimeCore<T> {
             Ok(back) => {
                 let got = back
                     .find_partition(&self.topic, partition)
-                    .map(|e| e.metadata().to_string())
+                    .map(|e| commit_metadata(&e))
                     .unwrap_or_default();
                 let support = if got.is_empty() {
                     UNSUPPORTED
