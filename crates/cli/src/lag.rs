@@ -6,7 +6,6 @@
 //! left to process: the lag minus those finished tasks. Reading the committed offsets
 //! does not join the group, so a running processor is not disturbed.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -85,22 +84,7 @@ fn lag_blocking(args: &LagArgs) -> anyhow::Result<()> {
         config.set(key, value);
     }
     let consumer: BaseConsumer = config.create().context("creating the consumer")?;
-    let metadata = consumer
-        .fetch_metadata(Some(&args.topic), TIMEOUT)
-        .with_context(|| format!("fetching metadata of topic {}", args.topic))?;
-    let topic = metadata
-        .topics()
-        .iter()
-        .find(|t| t.name() == args.topic)
-        .with_context(|| format!("topic {} not in the broker's metadata", args.topic))?;
-    if let Some(error) = topic.error() {
-        anyhow::bail!(
-            "topic {}: {}",
-            args.topic,
-            rdkafka::types::RDKafkaErrorCode::from(error)
-        );
-    }
-    let partitions: BTreeSet<i32> = topic.partitions().iter().map(|p| p.id()).collect();
+    let partitions = crate::options::topic_partitions(&consumer, &args.topic, TIMEOUT)?;
     let mut wanted = TopicPartitionList::new();
     for p in &partitions {
         wanted.add_partition(&args.topic, *p);

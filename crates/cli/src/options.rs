@@ -48,6 +48,30 @@ pub async fn shutdown_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The partitions of `topic` as the broker's metadata lists them; an error when the topic
+/// is unknown or the broker reports an error for it.
+pub fn topic_partitions<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &impl rdkafka::consumer::Consumer<C>,
+    topic: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<std::collections::BTreeSet<i32>> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .with_context(|| format!("fetching metadata of topic {topic}"))?;
+    let found = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .with_context(|| format!("topic {topic} not in the broker's metadata"))?;
+    if let Some(error) = found.error() {
+        anyhow::bail!(
+            "topic {topic}: {}",
+            rdkafka::types::RDKafkaErrorCode::from(error)
+        );
+    }
+    Ok(found.partitions().iter().map(|p| p.id()).collect())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

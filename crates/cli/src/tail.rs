@@ -205,22 +205,7 @@ fn assignment(
     args: &TailArgs,
     start: StartAt,
 ) -> anyhow::Result<TopicPartitionList> {
-    let metadata = consumer
-        .fetch_metadata(Some(&args.topic), METADATA_TIMEOUT)
-        .with_context(|| format!("fetching metadata of topic {}", args.topic))?;
-    let topic = metadata
-        .topics()
-        .iter()
-        .find(|t| t.name() == args.topic)
-        .with_context(|| format!("topic {} not in the broker's metadata", args.topic))?;
-    if let Some(error) = topic.error() {
-        anyhow::bail!(
-            "topic {}: {}",
-            args.topic,
-            rdkafka::types::RDKafkaErrorCode::from(error)
-        );
-    }
-    let existing: BTreeSet<i32> = topic.partitions().iter().map(|p| p.id()).collect();
+    let existing = crate::options::topic_partitions(consumer, &args.topic, METADATA_TIMEOUT)?;
     anyhow::ensure!(
         !existing.is_empty(),
         "topic {} has no partitions",
