@@ -70,8 +70,8 @@ impl<T: Send + 'static> Partitions<T> {
         self.zombies.insert(core.partition(), core);
     }
 
-    /// Runs flow control for `which` partitions (all when None); returns whether any
-    /// owned partition is throttled afterwards.
+    /// Runs flow control for `which` partitions (all when None); [`Self::throttled`]
+    /// tells the result.
     pub(crate) fn flow(
         &mut self,
         which: Option<&[i32]>,
