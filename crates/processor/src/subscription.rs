@@ -2,7 +2,8 @@
 //!
 //! Each subscription owns a librdkafka consumer driven by a dedicated OS thread (the
 //! *consumer thread*). It polls records, decodes them, and hands tasks to the partition's
-//! [scheduler](crate::scheduler), whose lanes run on the tokio runtime. The thread is also
+//! lanes, which run on the tokio runtime (the machinery is in the private `runtime`
+//! module). The thread is also
 //! where every Kafka-side decision happens — rebalance callbacks, pause/resume, commits —
 //! so none of them races another. Blocking there (waiting for a revoked partition's tasks,
 //! a synchronous commit) never blocks a lane.

@@ -4,7 +4,7 @@
 //! owns the partition's overflow queue, pause flag, delay queue, lanes, last commit and
 //! state slot. The part that lanes and completions touch — the offset tracker and the
 //! counts of dispatched and running tasks — is its
-//! [`PartitionCore`](super::partition_core::PartitionCore), shared with them behind a lock
+//! [`super::partition_core::PartitionCore`], shared with them behind a lock
 //! and reachable only through methods.
 //!
 //! Release is a fence. Revocation first stops tasks from starting (`PartitionCore::revoke`),
