@@ -40,6 +40,7 @@ mod config;
 mod context;
 mod metrics;
 mod processor;
+mod retry;
 mod runtime;
 mod stats;
 mod subscription;
@@ -50,7 +51,8 @@ pub use config::{ProcessorProperties, PropertyError, SchedulingMode};
 pub use context::{Completion, ProcessingContext};
 pub use decaton_protocol::TaskMetadata;
 pub use decaton_state::{Backend, StateConfig, StateError, StateStore};
-pub use processor::{ProcessError, TaskProcessor};
+pub use processor::{FailureKind, ProcessError, TaskProcessor};
+pub use retry::{Backoff, DeadLetterConfig, RetryConfig};
 pub use stats::SubscriptionStats;
 pub use subscription::{Subscription, SubscriptionBuilder, SubscriptionError, SubscriptionHandle};
 

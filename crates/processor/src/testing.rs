@@ -53,6 +53,7 @@ use crate::runtime::offsets::{DoneRanges, OffsetTracker};
 use crate::runtime::partition_core::PartitionCore;
 use crate::runtime::recorder::SubscriptionRecorder;
 use crate::runtime::state::StateSlot;
+use crate::runtime::topics::PartitionId;
 use crate::runtime::wakeup::Wakeup;
 use crate::stats::Counters;
 use crate::TaskProcessor;
@@ -65,7 +66,7 @@ pub enum TaskResult {
     Completed,
     /// `process` returned this error, or the deferred completion failed with it.
     Failed(String),
-    /// `process` panicked.
+    /// `process` panicked (or a panic dropped the deferred task's `Completion`).
     Panicked,
     /// The task was deferred and not completed within the tester's deferred timeout.
     TimedOut,
@@ -162,7 +163,10 @@ impl<T: Send + 'static, P: TaskProcessor<T>> ProcessorTester<T, P> {
         let offset = self.next_offset.fetch_add(1, Ordering::Relaxed);
         let core = Arc::new(PartitionCore::new(
             self.topic.clone(),
-            self.partition,
+            PartitionId {
+                topic: 0,
+                partition: self.partition,
+            },
             OffsetTracker::starting_at(Some(offset), DoneRanges::default()),
             self.recorder.partition(&self.topic, self.partition),
             Arc::new(Wakeup::default()),
@@ -193,10 +197,10 @@ impl<T: Send + 'static, P: TaskProcessor<T>> ProcessorTester<T, P> {
         };
         let result = match result {
             Some(r) => {
-                completion.settle(if r == TaskResult::Completed {
-                    Outcome::Done
-                } else {
-                    Outcome::FailedCounted
+                completion.settle(match r {
+                    TaskResult::Completed => Outcome::Done,
+                    TaskResult::Panicked => Outcome::Panicked,
+                    _ => Outcome::Error,
                 });
                 r
             }
@@ -204,7 +208,8 @@ impl<T: Send + 'static, P: TaskProcessor<T>> ProcessorTester<T, P> {
                 Ok(Outcome::Done) => TaskResult::Completed,
                 Ok(Outcome::TimedOut) => TaskResult::TimedOut,
                 Ok(Outcome::Leaked) | Err(_) => TaskResult::Leaked,
-                Ok(Outcome::Failed | Outcome::FailedCounted) => {
+                Ok(Outcome::Panicked) => TaskResult::Panicked,
+                Ok(Outcome::Error | Outcome::RetryAsked | Outcome::Permanent) => {
                     TaskResult::Failed("deferred completion failed".into())
                 }
             },

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use decaton_protocol::{decode_record, METADATA_HEADER};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 
+use super::forward::RawRecord;
 use super::partition_core::PartitionCore;
 use super::task::TaskUnit;
 use crate::config::ProcessorProperties;
@@ -23,6 +24,17 @@ pub(crate) enum Incoming<T> {
 }
 
 impl<T> Incoming<T> {
+    /// Attaches the record as fetched to a task, when `raw` gives one.
+    fn with_raw(self, raw: impl FnOnce() -> Option<Arc<RawRecord>>) -> Self {
+        match self {
+            Incoming::Task(mut u) => {
+                u.raw = raw();
+                Incoming::Task(u)
+            }
+            skip => skip,
+        }
+    }
+
     pub(crate) fn offset(&self) -> i64 {
         match self {
             Incoming::Task(u) => u.offset,
@@ -35,10 +47,12 @@ impl<T> Incoming<T> {
 pub(crate) struct Extractor {
     ignore_keys: Vec<Vec<u8>>,
     max_delay_ms: i64,
+    /// Keep each task's record as fetched (failed tasks are forwarded).
+    keep_raw: bool,
 }
 
 impl Extractor {
-    pub(crate) fn new(props: &ProcessorProperties) -> Self {
+    pub(crate) fn new(props: &ProcessorProperties, keep_raw: bool) -> Self {
         Extractor {
             ignore_keys: props
                 .ignore_keys
@@ -46,6 +60,7 @@ impl Extractor {
                 .map(|k| k.as_bytes().to_vec())
                 .collect(),
             max_delay_ms: i64::try_from(props.max_scheduled_delay.as_millis()).unwrap_or(i64::MAX),
+            keep_raw,
         }
     }
 
@@ -67,6 +82,10 @@ impl Extractor {
             msg.payload(),
             now_ms,
         )
+        .with_raw(|| {
+            self.keep_raw
+                .then(|| Arc::new(RawRecord::from_message(msg)))
+        })
     }
 
     pub(crate) fn extract_parts<T: prost::Message + Default>(
@@ -113,6 +132,7 @@ impl Extractor {
             metadata: record.metadata,
             task,
             state: None,
+            raw: None,
         })
     }
 }

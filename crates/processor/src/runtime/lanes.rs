@@ -214,6 +214,8 @@ mod tests {
             subscription: Arc::from("s"),
             deferred_timeout: None,
             state: None,
+            forwarder: None,
+            in_process: (0, crate::Backoff::fixed(std::time::Duration::ZERO)),
             _task: std::marker::PhantomData,
         });
         let mut props = ProcessorProperties::default();
@@ -236,6 +238,7 @@ mod tests {
                 metadata: TaskMetadata::default(),
                 task: offset as u64,
                 state: None,
+                raw: None,
             };
             assert!(!ctx.offer(crate::runtime::extract::Incoming::Task(unit), 0));
         }

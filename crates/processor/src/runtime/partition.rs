@@ -26,10 +26,11 @@ use super::partition_core::PartitionCore;
 use super::recorder::SubscriptionRecorder;
 use super::state::StateSlot;
 use super::task::TaskUnit;
+use super::topics::PartitionId;
 
 /// Pauses and resumes fetching of one partition (the consumer, or a test double).
 pub(crate) trait PauseControl {
-    fn set_paused(&self, partition: i32, paused: bool);
+    fn set_paused(&self, partition: PartitionId, paused: bool);
 }
 
 /// One assigned partition, owned by the consumer thread.
@@ -187,7 +188,7 @@ impl<T: Send + 'static> PartitionContext<T> {
         }
         let throttled = !ready || !self.overflow.is_empty() || !self.has_room();
         if throttled != self.paused {
-            control.set_paused(self.core.partition(), throttled);
+            control.set_paused(self.core.id(), throttled);
             self.paused = throttled;
             subscription.paused(throttled);
         }
@@ -292,8 +293,8 @@ mod tests {
     struct Pauses(Mutex<Vec<(i32, bool)>>);
 
     impl PauseControl for Pauses {
-        fn set_paused(&self, partition: i32, paused: bool) {
-            self.0.lock().push((partition, paused));
+        fn set_paused(&self, partition: PartitionId, paused: bool) {
+            self.0.lock().push((partition.partition, paused));
         }
     }
 
@@ -334,7 +335,10 @@ mod tests {
         let subscription = SubscriptionRecorder::new(Arc::from("s"), counters.clone());
         let core = Arc::new(PartitionCore::new(
             Arc::from("t"),
-            partition,
+            PartitionId {
+                topic: 0,
+                partition,
+            },
             OffsetTracker::starting_at(Some(0), DoneRanges::default()),
             subscription.partition("t", partition),
             wakeup.clone(),
@@ -382,7 +386,7 @@ mod tests {
         // consumer thread for partition 3.
         old.core.finish(0);
         assert_eq!(old.core.position(), Some(0));
-        assert_eq!(new.wakeup.take(), vec![3]);
+        assert_eq!(new.wakeup.take(), vec![new.core.id()]);
         assert!(!new.ctx.flow(&pauses, &new.subscription, 0));
         assert_eq!(pauses.0.lock().last(), Some(&(3, false)));
         new._rt.block_on(async {
@@ -429,7 +433,7 @@ mod tests {
         );
         f.core.finish(2);
         f.core.finish(1);
-        assert_eq!(f.wakeup.take(), vec![5]);
+        assert_eq!(f.wakeup.take(), vec![f.core.id()]);
         assert!(!f.ctx.flow(&pauses, &f.subscription, 0));
         assert_eq!(pauses.0.lock().as_slice(), &[(5, true), (5, false)]);
     }
