@@ -31,8 +31,6 @@ fn spawn_worker(
     group: &str,
     instance: &str,
     log_dir: &Path,
-    max_pending: usize,
-    offset_map: bool,
     extra: &[String],
 ) -> anyhow::Result<Instance> {
     // Two lanes per partition and up to 4 ms per task keep a backlog in flight, so a kill
@@ -50,12 +48,7 @@ fn spawn_worker(
         ])
         .arg("--log-dir")
         .arg(log_dir)
-        .args([
-            "--param",
-            &format!("max_pending={max_pending}"),
-            "--latency-ms",
-            "4",
-        ])
+        .args(["--latency-ms", "4"])
         .args([
             "--param",
             "mode=bounded",
@@ -68,7 +61,6 @@ fn spawn_worker(
             "--param",
             "rebalance_timeout=3000",
         ])
-        .args(["--param", &format!("offset_map={offset_map}")])
         .args(extra)
         .args([
             "-X",
@@ -132,10 +124,17 @@ async fn kill_test(
     const MAX_PENDING: usize = 200;
     let broker = TestBroker::start(kind)?;
     broker.create_topic("kill", PARTITIONS)?;
-    let mut extra = Vec::new();
+    let mut extra: Vec<String> = [
+        "--param",
+        &format!("max_pending={MAX_PENDING}"),
+        "--param",
+        &format!("offset_map={offset_map}"),
+    ]
+    .map(String::from)
+    .to_vec();
     if let Some(n) = retry_every {
         broker.create_topic("kill-retry", PARTITIONS)?;
-        extra = vec!["--retry-every".to_string(), n.to_string()];
+        extra.extend(["--retry-every".to_string(), n.to_string()]);
     }
     let bootstrap = broker.bootstrap_servers();
     let logs = tempfile::tempdir()?;
@@ -152,8 +151,6 @@ async fn kill_test(
                 &group,
                 &format!("w{slot}-g0"),
                 logs.path(),
-                MAX_PENDING,
-                offset_map,
                 &extra,
             )
         })
@@ -188,8 +185,6 @@ async fn kill_test(
                 &group,
                 &format!("w{slot}-g{}", generation[slot]),
                 logs.path(),
-                MAX_PENDING,
-                offset_map,
                 &extra,
             )?;
         }
