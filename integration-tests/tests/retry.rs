@@ -557,3 +557,58 @@ async fn missing_topics_and_bad_combinations_fail_clearly() -> anyhow::Result<()
     assert!(err.contains("state store"), "{err}");
     Ok(())
 }
+
+/// A record that is not a task (no `dt_meta`, not a legacy envelope) is counted as
+/// discarded and, since the subscription has a dead-letter topic, kept there with kind
+/// `discarded`; the partition moves on to the next task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_record_goes_to_the_dead_letter_topic() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = TestBroker::start(BrokerKind::Embedded)?;
+    let bootstrap = broker.bootstrap_servers();
+    topics(&broker, "junk", 1)?;
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()?;
+    producer
+        .send(
+            FutureRecord::to("junk")
+                .key("k")
+                .payload(&[0xff_u8, 0xff, 0xff][..]),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+    put_tasks(&bootstrap, &[], "junk", 0..1, 1).await?;
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let sub = Subscription::builder(
+        "junk",
+        Scripted {
+            attempts: attempts.clone(),
+            decide: Box::new(|_, _| Ok(())),
+        },
+    )
+    .bootstrap_servers(&bootstrap)
+    .topic("junk")
+    .properties(props())
+    .dead_letter(DeadLetterConfig::new())
+    .build()?;
+    let handle = sub.handle();
+    let running = tokio::spawn(sub.run());
+    let done = wait_until(Duration::from_secs(30), || {
+        handle.stats().dead_lettered == 1 && attempts.lock().len() == 1
+    })
+    .await;
+    let stats = stop(&handle, running).await?;
+    assert!(done, "{stats:?}");
+    assert_eq!(stats.discarded, 1);
+    let dlq = read_all(&bootstrap, "junk-dlq", 1, Duration::from_secs(20))?;
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0].payload(), Some(&[0xff_u8, 0xff, 0xff][..]));
+    let kind =
+        String::from_utf8_lossy(header(&dlq[0], dead_letter::KIND).unwrap_or_default()).to_string();
+    assert_eq!(kind, "discarded");
+    let pos = decaton_integration_tests::committed(&bootstrap, "junk", "junk", 1)?[0].0;
+    assert_eq!(pos, Some(2), "both records done and committed");
+    Ok(())
+}

@@ -357,7 +357,11 @@ where
                 self.properties.offset_map,
                 self.properties.offset_map_max_bytes,
             ),
-            extractor: Extractor::new(&self.properties, forwarder.is_some() || in_process.0 > 0),
+            extractor: Extractor::new(
+                &self.properties,
+                forwarder.is_some() || in_process.0 > 0,
+                forwarder.clone().filter(|f| f.dead_letter.is_some()),
+            ),
             props: self.properties.clone(),
             partitions: Mutex::new(Partitions::default()),
             runner,

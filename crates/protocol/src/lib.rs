@@ -66,7 +66,8 @@ pub mod dead_letter {
     pub const PREFIX: &str = "decaton-dlq-";
     /// The error text of the last failure.
     pub const REASON: &str = "decaton-dlq-reason";
-    /// What kind of failure: `error`, `permanent`, `panic`, `timeout`, `leaked`, `retry`.
+    /// What kind of failure: `error`, `permanent`, `panic`, `timeout`, `leaked`, `retry`,
+    /// or `discarded` (the record could not be run: undecodable, or scheduled too far ahead).
     pub const KIND: &str = "decaton-dlq-kind";
     /// How many times the task was delivered to the processor from a topic (retries + 1).
     pub const ATTEMPTS: &str = "decaton-dlq-attempts";

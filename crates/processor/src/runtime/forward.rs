@@ -257,13 +257,22 @@ impl Forwarder {
 
 /// Why a task failed, for logs and dead-letter headers.
 pub(crate) struct Failure {
-    /// `error`, `permanent`, `panic`, `timeout`, `leaked` or `retry`.
+    /// `error`, `permanent`, `panic`, `timeout`, `leaked`, `retry` or `discarded`.
     pub(crate) kind: &'static str,
     pub(crate) permanent: bool,
     pub(crate) reason: String,
 }
 
 impl Failure {
+    /// A record discarded before it could run (undecodable, scheduled too far ahead).
+    pub(crate) fn discarded(reason: String) -> Self {
+        Failure {
+            kind: "discarded",
+            permanent: true,
+            reason,
+        }
+    }
+
     pub(crate) fn of(outcome: Outcome, reason: Option<String>) -> Self {
         let (kind, permanent) = match outcome {
             Outcome::Done => ("none", false),

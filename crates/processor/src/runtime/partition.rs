@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use super::delay::DelayQueue;
 use super::extract::Incoming;
+use super::forward::Failure;
 use super::lanes::Lanes;
 use super::offsets::Registration;
 use super::partition_core::PartitionCore;
@@ -123,7 +124,32 @@ impl<T: Send + 'static> PartitionContext<T> {
             }
             Registration::Inherited => recorder.skipped(),
             Registration::New => match incoming {
-                Incoming::Skip(_) => self.core.complete_registered(offset),
+                Incoming::Skip(_) | Incoming::Discard { forward: None, .. } => {
+                    self.core.complete_registered(offset)
+                }
+                Incoming::Discard {
+                    reason,
+                    forward: Some((forwarder, raw)),
+                    ..
+                } => {
+                    self.core.mark_dispatched();
+                    if self.core.try_start() {
+                        let core = self.core.clone();
+                        forwarder.spawn(
+                            core.clone(),
+                            offset,
+                            raw,
+                            Failure::discarded(reason),
+                            move |forwarded| {
+                                if forwarded {
+                                    core.finish(offset)
+                                } else {
+                                    core.release()
+                                }
+                            },
+                        );
+                    }
+                }
                 Incoming::Task(_) if self.state.as_ref().is_some_and(|s| s.is_applied(offset)) => {
                     self.core.complete_registered(offset);
                     recorder.skipped();
