@@ -247,3 +247,27 @@ impl DeadLetterConfig {
         self
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_never_shortens_a_delay_nor_more_than_doubles_it() {
+        let plain = Backoff::exponential(Duration::from_millis(100), Duration::from_secs(5))
+            .without_jitter();
+        let jittered = Backoff::exponential(Duration::from_millis(100), Duration::from_secs(5));
+        for retry in 0..12 {
+            let base = plain.delay(retry);
+            for _ in 0..50 {
+                let d = jittered.delay(retry);
+                assert!(
+                    d >= base && d <= base * 2,
+                    "retry {retry}: {d:?} vs {base:?}"
+                );
+                assert!(d <= jittered.longest());
+            }
+        }
+        assert_eq!(plain.delay(30), Duration::from_secs(5));
+    }
+}

@@ -233,3 +233,54 @@ impl<T: Send + 'static, P: TaskProcessor<T>> ProcessorTester<T, P> {
         self.store.as_ref().and_then(|s| s.get(key).ok().flatten())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ProcessError, ProcessingContext, TaskProcessor};
+    use decaton_protocol::ChatOp;
+
+    /// Defers, then panics in the future that holds the `Completion`.
+    struct PanicsLater;
+
+    #[async_trait::async_trait]
+    impl TaskProcessor<ChatOp> for PanicsLater {
+        async fn process(&self, ctx: &ProcessingContext, _: ChatOp) -> Result<(), ProcessError> {
+            let completion = ctx.defer();
+            tokio::spawn(async move {
+                let _held = completion;
+                panic!("the storage client blew up");
+            });
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panic_that_drops_a_completion_fails_the_task_as_a_panic() {
+        let tester = ProcessorTester::new(PanicsLater);
+        let out = tester.process(Some(b"k"), ChatOp::default()).await;
+        assert!(out.deferred);
+        assert_eq!(out.result, TaskResult::Panicked);
+    }
+
+    /// Asks for a retry.
+    struct Retries;
+
+    #[async_trait::async_trait]
+    impl TaskProcessor<ChatOp> for Retries {
+        async fn process(&self, ctx: &ProcessingContext, _: ChatOp) -> Result<(), ProcessError> {
+            ctx.retry()?;
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn retry_without_a_retry_topic_is_an_error_the_processor_can_return() {
+        let tester = ProcessorTester::new(Retries);
+        let out = tester.process(Some(b"k"), ChatOp::default()).await;
+        match out.result {
+            TaskResult::Failed(reason) => assert!(reason.contains("no retry topic"), "{reason}"),
+            other => panic!("expected a failure, got {other:?}"),
+        }
+    }
+}
