@@ -38,6 +38,7 @@
 
 mod config;
 mod context;
+mod live;
 mod metrics;
 mod processor;
 mod retry;
@@ -51,6 +52,7 @@ pub use config::{ProcessorProperties, PropertyError, SchedulingMode};
 pub use context::{Completion, ProcessingContext};
 pub use decaton_protocol::TaskMetadata;
 pub use decaton_state::{Backend, StateConfig, StateError, StateStore};
+pub use live::{FileProperties, LiveProperties, PropertySupplier};
 pub use processor::{FailureKind, ProcessError, TaskProcessor};
 pub use retry::{Backoff, DeadLetterConfig, RetryConfig};
 pub use stats::SubscriptionStats;

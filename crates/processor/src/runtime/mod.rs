@@ -33,6 +33,7 @@ pub(crate) mod partition;
 pub(crate) mod partition_core;
 pub(crate) mod partitions;
 pub(crate) mod pipeline;
+pub(crate) mod rate;
 pub(crate) mod recorder;
 pub(crate) mod state;
 pub(crate) mod task;
@@ -67,4 +68,5 @@ pub(crate) struct RuntimeCore<T> {
     pub(crate) committer: Committer,
     pub(crate) wakeup: Arc<Wakeup>,
     pub(crate) extractor: Extractor,
+    pub(crate) live: crate::LiveProperties,
 }
