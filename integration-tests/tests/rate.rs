@@ -11,7 +11,7 @@ use decaton_processor::{
     SchedulingMode, Subscription, TaskProcessor,
 };
 use decaton_protocol::ChatOp;
-use decaton_testkit::{BrokerKind, TestBroker};
+use decaton_testkit::{wait_until, BrokerKind, TestBroker};
 
 struct Count(Arc<AtomicU64>);
 
@@ -21,17 +21,6 @@ impl TaskProcessor<ChatOp> for Count {
         self.0.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
-}
-
-async fn wait_until(within: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if done() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await; // polling a shared counter
-    }
-    done()
 }
 
 /// Processed count over `window` (a measurement, not a synchronisation).

@@ -11,7 +11,7 @@ use decaton_processor::{
     RetryConfig, SchedulingMode, Subscription, SubscriptionStats, TaskProcessor,
 };
 use decaton_protocol::{dead_letter, decode_metadata, now_millis, ChatOp, TaskMetadata};
-use decaton_testkit::{checker, BrokerKind, Processed, TestBroker};
+use decaton_testkit::{checker, wait_until, BrokerKind, Processed, TestBroker};
 use futures::StreamExt;
 use parking_lot::Mutex;
 use prost::Message as _;
@@ -79,18 +79,6 @@ fn topics(broker: &TestBroker, name: &str, partitions: i32) -> anyhow::Result<()
     broker.create_topic(&format!("{name}-retry"), partitions)?;
     broker.create_topic(&format!("{name}-dlq"), 1)?;
     Ok(())
-}
-
-/// Waits (polling shared memory, at most `within`) until `done` holds.
-async fn wait_until(within: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if done() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await; // polling in-memory state
-    }
-    done()
 }
 
 /// Every record of `topic` (all partitions), read from the start until `want` arrived

@@ -7,7 +7,7 @@
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use decaton_client::TaskClient;
@@ -16,7 +16,7 @@ use decaton_processor::{
     Subscription, TaskProcessor,
 };
 use decaton_protocol::{ChatOp, OpType};
-use decaton_testkit::{BrokerKind, TestBroker};
+use decaton_testkit::{wait_until, BrokerKind, TestBroker};
 use parking_lot::Mutex;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
@@ -61,17 +61,6 @@ fn high_watermark(bootstrap: &str, topic: &str) -> anyhow::Result<i64> {
         .set("bootstrap.servers", bootstrap)
         .create()?;
     Ok(c.fetch_watermarks(topic, 0, Duration::from_secs(10))?.1)
-}
-
-async fn wait_until(within: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if done() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await; // polling in-memory state
-    }
-    done()
 }
 
 async fn replay(kind: BrokerKind) -> anyhow::Result<()> {

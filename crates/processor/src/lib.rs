@@ -36,6 +36,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+mod batching;
 mod config;
 mod context;
 mod live;
@@ -48,6 +49,7 @@ mod subscription;
 pub mod testing;
 
 pub use async_trait::async_trait;
+pub use batching::{BatchProcessor, BatchedInfo, BatchedTask, Batching};
 pub use config::{ProcessorProperties, PropertyError, SchedulingMode};
 pub use context::{Completion, ProcessingContext};
 pub use decaton_protocol::TaskMetadata;

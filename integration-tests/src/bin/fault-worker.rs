@@ -43,6 +43,9 @@ struct Args {
     /// logged.
     #[arg(long)]
     retry_every: Option<u64>,
+    /// Process in batches of up to N tasks (lingering 20 ms), each logged then completed.
+    #[arg(long)]
+    batch: Option<usize>,
 }
 
 struct JsonlRecorder {
@@ -76,6 +79,38 @@ impl TaskProcessor<ChatOp> for JsonlRecorder {
     }
 }
 
+/// Logs every task of a batch with one write, then completes them.
+struct BatchLogger {
+    instance: String,
+    out: Mutex<std::fs::File>,
+}
+
+#[async_trait]
+impl decaton_processor::BatchProcessor<ChatOp> for BatchLogger {
+    async fn process_batch(&self, batch: Vec<decaton_processor::BatchedTask<ChatOp>>) {
+        let mut lines = String::new();
+        for t in &batch {
+            if let Ok(line) = serde_json::to_string(&decaton_testkit::Processed {
+                key: t.task.user_id.clone(),
+                sequence: t.task.sequence,
+                instance: self.instance.clone(),
+            }) {
+                lines.push_str(&line);
+                lines.push('\n');
+            }
+        }
+        if self.out.lock().write_all(lines.as_bytes()).is_err() {
+            for t in batch {
+                t.fail("could not write the log");
+            }
+            return;
+        }
+        for t in batch {
+            t.complete();
+        }
+    }
+}
+
 fn split(kv: &str) -> anyhow::Result<(&str, &str)> {
     kv.split_once('=')
         .ok_or_else(|| anyhow::anyhow!("expected key=value, got {kv}"))
@@ -94,6 +129,21 @@ async fn main() -> anyhow::Result<()> {
         .create(true)
         .append(true)
         .open(args.log_dir.join(format!("{}.jsonl", args.instance)))?;
+    if let Some(capacity) = args.batch {
+        let batches = BatchLogger {
+            instance: args.instance.clone(),
+            out: Mutex::new(out),
+        };
+        return run(
+            Subscription::builder(
+                args.group.clone(),
+                decaton_processor::Batching::new(batches, capacity, Duration::from_millis(20)),
+            ),
+            &args,
+            props,
+        )
+        .await;
+    }
     match args.state_dir.clone() {
         None => {
             let recorder = JsonlRecorder {
