@@ -1,0 +1,166 @@
+//! Liveness and readiness of the hosted subscriptions.
+//!
+//! **Live**: every subscription's consumer loop is running. A subscription whose consumer
+//! thread ended (it failed) makes the service not live; a restart is the cure.
+//!
+//! **Ready**: every subscription has joined its group and every partition it owns is
+//! ready — its state store restored, no task of a previous assignment still running, and
+//! its commit position moving: a partition whose position has not moved for
+//! `stall_timeout` while it has unfinished tasks is reported stalled (its processor is
+//! stuck, e.g. on a storage that is down). When not ready, the reasons name the
+//! subscription and the partition.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use decaton_processor::SubscriptionHandle;
+use parking_lot::Mutex;
+
+use crate::config::ServiceSettings;
+use crate::metrics::{PARTITION_READY, SERVICE_READY};
+
+/// One hosted subscription, as the health checks see it.
+pub(crate) struct Hosted {
+    pub(crate) id: String,
+    pub(crate) topic: String,
+    pub(crate) handle: SubscriptionHandle,
+    /// Set when its `run` has returned.
+    pub(crate) stopped: AtomicBool,
+    /// Per partition: the last commit position seen and since when it has not moved.
+    progress: Mutex<HashMap<i32, (Option<i64>, Instant)>>,
+}
+
+impl Hosted {
+    pub(crate) fn new(id: String, topic: String, handle: SubscriptionHandle) -> Self {
+        Hosted {
+            id,
+            topic,
+            handle,
+            stopped: AtomicBool::new(false),
+            progress: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// What the health checks read of one subscription.
+pub(crate) struct View {
+    /// It received its first assignment.
+    pub(crate) joined: bool,
+    /// Time since its consumer loop last turned, when known.
+    pub(crate) loop_idle_for: Option<Duration>,
+    pub(crate) partitions: Vec<PartitionView>,
+}
+
+/// What the health checks read of one partition.
+pub(crate) struct PartitionView {
+    pub(crate) partition: i32,
+    /// The position that would be committed now.
+    pub(crate) position: Option<i64>,
+    pub(crate) pending: usize,
+    /// Why the runtime holds the partition back, if it does.
+    pub(crate) not_ready: Option<String>,
+}
+
+/// Reads `handle`'s live counters.
+pub(crate) fn view(handle: &SubscriptionHandle) -> View {
+    let stats = handle.stats();
+    View {
+        joined: stats.assigned_partitions > 0,
+        loop_idle_for: None,
+        partitions: Vec::new(),
+    }
+}
+
+/// The answer of a health check: ok, or the reasons it is not.
+#[derive(Debug, Default)]
+pub(crate) struct Verdict {
+    pub(crate) reasons: Vec<String>,
+}
+
+impl Verdict {
+    pub(crate) fn ok(&self) -> bool {
+        self.reasons.is_empty()
+    }
+}
+
+pub(crate) fn liveness(hosted: &[Arc<Hosted>], settings: &ServiceSettings) -> Verdict {
+    let mut verdict = Verdict::default();
+    for h in hosted {
+        if h.stopped.load(Ordering::Acquire) {
+            verdict.reasons.push(format!("{}: consumer stopped", h.id));
+            continue;
+        }
+        let health = view(&h.handle);
+        if let Some(age) = health.loop_idle_for {
+            if age > settings.liveness_timeout {
+                verdict.reasons.push(format!(
+                    "{}: consumer loop has not turned for {:.1}s",
+                    h.id,
+                    age.as_secs_f64()
+                ));
+            }
+        }
+    }
+    verdict
+}
+
+pub(crate) fn readiness(hosted: &[Arc<Hosted>], settings: &ServiceSettings) -> Verdict {
+    let mut verdict = Verdict::default();
+    let live = liveness(hosted, settings);
+    verdict.reasons.extend(live.reasons);
+    for h in hosted {
+        if h.stopped.load(Ordering::Acquire) {
+            continue;
+        }
+        let health = view(&h.handle);
+        if !health.joined {
+            verdict.reasons.push(format!(
+                "{}: no partitions assigned yet (joining group)",
+                h.id
+            ));
+            continue;
+        }
+        let now = Instant::now();
+        let mut progress = h.progress.lock();
+        progress.retain(|p, _| health.partitions.iter().any(|x| x.partition == *p));
+        for p in &health.partitions {
+            let labels = [
+                ("subscription", h.id.clone()),
+                ("topic", h.topic.clone()),
+                ("partition", p.partition.to_string()),
+            ];
+            let entry = progress.entry(p.partition).or_insert((p.position, now));
+            if entry.0 != p.position || p.pending == 0 {
+                *entry = (p.position, now);
+            }
+            let stalled_for = now.duration_since(entry.1);
+            let reason = if let Some(why) = &p.not_ready {
+                Some(why.clone())
+            } else if stalled_for >= settings.stall_timeout {
+                Some(format!(
+                    "stalled: {} tasks pending, commit position {} unchanged for {:.0}s",
+                    p.pending,
+                    p.position.map_or("none".to_string(), |o| o.to_string()),
+                    stalled_for.as_secs_f64()
+                ))
+            } else {
+                None
+            };
+            metrics::gauge!(PARTITION_READY, &labels).set(if reason.is_some() { 0.0 } else { 1.0 });
+            if let Some(reason) = reason {
+                verdict.reasons.push(format!(
+                    "{}: {} partition {}: {reason}",
+                    h.id, h.topic, p.partition
+                ));
+            }
+        }
+    }
+    metrics::gauge!(SERVICE_READY).set(if verdict.ok() { 1.0 } else { 0.0 });
+    verdict
+}
+
+/// How often readiness is evaluated in the background (so stalls are seen and the ready
+/// gauges move even when nobody asks).
+pub(crate) const EVALUATE_EVERY: Duration = Duration::from_secs(1);

@@ -1,0 +1,187 @@
+//! The storage mutation processor as a service, in its own process, started from its
+//! configuration file: its readiness goes from 503 (with the reason) to 200 once its
+//! partitions are assigned, `/metrics` shows its processed count rising and its lag
+//! falling to zero, and SIGTERM drains it: exit code 0 and everything processed is
+//! committed.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{eventually, metric_sum, ServiceProcess};
+use decaton_client::TaskClient;
+use decaton_examples::chat::ChatOpGenerator;
+use decaton_protocol::ChatOp;
+use decaton_testkit::{BrokerKind, TestBroker};
+use futures::StreamExt as _;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+const TOPIC: &str = "chat-ops";
+const PARTITIONS: i32 = 3;
+const SUBSCRIPTION: &str = "storage-mutation-processor";
+const BATCH: u64 = 300;
+
+async fn put_batch(client: &TaskClient<ChatOp>, chat: &mut ChatOpGenerator) -> anyhow::Result<()> {
+    let ops: Vec<ChatOp> = (0..BATCH).map(|_| chat.next_op()).collect();
+    let results: Vec<_> = futures::stream::iter(&ops)
+        .map(|op| client.put(op.user_id.clone(), op))
+        .buffered(500)
+        .collect()
+        .await;
+    for r in results {
+        r?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_processor_service_reports_health_metrics_and_drains_on_sigterm() -> anyhow::Result<()> {
+    let broker = tokio::task::spawn_blocking(|| -> anyhow::Result<TestBroker> {
+        let broker = TestBroker::start(BrokerKind::Embedded)?;
+        broker.create_topic(TOPIC, PARTITIONS)?;
+        Ok(broker)
+    })
+    .await??;
+    let bootstrap = broker.bootstrap_servers();
+    let client = TaskClient::<ChatOp>::builder(bootstrap.clone(), TOPIC)
+        .application_id("service-test")
+        .build()?;
+    let mut chat = ChatOpGenerator::new(50, 3);
+    put_batch(&client, &mut chat).await?;
+
+    let config = common::config_file(SUBSCRIPTION);
+    let service = ServiceProcess::start(
+        SUBSCRIPTION,
+        env!("CARGO_BIN_EXE_storage-mutation-processor"),
+        &["--config", config.to_str().unwrap_or_default()],
+        &[
+            ("DECATON_KAFKA__BOOTSTRAP_SERVERS", bootstrap.clone()),
+            ("DECATON_SERVICE__LAG_INTERVAL_MS", "300".into()),
+            (
+                "DECATON_SERVICE__LOG_FILTER",
+                "info,decaton_examples=debug,librdkafka=off,rdkafka::client=off".into(),
+            ),
+            (
+                "DECATON_SUBSCRIPTIONS__STORAGE_MUTATION_PROCESSOR__SESSION_TIMEOUT_MS",
+                "6000".into(),
+            ),
+        ],
+    )?;
+    let failure = |what: String| anyhow::anyhow!("{what}\nservice log:\n{}", service.log_text());
+
+    // Bound and serving before it has joined its group: not ready, and it says why.
+    let (status, body) = service.get("/health/ready").await?;
+    if status != 503 || !body.contains("no partitions assigned") {
+        return Err(failure(format!("first readiness: {status} {body:?}")));
+    }
+    let (status, _) = service.get("/health/live").await?;
+    assert_eq!(status, 200);
+
+    eventually(Duration::from_secs(60), "ready", || async {
+        let (status, _) = service.get("/health/ready").await?;
+        Ok((status == 200).then_some(()))
+    })
+    .await
+    .map_err(|e| failure(format!("{e:#}")))?;
+
+    // Processed counts rise as tasks arrive.
+    let label = format!("subscription=\"{SUBSCRIPTION}\"");
+    let processed = |n: u64| {
+        let label = label.clone();
+        let service = &service;
+        async move {
+            let (_, text) = service.get("/metrics").await?;
+            let got = metric_sum(&text, "decaton_tasks_processed_total", &label);
+            Ok((got >= n as f64).then_some(text))
+        }
+    };
+    eventually(Duration::from_secs(60), "first batch processed", || {
+        processed(BATCH)
+    })
+    .await
+    .map_err(|e| failure(format!("{e:#}")))?;
+    put_batch(&client, &mut chat).await?;
+    client.close().await?;
+    let text = eventually(Duration::from_secs(60), "second batch processed", || {
+        processed(2 * BATCH)
+    })
+    .await
+    .map_err(|e| failure(format!("{e:#}")))?;
+    assert_eq!(
+        metric_sum(&text, "decaton_tasks_processed_total", &label),
+        (2 * BATCH) as f64,
+        "nothing processed twice"
+    );
+
+    // Every metric is described; histograms have buckets.
+    for help in [
+        "# HELP decaton_tasks_processed_total ",
+        "# TYPE decaton_tasks_processed_total counter",
+        "# HELP decaton_task_process_seconds ",
+        "# TYPE decaton_task_process_seconds histogram",
+        "decaton_task_process_seconds_bucket{",
+        "# HELP decaton_tasks_pending ",
+    ] {
+        assert!(text.contains(help), "no {help:?} in\n{text}");
+    }
+
+    // The lag read from the broker falls to zero once everything is committed.
+    eventually(
+        Duration::from_secs(30),
+        "lag zero on every partition",
+        || async {
+            let (_, text) = service.get("/metrics").await?;
+            let lines = text
+                .lines()
+                .filter(|l| l.starts_with("decaton_consumer_lag{") && l.contains(&label))
+                .count();
+            let lag = metric_sum(&text, "decaton_consumer_lag", &label);
+            Ok((lines == PARTITIONS as usize && lag == 0.0).then_some(()))
+        },
+    )
+    .await
+    .map_err(|e| failure(format!("{e:#}")))?;
+
+    service.signal("TERM")?;
+    let log = service.log.clone();
+    let (status, stdout) = service.wait(Duration::from_secs(60))?;
+    let log = log.lock().join("\n");
+    assert_eq!(status.code(), Some(0), "exit status; log:\n{log}");
+    assert!(
+        stdout.contains(&format!("applied {}", 2 * BATCH)),
+        "summary: {stdout}"
+    );
+    assert!(log.contains("drained"), "{log}");
+
+    // Everything processed is committed: the group's positions are the topic's ends.
+    let committed = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(i64, i64)>> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", SUBSCRIPTION)
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..PARTITIONS {
+            tpl.add_partition(TOPIC, p);
+        }
+        let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
+        let mut out = Vec::new();
+        for p in 0..PARTITIONS {
+            let (_, high) = consumer.fetch_watermarks(TOPIC, p, Duration::from_secs(10))?;
+            let at = match committed.find_partition(TOPIC, p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => o,
+                other => anyhow::bail!("partition {p}: nothing committed ({other:?})"),
+            };
+            out.push((at, high));
+        }
+        Ok(out)
+    })
+    .await??;
+    let total: i64 = committed.iter().map(|(_, h)| h).sum();
+    assert_eq!(total, (2 * BATCH) as i64);
+    for (p, (at, high)) in committed.iter().enumerate() {
+        assert_eq!(at, high, "partition {p}: committed {at}, end {high}");
+    }
+    drop(broker);
+    Ok(())
+}
