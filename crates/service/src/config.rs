@@ -473,10 +473,12 @@ fn build(raw: Raw) -> Result<ServiceConfig, ConfigError> {
             "stall_timeout_ms" => service.stall_timeout = millis(e)?,
             "lag_interval_ms" => service.lag_interval = millis(e)?.max(Duration::from_millis(100)),
             "liveness_timeout_ms" => service.liveness_timeout = millis(e)?,
-            other => return Err(e.at.error(format!(
+            other => {
+                return Err(e.at.error(format!(
                 "unknown key `{other}` in [service] (expected http_addr, log_format, log_filter, \
                      stall_timeout_ms, lag_interval_ms or liveness_timeout_ms)"
-            ))),
+            )))
+            }
         }
     }
     let mut shared = BTreeMap::new();
@@ -503,9 +505,11 @@ fn build(raw: Raw) -> Result<ServiceConfig, ConfigError> {
                         s.backend = match e.value.trim() {
                             "sled" => Backend::Sled,
                             "memory" => Backend::Memory,
-                            other => return Err(e.at.error(format!(
+                            other => {
+                                return Err(e.at.error(format!(
                                 "`state.backend`: expected \"sled\" or \"memory\", got {other:?}"
-                            ))),
+                            )))
+                            }
                         }
                     }
                     "store_name" => s.store_name = e.value.clone(),
