@@ -9,9 +9,9 @@ mod common;
 use std::time::Duration;
 
 use common::{eventually, metric_sum, ServiceProcess};
-use decaton_client::TaskClient;
+use decaton_client::{PutOptions, TaskClient};
 use decaton_examples::chat::ChatOpGenerator;
-use decaton_protocol::ChatOp;
+use decaton_protocol::{ChatOp, TraceParent};
 use decaton_testkit::{BrokerKind, TestBroker};
 use futures::StreamExt as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -22,10 +22,18 @@ const PARTITIONS: i32 = 3;
 const SUBSCRIPTION: &str = "storage-mutation-processor";
 const BATCH: u64 = 300;
 
-async fn put_batch(client: &TaskClient<ChatOp>, chat: &mut ChatOpGenerator) -> anyhow::Result<()> {
+async fn put_batch(
+    client: &TaskClient<ChatOp>,
+    chat: &mut ChatOpGenerator,
+    trace: Option<TraceParent>,
+) -> anyhow::Result<()> {
     let ops: Vec<ChatOp> = (0..BATCH).map(|_| chat.next_op()).collect();
+    let options = PutOptions {
+        traceparent: trace,
+        ..Default::default()
+    };
     let results: Vec<_> = futures::stream::iter(&ops)
-        .map(|op| client.put(op.user_id.clone(), op))
+        .map(|op| client.put_with(op.user_id.clone(), op, options))
         .buffered(500)
         .collect()
         .await;
@@ -48,7 +56,7 @@ async fn a_processor_service_reports_health_metrics_and_drains_on_sigterm() -> a
         .application_id("service-test")
         .build()?;
     let mut chat = ChatOpGenerator::new(50, 3);
-    put_batch(&client, &mut chat).await?;
+    put_batch(&client, &mut chat, None).await?;
 
     let config = common::config_file(SUBSCRIPTION);
     let service = ServiceProcess::start(
@@ -101,7 +109,10 @@ async fn a_processor_service_reports_health_metrics_and_drains_on_sigterm() -> a
     })
     .await
     .map_err(|e| failure(format!("{e:#}")))?;
-    put_batch(&client, &mut chat).await?;
+    // The second batch is put inside a trace.
+    let trace = TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        .ok_or_else(|| anyhow::anyhow!("bad traceparent"))?;
+    put_batch(&client, &mut chat, Some(trace)).await?;
     client.close().await?;
     let text = eventually(Duration::from_secs(60), "second batch processed", || {
         processed(2 * BATCH)
@@ -122,6 +133,7 @@ async fn a_processor_service_reports_health_metrics_and_drains_on_sigterm() -> a
         "# TYPE decaton_task_process_seconds histogram",
         "decaton_task_process_seconds_bucket{",
         "# HELP decaton_tasks_pending ",
+        "# HELP decaton_consumer_lag ",
     ] {
         assert!(text.contains(help), "no {help:?} in\n{text}");
     }
@@ -137,7 +149,17 @@ async fn a_processor_service_reports_health_metrics_and_drains_on_sigterm() -> a
                 .filter(|l| l.starts_with("decaton_consumer_lag{") && l.contains(&label))
                 .count();
             let lag = metric_sum(&text, "decaton_consumer_lag", &label);
-            Ok((lines == PARTITIONS as usize && lag == 0.0).then_some(()))
+            // Every partition ready, with no gap left in its offset window.
+            let ready = metric_sum(&text, "decaton_partition_ready", &label);
+            let gaps = text
+                .lines()
+                .filter(|l| l.starts_with("decaton_offset_map_gaps{") && l.ends_with(" 0"))
+                .count();
+            Ok((lines == PARTITIONS as usize
+                && lag == 0.0
+                && ready == PARTITIONS as f64
+                && gaps == PARTITIONS as usize)
+                .then_some(()))
         },
     )
     .await
@@ -153,6 +175,36 @@ async fn a_processor_service_reports_health_metrics_and_drains_on_sigterm() -> a
         "summary: {stdout}"
     );
     assert!(log.contains("drained"), "{log}");
+
+    // A line logged inside `process` carries the task's fields; a task put inside a trace
+    // is processed in a span that continues it.
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|v: &serde_json::Value| v["fields"]["message"] == "applied")
+        .collect();
+    assert_eq!(lines.len() as u64, 2 * BATCH, "one 'applied' line per task");
+    for line in &lines {
+        let span = &line["span"];
+        assert_eq!(span["name"], "task", "{line}");
+        assert_eq!(span["subscription"], SUBSCRIPTION, "{line}");
+        assert_eq!(span["topic"], TOPIC, "{line}");
+        assert!(
+            span["partition"].is_i64() && span["offset"].is_i64(),
+            "{line}"
+        );
+        assert_eq!(span["retry_count"], 0, "{line}");
+        assert_eq!(span["key"], line["fields"]["user"], "{line}");
+    }
+    let traced = lines
+        .iter()
+        .filter(|l| l["span"]["trace_id"] == trace.trace_id_hex())
+        .filter(|l| l["span"]["parent_span_id"] == trace.parent_id_hex())
+        .count();
+    assert_eq!(
+        traced as u64, BATCH,
+        "every task of the traced batch continues the trace"
+    );
 
     // Everything processed is committed: the group's positions are the topic's ends.
     let committed = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(i64, i64)>> {

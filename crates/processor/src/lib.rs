@@ -38,11 +38,13 @@
 
 mod config;
 mod context;
+mod health;
 mod metrics;
 mod processor;
 mod runtime;
 mod stats;
 mod subscription;
+mod task_span;
 pub mod testing;
 
 pub use async_trait::async_trait;
@@ -50,6 +52,7 @@ pub use config::{ProcessorProperties, PropertyError, SchedulingMode};
 pub use context::{Completion, ProcessingContext};
 pub use decaton_protocol::TaskMetadata;
 pub use decaton_state::{Backend, StateConfig, StateError, StateStore};
+pub use health::{NotReady, PartitionHealth, SubscriptionHealth};
 pub use processor::{ProcessError, TaskProcessor};
 pub use stats::SubscriptionStats;
 pub use subscription::{Subscription, SubscriptionBuilder, SubscriptionError, SubscriptionHandle};

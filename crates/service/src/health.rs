@@ -19,7 +19,7 @@ use decaton_processor::SubscriptionHandle;
 use parking_lot::Mutex;
 
 use crate::config::ServiceSettings;
-use crate::metrics::{PARTITION_READY, SERVICE_READY};
+use crate::metrics::{OFFSET_MAP_GAPS, PARTITION_READY, SERVICE_READY};
 
 /// One hosted subscription, as the health checks see it.
 pub(crate) struct Hosted {
@@ -28,6 +28,9 @@ pub(crate) struct Hosted {
     pub(crate) handle: SubscriptionHandle,
     /// Set when its `run` has returned.
     pub(crate) stopped: AtomicBool,
+    /// Set when it was asked to shut down: a drain does not turn the consumer loop, and
+    /// is bounded by the shutdown timeout, so it does not count against liveness.
+    pub(crate) draining: AtomicBool,
     /// Per partition: the last commit position seen and since when it has not moved.
     progress: Mutex<HashMap<i32, (Option<i64>, Instant)>>,
 }
@@ -39,6 +42,7 @@ impl Hosted {
             topic,
             handle,
             stopped: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             progress: Mutex::new(HashMap::new()),
         }
     }
@@ -59,17 +63,29 @@ pub(crate) struct PartitionView {
     /// The position that would be committed now.
     pub(crate) position: Option<i64>,
     pub(crate) pending: usize,
+    /// Gaps in the offset window.
+    pub(crate) gaps: usize,
     /// Why the runtime holds the partition back, if it does.
     pub(crate) not_ready: Option<String>,
 }
 
-/// Reads `handle`'s live counters.
+/// Reads what `handle`'s consumer thread last published.
 pub(crate) fn view(handle: &SubscriptionHandle) -> View {
-    let stats = handle.stats();
+    let health = handle.health();
     View {
-        joined: stats.assigned_partitions > 0,
-        loop_idle_for: None,
-        partitions: Vec::new(),
+        joined: health.joined,
+        loop_idle_for: health.loop_idle_for,
+        partitions: health
+            .partitions
+            .into_iter()
+            .map(|p| PartitionView {
+                partition: p.partition,
+                position: p.position,
+                pending: p.pending,
+                gaps: p.offset_map_gaps,
+                not_ready: p.not_ready.map(|r| r.to_string()),
+            })
+            .collect(),
     }
 }
 
@@ -90,6 +106,9 @@ pub(crate) fn liveness(hosted: &[Arc<Hosted>], settings: &ServiceSettings) -> Ve
     for h in hosted {
         if h.stopped.load(Ordering::Acquire) {
             verdict.reasons.push(format!("{}: consumer stopped", h.id));
+            continue;
+        }
+        if h.draining.load(Ordering::Acquire) {
             continue;
         }
         let health = view(&h.handle);
@@ -148,6 +167,7 @@ pub(crate) fn readiness(hosted: &[Arc<Hosted>], settings: &ServiceSettings) -> V
             } else {
                 None
             };
+            metrics::gauge!(OFFSET_MAP_GAPS, &labels).set(p.gaps as f64);
             metrics::gauge!(PARTITION_READY, &labels).set(if reason.is_some() { 0.0 } else { 1.0 });
             if let Some(reason) = reason {
                 verdict.reasons.push(format!(

@@ -282,6 +282,7 @@ impl Service {
                     tracing::info!(signal, "signal received; draining (a second signal exits at once)");
                     abandoned_before = Some(abandoned_now(&hosted));
                     for h in &hosted {
+                        h.draining.store(true, Ordering::Release);
                         h.handle.shutdown();
                     }
                     if let Some(mut s) = signals.take() {
@@ -314,6 +315,7 @@ impl Service {
                         failure.get_or_insert(format!("subscription {} stopped", h.id));
                         abandoned_before = Some(abandoned_now(&hosted));
                         for other in &hosted {
+                            other.draining.store(true, Ordering::Release);
                             other.handle.shutdown();
                         }
                     }

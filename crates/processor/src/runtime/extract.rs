@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use decaton_protocol::{decode_record, METADATA_HEADER};
+use decaton_protocol::{decode_record, TraceParent, METADATA_HEADER, TRACEPARENT_HEADER};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 
 use super::partition_core::PartitionCore;
@@ -55,18 +55,27 @@ impl Extractor {
         msg: &BorrowedMessage<'_>,
         now_ms: i64,
     ) -> Incoming<T> {
-        self.extract_parts(
+        let header = |name: &str| {
+            msg.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == name)
+                    .map(|h| h.value.unwrap_or_default())
+            })
+        };
+        let mut incoming = self.extract_parts(
             partition,
             msg.offset(),
             msg.key(),
-            msg.headers().and_then(|h| {
-                h.iter()
-                    .find(|h| h.key == METADATA_HEADER)
-                    .map(|h| h.value.unwrap_or_default())
-            }),
+            header(METADATA_HEADER),
             msg.payload(),
             now_ms,
-        )
+        );
+        if let Incoming::Task(unit) = &mut incoming {
+            unit.trace = header(TRACEPARENT_HEADER)
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(TraceParent::parse);
+        }
+        incoming
     }
 
     pub(crate) fn extract_parts<T: prost::Message + Default>(
@@ -113,6 +122,7 @@ impl Extractor {
             metadata: record.metadata,
             task,
             state: None,
+            trace: None,
         })
     }
 }

@@ -236,6 +236,7 @@ mod tests {
                 metadata: TaskMetadata::default(),
                 task: offset as u64,
                 state: None,
+                trace: None,
             };
             assert!(!ctx.offer(crate::runtime::extract::Incoming::Task(unit), 0));
         }

@@ -64,4 +64,5 @@ pub(crate) struct RuntimeCore<T> {
     pub(crate) committer: Committer,
     pub(crate) wakeup: Arc<Wakeup>,
     pub(crate) extractor: Extractor,
+    pub(crate) health: Arc<crate::health::HealthBoard>,
 }

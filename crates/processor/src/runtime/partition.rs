@@ -100,6 +100,27 @@ impl<T: Send + 'static> PartitionContext<T> {
         self.core.in_flight() < self.max_pending
     }
 
+    /// What health reports show of this partition.
+    pub(crate) fn health(&self) -> crate::health::PartitionHealth {
+        use crate::health::NotReady;
+        let (position, pending, offset_map_gaps) = self.core.progress();
+        let not_ready = match self.predecessor.as_ref().map(|p| p.running()) {
+            Some(tasks) if tasks > 0 => Some(NotReady::PredecessorRunning { tasks }),
+            _ if self.state.as_ref().is_some_and(|s| !s.is_ready()) => {
+                Some(NotReady::RestoringState)
+            }
+            _ => None,
+        };
+        crate::health::PartitionHealth {
+            topic: self.core.topic().clone(),
+            partition: self.core.partition(),
+            position,
+            pending,
+            offset_map_gaps,
+            not_ready,
+        }
+    }
+
     /// Takes one fetched record; true when it had to wait (flow control should run).
     pub(crate) fn offer(&mut self, incoming: Incoming<T>, now_ms: i64) -> bool {
         if self.overflow.is_empty() && self.is_ready() && self.has_room() {

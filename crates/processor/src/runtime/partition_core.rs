@@ -142,6 +142,18 @@ impl PartitionCore {
         self.recorder.pending(inner.tracker.unfinished());
     }
 
+    /// Commit position, unfinished tasks and gaps in the offset window (runs of
+    /// unfinished offsets below finished ones), for health reports.
+    pub(crate) fn progress(&self) -> (Option<i64>, usize, usize) {
+        let inner = self.inner.lock();
+        let t = &inner.tracker;
+        (
+            t.position(),
+            t.unfinished(),
+            t.done_above_position().count(),
+        )
+    }
+
     pub(crate) fn in_flight(&self) -> usize {
         self.inner.lock().tracker.in_flight()
     }

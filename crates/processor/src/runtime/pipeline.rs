@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use tokio::sync::oneshot;
+use tracing::Instrument as _;
 
 use super::completion::{CompletionInner, Outcome};
 use super::state::StateRuntime;
@@ -48,10 +49,20 @@ impl<T: Send + 'static, P: TaskProcessor<T>> TaskRunner<T> for Pipeline<T, P> {
             metadata,
             task,
             state,
+            trace,
         } = unit;
         if !partition.try_start() {
             return;
         }
+        let span = crate::task_span::task_span(
+            &self.subscription,
+            partition.topic(),
+            partition.partition(),
+            offset,
+            key.as_deref(),
+            &metadata,
+            trace.as_ref(),
+        );
         let (handoff, outcome) = match state {
             Some(_) => {
                 let (tx, rx) = oneshot::channel();
@@ -70,7 +81,7 @@ impl<T: Send + 'static, P: TaskProcessor<T>> TaskRunner<T> for Pipeline<T, P> {
             state,
         };
         let started = Instant::now();
-        let result = AssertUnwindSafe(self.processor.process(&ctx, task))
+        let result = AssertUnwindSafe(self.processor.process(&ctx, task).instrument(span))
             .catch_unwind()
             .await;
         let recorder = partition.recorder();

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use decaton_protocol::TaskMetadata;
+use decaton_protocol::{TaskMetadata, TraceParent};
 
 use super::partition_core::PartitionCore;
 use super::state::TaskState;
@@ -15,6 +15,8 @@ pub(crate) struct TaskUnit<T> {
     pub(crate) metadata: TaskMetadata,
     pub(crate) task: T,
     pub(crate) state: Option<TaskState>,
+    /// The producer's trace context (`traceparent` header), if it sent one.
+    pub(crate) trace: Option<TraceParent>,
 }
 
 #[cfg(test)]
@@ -49,6 +51,7 @@ pub(crate) mod tests {
             },
             task: offset as u64,
             state: None,
+            trace: None,
         }
     }
 }
