@@ -2,7 +2,8 @@
 //! configuration file: its readiness goes from 503 (with the reason) to 200 once its
 //! partitions are assigned, `/metrics` shows its processed count rising and its lag
 //! falling to zero, and SIGTERM drains it: exit code 0 and everything processed is
-//! committed.
+//! committed. A drain that outlives the shutdown timeout exits with 3; a second signal
+//! exits at once with 128 + its number.
 
 mod common;
 
@@ -235,5 +236,92 @@ async fn a_processor_service_reports_health_metrics_and_drains_on_sigterm() -> a
         assert_eq!(at, high, "partition {p}: committed {at}, end {high}");
     }
     drop(broker);
+    Ok(())
+}
+
+/// A storage processor whose storage is down from the start, with tasks stuck in
+/// `process`: started, and seen stalled on its readiness endpoint.
+async fn stuck_service(
+    extra_env: &[(&str, String)],
+) -> anyhow::Result<(TestBroker, tempfile::TempDir, ServiceProcess)> {
+    let broker = tokio::task::spawn_blocking(|| -> anyhow::Result<TestBroker> {
+        let broker = TestBroker::start(BrokerKind::Embedded)?;
+        broker.create_topic(TOPIC, 1)?;
+        Ok(broker)
+    })
+    .await??;
+    let bootstrap = broker.bootstrap_servers();
+    let client = TaskClient::<ChatOp>::builder(bootstrap.clone(), TOPIC).build()?;
+    put_batch(&client, &mut ChatOpGenerator::new(10, 1), None).await?;
+    client.close().await?;
+    let dir = tempfile::tempdir()?;
+    let down = dir.path().join("down");
+    std::fs::write(&down, b"down")?;
+    let config = common::config_file(SUBSCRIPTION);
+    let mut env = vec![
+        ("DECATON_KAFKA__BOOTSTRAP_SERVERS", bootstrap),
+        ("DECATON_SERVICE__STALL_TIMEOUT_MS", "300".to_string()),
+        (
+            "DECATON_SERVICE__LOG_FILTER",
+            "info,librdkafka=off,rdkafka::client=off".to_string(),
+        ),
+        (
+            "DECATON_SUBSCRIPTIONS__STORAGE_MUTATION_PROCESSOR__SESSION_TIMEOUT_MS",
+            "6000".to_string(),
+        ),
+    ];
+    env.extend(extra_env.iter().cloned());
+    let service = ServiceProcess::start(
+        SUBSCRIPTION,
+        env!("CARGO_BIN_EXE_storage-mutation-processor"),
+        &[
+            "--config",
+            config.to_str().unwrap_or_default(),
+            "--storage-down-file",
+            down.to_str().unwrap_or_default(),
+        ],
+        &env,
+    )?;
+    eventually(Duration::from_secs(60), "stalled", || async {
+        let (status, body) = service.get("/health/ready").await?;
+        Ok((status == 503 && body.contains("stalled")).then_some(()))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e:#}\n{}", service.log_text()))?;
+    Ok((broker, dir, service))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once() -> anyhow::Result<()> {
+    // The drain could wait 30 s for the stuck tasks; the second signal cuts it short.
+    let (_broker, _dir, mut service) = stuck_service(&[]).await?;
+    service.signal("TERM")?;
+    eventually(Duration::from_secs(10), "draining", || {
+        let draining = service.log_text().contains("draining");
+        async move { Ok(draining.then_some(())) }
+    })
+    .await?;
+    assert!(service.running(), "the first signal must drain, not exit");
+    let started = std::time::Instant::now();
+    service.signal("TERM")?;
+    let (status, _) = service.wait(Duration::from_secs(10))?;
+    assert_eq!(status.code(), Some(128 + 15));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_past_the_shutdown_timeout_exits_with_3() -> anyhow::Result<()> {
+    let (_broker, _dir, service) = stuck_service(&[(
+        "DECATON_SUBSCRIPTIONS__STORAGE_MUTATION_PROCESSOR__SHUTDOWN_TIMEOUT_MS",
+        "1000".to_string(),
+    )])
+    .await?;
+    service.signal("INT")?;
+    let log = service.log.clone();
+    let (status, _) = service.wait(Duration::from_secs(30))?;
+    let log = log.lock().join("\n");
+    assert_eq!(status.code(), Some(3), "{log}");
+    assert!(log.contains("abandoned"), "{log}");
     Ok(())
 }

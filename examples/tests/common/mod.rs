@@ -139,6 +139,11 @@ impl ServiceProcess {
         }
     }
 
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Log lines so far, one string.
     pub fn log_text(&self) -> String {
         self.log.lock().join("\n")
