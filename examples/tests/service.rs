@@ -59,6 +59,29 @@ async fn a_processor_service_reports_health_metrics_and_drains_on_sigterm() -> a
     let mut chat = ChatOpGenerator::new(50, 3);
     put_batch(&client, &mut chat, None).await?;
 
+    // Another member holds the group's partitions and does not take part in the next
+    // rebalance (it does not poll), so the service cannot be assigned anything until it
+    // leaves: its first readiness answer is known.
+    let holder = {
+        let bootstrap = bootstrap.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<BaseConsumer> {
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap)
+                .set("group.id", SUBSCRIPTION)
+                .set("session.timeout.ms", "6000")
+                .set("enable.auto.commit", "false")
+                .create()?;
+            consumer.subscribe(&[TOPIC])?;
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while consumer.assignment()?.count() < PARTITIONS as usize {
+                anyhow::ensure!(std::time::Instant::now() < deadline, "holder not assigned");
+                let _ = consumer.poll(Duration::from_millis(100));
+            }
+            Ok(consumer)
+        })
+        .await??
+    };
+
     let config = common::config_file(SUBSCRIPTION);
     let service = ServiceProcess::start(
         SUBSCRIPTION,
@@ -86,6 +109,8 @@ async fn a_processor_service_reports_health_metrics_and_drains_on_sigterm() -> a
     }
     let (status, _) = service.get("/health/live").await?;
     assert_eq!(status, 200);
+    // The holder leaves the group; the service gets the partitions.
+    tokio::task::spawn_blocking(move || drop(holder)).await?;
 
     eventually(Duration::from_secs(60), "ready", || async {
         let (status, _) = service.get("/health/ready").await?;
