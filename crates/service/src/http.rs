@@ -39,8 +39,9 @@ pub(crate) async fn serve(listener: TcpListener, endpoint: Arc<Endpoint>) {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
+                // Out of descriptors or similar: back off instead of spinning.
                 tracing::warn!("http accept failed: {e}");
-                tokio::task::yield_now().await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };

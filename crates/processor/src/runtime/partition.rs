@@ -455,6 +455,31 @@ mod tests {
         assert_eq!(pauses.0.lock().as_slice(), &[(5, true), (5, false)]);
     }
 
+    /// Health reports a partition held back by its predecessor's running task, and the
+    /// gaps in its offset window.
+    #[test]
+    fn health_tells_why_a_partition_is_held_back_and_counts_gaps() {
+        let old = fixture(3, 100, None);
+        assert!(old.core.try_start_for_test(0));
+        old.core.close();
+        let new = fixture_with(3, 100, Some(old.core.clone()), old.wakeup.clone());
+        assert_eq!(
+            new.ctx.health().not_ready,
+            Some(crate::NotReady::PredecessorRunning { tasks: 1 })
+        );
+        old.core.finish(0);
+        assert_eq!(new.ctx.health().not_ready, None);
+        // 0 unfinished, 1 done, 2 unfinished, 3 done: two gaps pin the position at 0.
+        let f = fixture(6, 100, None);
+        for o in 0..4 {
+            assert!(f.core.try_start_for_test(o));
+        }
+        f.core.finish(1);
+        f.core.finish(3);
+        let h = f.ctx.health();
+        assert_eq!((h.position, h.pending, h.offset_map_gaps), (Some(0), 2, 2));
+    }
+
     /// A record below those already registered (the fetch position went back) is
     /// dropped and counted, never registered twice.
     #[test]
