@@ -44,18 +44,31 @@ async fn put_batch(
     Ok(())
 }
 
+/// On the embedded broker and on Tansu (`DECATON_TEST_BROKERS` narrows it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_processor_service_reports_health_metrics_and_drains_on_sigterm() -> anyhow::Result<()> {
-    let broker = tokio::task::spawn_blocking(|| -> anyhow::Result<TestBroker> {
-        let broker = TestBroker::start(BrokerKind::Embedded)?;
+    for kind in BrokerKind::for_tests() {
+        scenario(kind)
+            .await
+            .map_err(|e| e.context(format!("on {}", kind.name())))?;
+    }
+    Ok(())
+}
+
+async fn scenario(kind: BrokerKind) -> anyhow::Result<()> {
+    let broker = tokio::task::spawn_blocking(move || -> anyhow::Result<TestBroker> {
+        let broker = TestBroker::start(kind)?;
         broker.create_topic(TOPIC, PARTITIONS)?;
         Ok(broker)
     })
     .await??;
     let bootstrap = broker.bootstrap_servers();
-    let client = TaskClient::<ChatOp>::builder(bootstrap.clone(), TOPIC)
-        .application_id("service-test")
-        .build()?;
+    let mut client =
+        TaskClient::<ChatOp>::builder(bootstrap.clone(), TOPIC).application_id("service-test");
+    for (k, v) in kind.producer_settings() {
+        client = client.set(*k, *v);
+    }
+    let client = client.build()?;
     let mut chat = ChatOpGenerator::new(50, 3);
     put_batch(&client, &mut chat, None).await?;
 
@@ -255,10 +268,11 @@ async fn a_processor_service_reports_health_metrics_and_drains_on_sigterm() -> a
         Ok(out)
     })
     .await??;
-    let total: i64 = committed.iter().map(|(_, h)| h).sum();
-    assert_eq!(total, (2 * BATCH) as i64);
+    let total: i64 = committed.iter().map(|(at, _)| at).sum();
+    assert_eq!(total, (2 * BATCH) as i64, "{committed:?}");
     for (p, (at, high)) in committed.iter().enumerate() {
-        assert_eq!(at, high, "partition {p}: committed {at}, end {high}");
+        // (Tansu's reported high watermark may trail the last offset.)
+        assert!(at >= high, "partition {p}: committed {at}, end {high}");
     }
     drop(broker);
     Ok(())
