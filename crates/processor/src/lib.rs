@@ -50,12 +50,13 @@ pub mod testing;
 pub use async_trait::async_trait;
 pub use config::{ProcessorProperties, PropertyError, SchedulingMode};
 pub use context::{Completion, ProcessingContext};
-pub use decaton_protocol::TaskMetadata;
+pub use decaton_protocol::{TaskMetadata, TraceParent};
 pub use decaton_state::{Backend, StateConfig, StateError, StateStore};
 pub use health::{NotReady, PartitionHealth, SubscriptionHealth};
 pub use processor::{ProcessError, TaskProcessor};
 pub use stats::SubscriptionStats;
 pub use subscription::{Subscription, SubscriptionBuilder, SubscriptionError, SubscriptionHandle};
+pub use task_span::{set_trace_continuation, TraceContinuation};
 
 /// Metric names the runtime records (Prometheus style, labels `subscription`, `topic`,
 /// `partition`).

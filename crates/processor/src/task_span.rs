@@ -4,9 +4,25 @@
 //! offset, key and retry count, so every line a processor logs says which task it is
 //! about. When the producer put a W3C `traceparent` on the task, the span carries its
 //! trace id and the producer's span id as its parent: the processing continues the
-//! producer's trace.
+//! producer's trace. A tracing backend that exports spans (OpenTelemetry) registers a
+//! [`set_trace_continuation`] hook to make the span a child of the producer's span.
+
+use std::sync::OnceLock;
 
 use decaton_protocol::{TaskMetadata, TraceParent};
+
+/// What a [`set_trace_continuation`] hook is: called with every task span whose task
+/// carries a `traceparent`, right after the span is created and before it is entered.
+pub type TraceContinuation = fn(&tracing::Span, &TraceParent);
+
+static CONTINUATION: OnceLock<TraceContinuation> = OnceLock::new();
+
+/// Registers the process-wide hook that makes a task's span continue its producer's trace
+/// (e.g. set its OpenTelemetry parent). Returns false if a hook was registered already
+/// (the first one stays).
+pub fn set_trace_continuation(hook: TraceContinuation) -> bool {
+    CONTINUATION.set(hook).is_ok()
+}
 
 /// Longest key shown in the span; longer keys are cut (a key is an id, not a payload).
 const MAX_KEY_CHARS: usize = 128;
@@ -28,7 +44,7 @@ pub(crate) fn task_span(
             None => text.into_owned(),
         }
     });
-    tracing::info_span!(
+    let span = tracing::info_span!(
         "task",
         subscription,
         topic,
@@ -38,5 +54,9 @@ pub(crate) fn task_span(
         retry_count = metadata.retry_count,
         trace_id = trace.map(|t| t.trace_id_hex()),
         parent_span_id = trace.map(|t| t.parent_id_hex()),
-    )
+    );
+    if let (Some(trace), Some(hook)) = (trace, CONTINUATION.get()) {
+        hook(&span, trace);
+    }
+    span
 }

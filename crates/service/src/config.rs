@@ -73,6 +73,9 @@ pub struct ServiceSettings {
     /// A consumer loop that has not turned for this long makes the service not live
     /// (`liveness_timeout_ms`, default 30 s).
     pub liveness_timeout: Duration,
+    /// Where spans are exported with OTLP over HTTP (`otlp_endpoint`, e.g.
+    /// `http://collector:4318`; default none). Needs the `otel` cargo feature.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for ServiceSettings {
@@ -84,6 +87,7 @@ impl Default for ServiceSettings {
             stall_timeout: Duration::from_secs(60),
             lag_interval: Duration::from_secs(10),
             liveness_timeout: Duration::from_secs(30),
+            otlp_endpoint: None,
         }
     }
 }
@@ -473,10 +477,19 @@ fn build(raw: Raw) -> Result<ServiceConfig, ConfigError> {
             "stall_timeout_ms" => service.stall_timeout = millis(e)?,
             "lag_interval_ms" => service.lag_interval = millis(e)?.max(Duration::from_millis(100)),
             "liveness_timeout_ms" => service.liveness_timeout = millis(e)?,
+            "otlp_endpoint" => {
+                let url = e.value.trim();
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(e.at.error(format!(
+                        "`otlp_endpoint`: expected an http:// or https:// URL, got {url:?}"
+                    )));
+                }
+                service.otlp_endpoint = Some(url.trim_end_matches('/').to_string())
+            }
             other => {
                 return Err(e.at.error(format!(
                 "unknown key `{other}` in [service] (expected http_addr, log_format, log_filter, \
-                     stall_timeout_ms, lag_interval_ms or liveness_timeout_ms)"
+                     stall_timeout_ms, lag_interval_ms, liveness_timeout_ms or otlp_endpoint)"
             )))
             }
         }

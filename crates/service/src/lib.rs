@@ -13,7 +13,9 @@
 //!   signal exits at once; the exit code says which ([`ServiceExit`]);
 //! - logs as text or JSON; inside `process`, every line carries the task's subscription,
 //!   topic, partition, offset, key and retry count;
-//! - per-partition consumer lag (`decaton_consumer_lag`) read from the broker.
+//! - per-partition consumer lag (`decaton_consumer_lag`) read from the broker;
+//! - with the `otel` feature and `otlp_endpoint`, spans exported to an OpenTelemetry
+//!   collector, each task's span continuing its producer's `traceparent`.
 //!
 //! Each processor should run as its own service — its own process, consumer group and
 //! metrics port — so one whose storage is down falls behind alone and says so on its
@@ -27,6 +29,8 @@ mod http;
 mod lag;
 mod logging;
 pub mod metrics;
+#[cfg(feature = "otel")]
+mod otel;
 mod service;
 mod signals;
 

@@ -18,6 +18,7 @@ use crate::config::{ServiceConfig, SubscriptionConfig};
 use crate::health::{self, Hosted};
 use crate::http::{self, Endpoint};
 use crate::lag;
+use crate::logging::LoggingGuard;
 
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +107,7 @@ struct Added {
 /// ```
 pub struct Service {
     config: ServiceConfig,
+    logging: LoggingGuard,
     metrics: PrometheusHandle,
     listener: TcpListener,
     local_addr: SocketAddr,
@@ -117,7 +119,14 @@ impl Service {
     /// Prometheus recorder, and binds the HTTP address. Nothing is consumed before
     /// [`Self::run`].
     pub async fn start(config: ServiceConfig) -> Result<Service, ServiceError> {
-        crate::logging::install(&config.service);
+        let name = config
+            .subscriptions
+            .keys()
+            .next()
+            .cloned()
+            .unwrap_or_else(|| "decaton-service".into());
+        let logging =
+            crate::logging::install(&config.service, &name).map_err(ServiceError::Start)?;
         let metrics = crate::metrics::install().map_err(ServiceError::Start)?;
         let listener = TcpListener::bind(config.service.http_addr)
             .await
@@ -133,6 +142,7 @@ impl Service {
         tracing::info!(addr = %local_addr, "serving /metrics, /health/live and /health/ready");
         Ok(Service {
             config,
+            logging,
             metrics,
             listener,
             local_addr,
@@ -200,11 +210,29 @@ impl Service {
     pub async fn run(self) -> ServiceExit {
         let Service {
             config,
+            logging,
             metrics,
             listener,
             added,
             ..
         } = self;
+        let exit = Self::serve(config, metrics, listener, added).await;
+        #[cfg(feature = "otel")]
+        if let Some(exporter) = logging.exporter {
+            // Flushing waits for the collector: off the async workers.
+            let _ = tokio::task::spawn_blocking(move || exporter.shutdown()).await;
+        }
+        #[cfg(not(feature = "otel"))]
+        let LoggingGuard {} = logging;
+        exit
+    }
+
+    async fn serve(
+        config: ServiceConfig,
+        metrics: PrometheusHandle,
+        listener: TcpListener,
+        added: Vec<Added>,
+    ) -> ServiceExit {
         if added.is_empty() {
             return ServiceExit::Failed("no subscription to run".into());
         }
