@@ -54,8 +54,14 @@ pub struct PartitionHealth {
     pub partition: i32,
     /// The position that would be committed now (the lowest unfinished offset), if known.
     pub position: Option<i64>,
-    /// Unfinished tasks (registered and not done).
+    /// Unfinished tasks (registered and not done), delayed ones included.
     pub pending: usize,
+    /// Of those, tasks waiting for their scheduled time.
+    pub delayed: usize,
+    /// Records completed since the partition was assigned (processed, failed, discarded
+    /// or skipped): when it stops rising while tasks that are not delayed are pending, the
+    /// partition is stuck.
+    pub completed: u64,
     /// Runs of unfinished offsets below finished ones above the position: each run is a
     /// gap in the offset map that pins the commit position.
     pub offset_map_gaps: usize,

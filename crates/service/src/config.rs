@@ -65,8 +65,8 @@ pub struct ServiceSettings {
     /// Log filter in `RUST_LOG` syntax (`log_filter`, default `info`); `RUST_LOG`, when
     /// set, wins.
     pub log_filter: String,
-    /// A partition whose commit position has not moved for this long while it has
-    /// unfinished tasks is reported not ready (`stall_timeout_ms`, default 60 s).
+    /// A partition where no task has completed for this long while tasks that could run
+    /// are pending is reported not ready (`stall_timeout_ms`, default 60 s).
     pub stall_timeout: Duration,
     /// How often consumer lag is read from the broker (`lag_interval_ms`, default 10 s).
     pub lag_interval: Duration,

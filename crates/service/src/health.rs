@@ -5,10 +5,10 @@
 //!
 //! **Ready**: every subscription has joined its group and every partition it owns is
 //! ready — its state store restored, no task of a previous assignment still running, and
-//! its commit position moving: a partition whose position has not moved for
-//! `stall_timeout` while it has unfinished tasks is reported stalled (its processor is
-//! stuck, e.g. on a storage that is down). When not ready, the reasons name the
-//! subscription and the partition.
+//! its tasks completing: a partition where no task has completed for `stall_timeout`
+//! while tasks that could run are pending (not merely waiting for their scheduled time)
+//! is reported stalled (its processor is stuck, e.g. on a storage that is down). When not
+//! ready, the reasons name the subscription and the partition.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,8 +31,9 @@ pub(crate) struct Hosted {
     /// Set when it was asked to shut down: a drain does not turn the consumer loop, and
     /// is bounded by the shutdown timeout, so it does not count against liveness.
     pub(crate) draining: AtomicBool,
-    /// Per partition: the last commit position seen and since when it has not moved.
-    progress: Mutex<HashMap<i32, (Option<i64>, Instant)>>,
+    /// Per partition: the completion count last seen and since when it has not moved
+    /// while tasks were waiting to run.
+    progress: Mutex<HashMap<i32, (u64, Instant)>>,
 }
 
 impl Hosted {
@@ -63,6 +64,10 @@ pub(crate) struct PartitionView {
     /// The position that would be committed now.
     pub(crate) position: Option<i64>,
     pub(crate) pending: usize,
+    /// Of those, waiting for their scheduled time.
+    pub(crate) delayed: usize,
+    /// Records completed so far.
+    pub(crate) completed: u64,
     /// Gaps in the offset window.
     pub(crate) gaps: usize,
     /// Why the runtime holds the partition back, if it does.
@@ -82,6 +87,8 @@ pub(crate) fn view(handle: &SubscriptionHandle) -> View {
                 partition: p.partition,
                 position: p.position,
                 pending: p.pending,
+                delayed: p.delayed,
+                completed: p.completed,
                 gaps: p.offset_map_gaps,
                 not_ready: p.not_ready.map(|r| r.to_string()),
             })
@@ -150,19 +157,16 @@ pub(crate) fn readiness(hosted: &[Arc<Hosted>], settings: &ServiceSettings) -> V
                 ("topic", h.topic.clone()),
                 ("partition", p.partition.to_string()),
             ];
-            let entry = progress.entry(p.partition).or_insert((p.position, now));
-            if entry.0 != p.position || p.pending == 0 {
-                *entry = (p.position, now);
-            }
-            let stalled_for = now.duration_since(entry.1);
+            let entry = progress.entry(p.partition).or_insert((p.completed, now));
+            let stalled_for = stalled_for(entry, p, now);
             let reason = if let Some(why) = &p.not_ready {
                 Some(why.clone())
             } else if stalled_for >= settings.stall_timeout {
                 Some(format!(
-                    "stalled: {} tasks pending, commit position {} unchanged for {:.0}s",
+                    "stalled: {} tasks pending, none completed for {:.0}s (commit position {})",
                     p.pending,
+                    stalled_for.as_secs_f64(),
                     p.position.map_or("none".to_string(), |o| o.to_string()),
-                    stalled_for.as_secs_f64()
                 ))
             } else {
                 None
@@ -181,6 +185,52 @@ pub(crate) fn readiness(hosted: &[Arc<Hosted>], settings: &ServiceSettings) -> V
     verdict
 }
 
+/// How long `p` has been stuck: tasks that could run (not waiting for their schedule)
+/// pending and none completed. `entry` is the completion count last seen and since when.
+fn stalled_for(entry: &mut (u64, Instant), p: &PartitionView, now: Instant) -> Duration {
+    if entry.0 != p.completed || p.pending <= p.delayed {
+        *entry = (p.completed, now);
+    }
+    now.duration_since(entry.1)
+}
+
 /// How often readiness is evaluated in the background (so stalls are seen and the ready
 /// gauges move even when nobody asks).
 pub(crate) const EVALUATE_EVERY: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(pending: usize, delayed: usize, completed: u64) -> PartitionView {
+        PartitionView {
+            partition: 0,
+            position: Some(0),
+            pending,
+            delayed,
+            completed,
+            gaps: 0,
+            not_ready: None,
+        }
+    }
+
+    #[test]
+    fn stalled_means_runnable_tasks_pending_and_nothing_completing() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(60);
+        // Tasks pending, nothing completes: stalled since t0.
+        let mut e = (5, t0);
+        assert_eq!(
+            stalled_for(&mut e, &part(10, 0, 5), later),
+            Duration::from_secs(60)
+        );
+        // Something completed: the clock restarts.
+        assert_eq!(stalled_for(&mut e, &part(10, 0, 6), later), Duration::ZERO);
+        // Only tasks waiting for their schedule pin the position: not a stall.
+        let mut e = (5, t0);
+        assert_eq!(stalled_for(&mut e, &part(3, 3, 5), later), Duration::ZERO);
+        // Nothing pending: not a stall.
+        let mut e = (5, t0);
+        assert_eq!(stalled_for(&mut e, &part(0, 0, 5), later), Duration::ZERO);
+    }
+}

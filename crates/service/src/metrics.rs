@@ -64,7 +64,7 @@ fn describe() {
         (names::ASSIGNED_PARTITIONS, "Partitions assigned to this instance."),
         (CONSUMER_LAG, "Records of a partition not yet committed by the subscription: high watermark minus committed offset."),
         (OFFSET_MAP_GAPS, "Runs of unfinished tasks below finished ones in a partition's offset window (each pins the commit position)."),
-        (PARTITION_READY, "1 when the partition is restored, its consumer loop alive and its position moving; 0 otherwise."),
+        (PARTITION_READY, "1 when the partition is restored, its consumer loop alive and its tasks completing (not stalled); 0 otherwise."),
         (SERVICE_READY, "1 when every subscription of the service is ready; 0 otherwise."),
     ];
     for (name, help) in gauges {

@@ -103,7 +103,7 @@ impl<T: Send + 'static> PartitionContext<T> {
     /// What health reports show of this partition.
     pub(crate) fn health(&self) -> crate::health::PartitionHealth {
         use crate::health::NotReady;
-        let (position, pending, offset_map_gaps) = self.core.progress();
+        let (position, pending, offset_map_gaps, completed) = self.core.progress();
         let not_ready = match self.predecessor.as_ref().map(|p| p.running()) {
             Some(tasks) if tasks > 0 => Some(NotReady::PredecessorRunning { tasks }),
             _ if self.state.as_ref().is_some_and(|s| !s.is_ready()) => {
@@ -116,6 +116,8 @@ impl<T: Send + 'static> PartitionContext<T> {
             partition: self.core.partition(),
             position,
             pending,
+            delayed: self.delayed.len(),
+            completed,
             offset_map_gaps,
             not_ready,
         }
@@ -478,6 +480,7 @@ mod tests {
         f.core.finish(3);
         let h = f.ctx.health();
         assert_eq!((h.position, h.pending, h.offset_map_gaps), (Some(0), 2, 2));
+        assert_eq!((h.completed, h.delayed), (2, 0));
     }
 
     /// A record below those already registered (the fetch position went back) is

@@ -27,6 +27,8 @@ struct Inner {
     revoked: bool,
     /// Completions are ignored.
     closed: bool,
+    /// Records completed so far (for health reports: is the partition moving?).
+    completed: u64,
 }
 
 /// The half of a partition that lanes and completions use.
@@ -57,6 +59,7 @@ impl PartitionCore {
                 dispatched: 0,
                 revoked: false,
                 closed: false,
+                completed: 0,
             }),
             changed: Condvar::new(),
             recorder,
@@ -98,6 +101,7 @@ impl PartitionCore {
         inner.dispatched -= 1;
         if !inner.closed {
             inner.tracker.complete(offset);
+            inner.completed += 1;
             self.recorder.pending(inner.tracker.unfinished());
         }
         let wake = inner.running == 0 || inner.dispatched == 0;
@@ -133,7 +137,9 @@ impl PartitionCore {
 
     /// Completes a registered record that needs no task (discarded or skipped).
     pub(crate) fn complete_registered(&self, offset: i64) {
-        self.inner.lock().tracker.complete(offset);
+        let mut inner = self.inner.lock();
+        inner.tracker.complete(offset);
+        inner.completed += 1;
     }
 
     pub(crate) fn mark_dispatched(&self) {
@@ -142,15 +148,16 @@ impl PartitionCore {
         self.recorder.pending(inner.tracker.unfinished());
     }
 
-    /// Commit position, unfinished tasks and gaps in the offset window (runs of
-    /// unfinished offsets below finished ones), for health reports.
-    pub(crate) fn progress(&self) -> (Option<i64>, usize, usize) {
+    /// Commit position, unfinished tasks, gaps in the offset window (runs of unfinished
+    /// offsets below finished ones) and records completed so far, for health reports.
+    pub(crate) fn progress(&self) -> (Option<i64>, usize, usize, u64) {
         let inner = self.inner.lock();
         let t = &inner.tracker;
         (
             t.position(),
             t.unfinished(),
             t.done_above_position().count(),
+            inner.completed,
         )
     }
 
