@@ -177,6 +177,15 @@ async fn scenario(kind: BrokerKind) -> anyhow::Result<()> {
         assert!(text.contains(help), "no {help:?} in\n{text}");
     }
 
+    // No metric without its help text.
+    for name in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+        let name = name.split(' ').next().unwrap_or_default();
+        assert!(
+            text.contains(&format!("# HELP {name} ")),
+            "{name} has no # HELP"
+        );
+    }
+
     // The lag read from the broker falls to zero once everything is committed.
     eventually(
         Duration::from_secs(30),

@@ -9,6 +9,8 @@
 //! * `decaton lag GROUP --topic T` shows a subscription's committed offset, high
 //!   watermark, lag and finished tasks above the commit (from its offset map), per
 //!   partition.
+//! * `decaton dlq list` summarises a dead-letter topic (count, first and last, reasons);
+//!   `decaton dlq replay` puts its tasks back on the topic they came from.
 //! * `decaton dev-broker` runs an in-process Kafka mock cluster for local development.
 //! * `decaton bench` runs the benchmark harness (`decaton-bench`).
 //! * `decaton config check FILE` validates a processor service's configuration file.
@@ -18,6 +20,7 @@
 
 mod config_check;
 mod dev_broker;
+mod dlq;
 mod lag;
 mod offset_map;
 mod options;
@@ -52,6 +55,8 @@ enum Command {
     Tail(tail::TailArgs),
     /// Show how far a subscription (consumer group) is behind on a topic, per partition.
     Lag(lag::LagArgs),
+    /// Summarise a dead-letter topic, or put its tasks back where they came from.
+    Dlq(dlq::DlqArgs),
     /// Run an embedded Kafka mock cluster until Ctrl-C / SIGTERM.
     DevBroker(dev_broker::DevBrokerArgs),
     /// Run the benchmark harness.
@@ -88,6 +93,7 @@ fn run_async(command: Command) -> anyhow::Result<()> {
             Command::Put(args) => put::run(args).await,
             Command::Tail(args) => tail::run(args).await,
             Command::Lag(args) => lag::run(args).await,
+            Command::Dlq(args) => dlq::run(args).await,
             Command::DevBroker(args) => dev_broker::run(args).await,
             Command::Bench(_) | Command::Config(_) => {
                 anyhow::bail!("runs outside the tokio runtime")

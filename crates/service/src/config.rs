@@ -35,7 +35,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use decaton_processor::{ProcessorProperties, PropertyError, StateConfig};
+use decaton_processor::{
+    Backoff, DeadLetterConfig, ProcessorProperties, PropertyError, RetryConfig, StateConfig,
+};
 use decaton_state::Backend;
 use rdkafka::ClientConfig;
 use toml_edit::{Item, Value};
@@ -93,7 +95,7 @@ impl Default for ServiceSettings {
 }
 
 /// One `[subscriptions.<id>]` table, with the shared `[kafka]` settings merged in.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct SubscriptionConfig {
     /// The subscription id (= consumer group id): the table's name.
@@ -106,6 +108,12 @@ pub struct SubscriptionConfig {
     pub kafka: BTreeMap<String, String>,
     /// The partition-local state store, if `state.dir` (or another `state.` key) is set.
     pub state: Option<StateConfig>,
+    /// Retrying failed tasks, if any `retry.` key is set (and `retry.enabled` is not
+    /// false).
+    pub retry: Option<RetryConfig>,
+    /// The dead-letter topic, if any `dead_letter.` key is set (and
+    /// `dead_letter.enabled` is not false).
+    pub dead_letter: Option<DeadLetterConfig>,
 }
 
 impl SubscriptionConfig {
@@ -137,12 +145,18 @@ impl SubscriptionConfig {
         if let Some(state) = &self.state {
             builder = builder.state_store(state.clone());
         }
+        if let Some(retry) = &self.retry {
+            builder = builder.retry(retry.clone());
+        }
+        if let Some(dead_letter) = &self.dead_letter {
+            builder = builder.dead_letter(dead_letter.clone());
+        }
         builder
     }
 }
 
 /// A loaded and checked configuration.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ServiceConfig {
     /// The `[service]` table.
@@ -383,9 +397,13 @@ fn read_env(name: &str, value: String, raw: &mut Raw) -> Result<(), ConfigError>
                 )));
             };
             let lower = key.to_ascii_lowercase();
-            let key = if lower == "topic" || lower.starts_with("state_") && !lower.contains('.')
-            {
-                lower.replacen("state_", "state.", 1)
+            let section = ["state_", "retry_", "dead_letter_"]
+                .into_iter()
+                .find(|p| lower.starts_with(p));
+            let key = if lower == "topic" {
+                lower
+            } else if let Some(prefix) = section {
+                format!("{}.{}", &prefix[..prefix.len() - 1], &lower[prefix.len()..])
             } else if !matches!(
                 ProcessorProperties::default().set(&lower, "1"),
                 Err(PropertyError::Unknown(_))
@@ -450,6 +468,84 @@ fn millis(entry: &Entry) -> Result<Duration, ConfigError> {
         })
 }
 
+fn boolean(entry: &Entry) -> Result<bool, ConfigError> {
+    entry.value.trim().parse().map_err(|_| {
+        entry.at.error(format!(
+            "`{}`: expected true or false, got {:?}",
+            entry.key, entry.value
+        ))
+    })
+}
+
+/// The `retry.` keys of a subscription.
+#[derive(Default)]
+struct RetrySettings {
+    any: bool,
+    enabled: Option<bool>,
+    topic: Option<String>,
+    queue: Option<bool>,
+    max_retries: Option<u32>,
+    initial: Option<Duration>,
+    max: Option<Duration>,
+    in_process_attempts: Option<u32>,
+    in_process_backoff: Option<Duration>,
+}
+
+impl RetrySettings {
+    fn set(&mut self, field: &str, e: &Entry) -> Result<(), ConfigError> {
+        let count = || {
+            e.value.trim().parse::<u32>().map_err(|_| {
+                e.at.error(format!("`{}`: expected a count, got {:?}", e.key, e.value))
+            })
+        };
+        self.any = true;
+        match field {
+            "enabled" => self.enabled = Some(boolean(e)?),
+            "topic" => self.topic = Some(e.value.trim().to_string()),
+            "queue" => self.queue = Some(boolean(e)?),
+            "max_retries" => self.max_retries = Some(count()?),
+            "backoff_initial_ms" => self.initial = Some(millis(e)?),
+            "backoff_max_ms" => self.max = Some(millis(e)?),
+            "in_process_attempts" => self.in_process_attempts = Some(count()?),
+            "in_process_backoff_ms" => self.in_process_backoff = Some(millis(e)?),
+            other => return Err(e.at.error(format!(
+                "unknown key `retry.{other}` (expected retry.enabled, retry.topic, retry.queue, \
+                     retry.max_retries, retry.backoff_initial_ms, retry.backoff_max_ms, \
+                     retry.in_process_attempts or retry.in_process_backoff_ms)"
+            ))),
+        }
+        Ok(())
+    }
+
+    fn build(self) -> Option<RetryConfig> {
+        if !self.any || self.enabled == Some(false) {
+            return None;
+        }
+        let mut r = RetryConfig::new();
+        if let Some(t) = self.topic {
+            r = r.topic(t);
+        }
+        if self.queue == Some(false) {
+            r = r.without_queue();
+        }
+        if let Some(n) = self.max_retries {
+            r = r.max_retries(n);
+        }
+        if self.initial.is_some() || self.max.is_some() {
+            let initial = self.initial.unwrap_or(Duration::from_secs(1));
+            let max = self.max.unwrap_or(Duration::from_secs(60)).max(initial);
+            r = r.backoff(Backoff::exponential(initial, max));
+        }
+        if self.in_process_attempts.is_some() || self.in_process_backoff.is_some() {
+            r = r.in_process(
+                self.in_process_attempts.unwrap_or(0),
+                Backoff::fixed(self.in_process_backoff.unwrap_or(Duration::from_millis(50))),
+            );
+        }
+        Some(r)
+    }
+}
+
 fn build(raw: Raw) -> Result<ServiceConfig, ConfigError> {
     let mut service = ServiceSettings::default();
     for e in &raw.service {
@@ -505,7 +601,27 @@ fn build(raw: Raw) -> Result<ServiceConfig, ConfigError> {
         let mut properties = ProcessorProperties::default();
         let mut kafka = shared.clone();
         let mut state: Option<StateConfig> = None;
+        let mut retry = RetrySettings::default();
+        let mut dead_letter: Option<(bool, DeadLetterConfig)> = None;
         for e in &entries {
+            if let Some(field) = e.key.strip_prefix("retry.") {
+                retry.set(field, e)?;
+                continue;
+            }
+            if let Some(field) = e.key.strip_prefix("dead_letter.") {
+                let d = dead_letter.get_or_insert((true, DeadLetterConfig::new()));
+                match field {
+                    "topic" => d.1 = d.1.clone().topic(e.value.trim()),
+                    "enabled" => d.0 = boolean(e)?,
+                    other => {
+                        return Err(e.at.error(format!(
+                            "unknown key `dead_letter.{other}` (expected dead_letter.topic or \
+                             dead_letter.enabled)"
+                        )))
+                    }
+                }
+                continue;
+            }
             if e.key == "topic" {
                 topic = Some(e.value.clone());
                 continue;
@@ -578,6 +694,8 @@ fn build(raw: Raw) -> Result<ServiceConfig, ConfigError> {
                 properties,
                 kafka,
                 state,
+                retry: retry.build(),
+                dead_letter: dead_letter.filter(|d| d.0).map(|d| d.1),
             },
         );
     }
@@ -698,6 +816,33 @@ state.dir = "/tmp/x"
         );
         let e = parse(FILE, &[("DECATON_KAFKA__NO_SUCH_THING", "x")]).unwrap_err();
         assert!(e.message().contains("`no.such.thing`"), "{e}");
+    }
+
+    #[test]
+    fn retry_and_dead_letter_tables() {
+        let text = format!(
+            "{FILE}retry.max_retries = 3\nretry.backoff_initial_ms = 500\ndead_letter.topic = \"parked\"\n"
+        );
+        let c = parse(&text, &[]).unwrap();
+        let s = &c.subscriptions["storage-mutation-processor"];
+        assert!(s.retry.is_some() && s.dead_letter.is_some());
+        let c = parse(FILE, &[]).unwrap();
+        let s = &c.subscriptions["storage-mutation-processor"];
+        assert!(s.retry.is_none() && s.dead_letter.is_none());
+        let c = parse(
+            FILE,
+            &[(
+                "DECATON_SUBSCRIPTIONS__STORAGE_MUTATION_PROCESSOR__RETRY_MAX_RETRIES",
+                "2",
+            )],
+        )
+        .unwrap();
+        assert!(c.subscriptions["storage-mutation-processor"]
+            .retry
+            .is_some());
+        let e = parse(&format!("{FILE}retry.max_retry = 3\n"), &[]).unwrap_err();
+        assert_eq!(e.line(), Some(17), "{e}");
+        assert!(e.message().contains("`retry.max_retry`"), "{e}");
     }
 
     #[test]

@@ -38,17 +38,28 @@ struct Args {
     /// Processing time per task in milliseconds (random 0..=N).
     #[arg(long, default_value_t = 1)]
     latency_ms: u64,
+    /// Fail every task whose sequence is a multiple of N on its first delivery, asking
+    /// for a retry through `<topic>-retry` (which must exist); only successful runs are
+    /// logged.
+    #[arg(long)]
+    retry_every: Option<u64>,
 }
 
 struct JsonlRecorder {
     instance: String,
     out: Mutex<std::fs::File>,
     latency_ms: u64,
+    retry_every: Option<u64>,
 }
 
 #[async_trait]
 impl TaskProcessor<ChatOp> for JsonlRecorder {
-    async fn process(&self, _ctx: &ProcessingContext, task: ChatOp) -> Result<(), ProcessError> {
+    async fn process(&self, ctx: &ProcessingContext, task: ChatOp) -> Result<(), ProcessError> {
+        if let Some(n) = self.retry_every {
+            if task.sequence % n == 0 && ctx.metadata().retry_count == 0 {
+                return Err(ProcessError::retry("first delivery of this task fails"));
+            }
+        }
         let line = serde_json::to_string(&decaton_testkit::Processed {
             key: task.user_id,
             sequence: task.sequence,
@@ -89,6 +100,7 @@ async fn main() -> anyhow::Result<()> {
                 instance: args.instance.clone(),
                 out: Mutex::new(out),
                 latency_ms: args.latency_ms,
+                retry_every: args.retry_every,
             };
             run(
                 Subscription::builder(args.group.clone(), recorder),
@@ -128,6 +140,11 @@ async fn run<P: TaskProcessor<ChatOp>>(
     for kv in &args.kafka {
         let (k, v) = split(kv)?;
         builder = builder.set(k, v);
+    }
+    if args.retry_every.is_some() {
+        builder = builder.retry(decaton_processor::RetryConfig::new().backoff(
+            decaton_processor::Backoff::fixed(Duration::from_millis(300)),
+        ));
     }
     let sub = builder.build()?;
     let handle = sub.handle();

@@ -4,13 +4,17 @@
 //! and the serialized task as its value. A record that cannot be decoded, whose key is in
 //! `ignore_keys`, or whose scheduled time lies further ahead than `max_scheduled_delay`
 //! is discarded: logged, counted in `decaton_tasks_discarded_total`, and its offset
-//! completed so the partition moves on. Nothing is dropped silently.
+//! completed so the partition moves on. Nothing is dropped silently. When the
+//! subscription has a dead-letter topic, a record discarded for being undecodable or
+//! scheduled too far ahead goes there first (kind `discarded`), and its offset completes
+//! once the broker has it.
 
 use std::sync::Arc;
 
 use decaton_protocol::{decode_record, TraceParent, METADATA_HEADER, TRACEPARENT_HEADER};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 
+use super::forward::{Forwarder, RawRecord};
 use super::partition_core::PartitionCore;
 use super::task::TaskUnit;
 use crate::config::ProcessorProperties;
@@ -18,15 +22,43 @@ use crate::config::ProcessorProperties;
 /// A record's fate once decoded.
 pub(crate) enum Incoming<T> {
     Task(TaskUnit<T>),
-    /// Completes without running (discarded).
+    /// Completes without running (its key is ignored).
     Skip(i64),
+    /// Completes without running, after going to the dead-letter topic when `forward`
+    /// says where.
+    Discard {
+        offset: i64,
+        reason: String,
+        forward: Option<(Arc<Forwarder>, Arc<RawRecord>)>,
+    },
 }
 
 impl<T> Incoming<T> {
+    /// Attaches the record as fetched to a task, when `raw` gives one, and to a discarded
+    /// record when there is a dead-letter topic for it.
+    fn with_raw(
+        self,
+        raw: impl FnOnce() -> Option<Arc<RawRecord>>,
+        dead_letter: Option<&Arc<Forwarder>>,
+    ) -> Self {
+        match self {
+            Incoming::Task(mut u) => {
+                u.raw = raw();
+                Incoming::Task(u)
+            }
+            Incoming::Discard { offset, reason, .. } => Incoming::Discard {
+                offset,
+                reason,
+                forward: dead_letter.zip(raw()).map(|(f, r)| (f.clone(), r)),
+            },
+            skip => skip,
+        }
+    }
+
     pub(crate) fn offset(&self) -> i64 {
         match self {
             Incoming::Task(u) => u.offset,
-            Incoming::Skip(o) => *o,
+            Incoming::Skip(o) | Incoming::Discard { offset: o, .. } => *o,
         }
     }
 }
@@ -35,10 +67,18 @@ impl<T> Incoming<T> {
 pub(crate) struct Extractor {
     ignore_keys: Vec<Vec<u8>>,
     max_delay_ms: i64,
+    /// Keep each task's record as fetched (failed tasks are forwarded).
+    keep_raw: bool,
+    /// Where discarded records go, when the subscription has a dead-letter topic.
+    dead_letter: Option<Arc<Forwarder>>,
 }
 
 impl Extractor {
-    pub(crate) fn new(props: &ProcessorProperties) -> Self {
+    pub(crate) fn new(
+        props: &ProcessorProperties,
+        keep_raw: bool,
+        dead_letter: Option<Arc<Forwarder>>,
+    ) -> Self {
         Extractor {
             ignore_keys: props
                 .ignore_keys
@@ -46,6 +86,8 @@ impl Extractor {
                 .map(|k| k.as_bytes().to_vec())
                 .collect(),
             max_delay_ms: i64::try_from(props.max_scheduled_delay.as_millis()).unwrap_or(i64::MAX),
+            keep_raw: keep_raw || dead_letter.is_some(),
+            dead_letter,
         }
     }
 
@@ -62,14 +104,22 @@ impl Extractor {
                     .map(|h| h.value.unwrap_or_default())
             })
         };
-        let mut incoming = self.extract_parts(
-            partition,
-            msg.offset(),
-            msg.key(),
-            header(METADATA_HEADER),
-            msg.payload(),
-            now_ms,
-        );
+        let mut incoming = self
+            .extract_parts(
+                partition,
+                msg.offset(),
+                msg.key(),
+                header(METADATA_HEADER),
+                msg.payload(),
+                now_ms,
+            )
+            .with_raw(
+                || {
+                    self.keep_raw
+                        .then(|| Arc::new(RawRecord::from_message(msg)))
+                },
+                self.dead_letter.as_ref(),
+            );
         if let Incoming::Task(unit) = &mut incoming {
             unit.trace = header(TRACEPARENT_HEADER)
                 .and_then(|v| std::str::from_utf8(v).ok())
@@ -91,7 +141,11 @@ impl Extractor {
             tracing::warn!(topic = %partition.topic(), partition = partition.partition(), offset,
                 "discarding record: {what}");
             partition.recorder().discarded();
-            Incoming::Skip(offset)
+            Incoming::Discard {
+                offset,
+                reason: what.to_string(),
+                forward: None,
+            }
         };
         let record = match decode_record(header, payload) {
             Ok(r) => r,
@@ -123,6 +177,7 @@ impl Extractor {
             task,
             state: None,
             trace: None,
+            raw: None,
         })
     }
 }

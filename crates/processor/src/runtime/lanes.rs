@@ -214,6 +214,8 @@ mod tests {
             subscription: Arc::from("s"),
             deferred_timeout: None,
             state: None,
+            forwarder: None,
+            in_process: (0, crate::Backoff::fixed(std::time::Duration::ZERO)),
             _task: std::marker::PhantomData,
         });
         let mut props = ProcessorProperties::default();
@@ -237,6 +239,7 @@ mod tests {
                 task: offset as u64,
                 state: None,
                 trace: None,
+                raw: None,
             };
             assert!(!ctx.offer(crate::runtime::extract::Incoming::Task(unit), 0));
         }

@@ -20,16 +20,18 @@ use std::sync::Arc;
 
 use super::delay::DelayQueue;
 use super::extract::Incoming;
+use super::forward::Failure;
 use super::lanes::Lanes;
 use super::offsets::Registration;
 use super::partition_core::PartitionCore;
 use super::recorder::SubscriptionRecorder;
 use super::state::StateSlot;
 use super::task::TaskUnit;
+use super::topics::PartitionId;
 
 /// Pauses and resumes fetching of one partition (the consumer, or a test double).
 pub(crate) trait PauseControl {
-    fn set_paused(&self, partition: i32, paused: bool);
+    fn set_paused(&self, partition: PartitionId, paused: bool);
 }
 
 /// One assigned partition, owned by the consumer thread.
@@ -145,7 +147,32 @@ impl<T: Send + 'static> PartitionContext<T> {
             }
             Registration::Inherited => recorder.skipped(),
             Registration::New => match incoming {
-                Incoming::Skip(_) => self.core.complete_registered(offset),
+                Incoming::Skip(_) | Incoming::Discard { forward: None, .. } => {
+                    self.core.complete_registered(offset)
+                }
+                Incoming::Discard {
+                    reason,
+                    forward: Some((forwarder, raw)),
+                    ..
+                } => {
+                    self.core.mark_dispatched();
+                    if self.core.try_start() {
+                        let core = self.core.clone();
+                        forwarder.spawn(
+                            core.clone(),
+                            offset,
+                            raw,
+                            Failure::discarded(reason),
+                            move |forwarded| {
+                                if forwarded {
+                                    core.finish(offset)
+                                } else {
+                                    core.release()
+                                }
+                            },
+                        );
+                    }
+                }
                 Incoming::Task(_) if self.state.as_ref().is_some_and(|s| s.is_applied(offset)) => {
                     self.core.complete_registered(offset);
                     recorder.skipped();
@@ -210,7 +237,7 @@ impl<T: Send + 'static> PartitionContext<T> {
         }
         let throttled = !ready || !self.overflow.is_empty() || !self.has_room();
         if throttled != self.paused {
-            control.set_paused(self.core.partition(), throttled);
+            control.set_paused(self.core.id(), throttled);
             self.paused = throttled;
             subscription.paused(throttled);
         }
@@ -315,8 +342,8 @@ mod tests {
     struct Pauses(Mutex<Vec<(i32, bool)>>);
 
     impl PauseControl for Pauses {
-        fn set_paused(&self, partition: i32, paused: bool) {
-            self.0.lock().push((partition, paused));
+        fn set_paused(&self, partition: PartitionId, paused: bool) {
+            self.0.lock().push((partition.partition, paused));
         }
     }
 
@@ -357,7 +384,10 @@ mod tests {
         let subscription = SubscriptionRecorder::new(Arc::from("s"), counters.clone());
         let core = Arc::new(PartitionCore::new(
             Arc::from("t"),
-            partition,
+            PartitionId {
+                topic: 0,
+                partition,
+            },
             OffsetTracker::starting_at(Some(0), DoneRanges::default()),
             subscription.partition("t", partition),
             wakeup.clone(),
@@ -405,7 +435,7 @@ mod tests {
         // consumer thread for partition 3.
         old.core.finish(0);
         assert_eq!(old.core.position(), Some(0));
-        assert_eq!(new.wakeup.take(), vec![3]);
+        assert_eq!(new.wakeup.take(), vec![new.core.id()]);
         assert!(!new.ctx.flow(&pauses, &new.subscription, 0));
         assert_eq!(pauses.0.lock().last(), Some(&(3, false)));
         new._rt.block_on(async {
@@ -452,7 +482,7 @@ mod tests {
         );
         f.core.finish(2);
         f.core.finish(1);
-        assert_eq!(f.wakeup.take(), vec![5]);
+        assert_eq!(f.wakeup.take(), vec![f.core.id()]);
         assert!(!f.ctx.flow(&pauses, &f.subscription, 0));
         assert_eq!(pauses.0.lock().as_slice(), &[(5, true), (5, false)]);
     }

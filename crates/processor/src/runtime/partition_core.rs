@@ -15,6 +15,7 @@ use parking_lot::{Condvar, Mutex};
 
 use super::offsets::{OffsetTracker, Registration};
 use super::recorder::PartitionRecorder;
+use super::topics::PartitionId;
 use super::wakeup::Wakeup;
 
 struct Inner {
@@ -34,7 +35,7 @@ struct Inner {
 /// The half of a partition that lanes and completions use.
 pub(crate) struct PartitionCore {
     topic: Arc<str>,
-    partition: i32,
+    id: PartitionId,
     inner: Mutex<Inner>,
     changed: Condvar,
     recorder: PartitionRecorder,
@@ -45,14 +46,14 @@ pub(crate) struct PartitionCore {
 impl PartitionCore {
     pub(crate) fn new(
         topic: Arc<str>,
-        partition: i32,
+        id: PartitionId,
         tracker: OffsetTracker,
         recorder: PartitionRecorder,
         wakeup: Arc<Wakeup>,
     ) -> Self {
         PartitionCore {
             topic,
-            partition,
+            id,
             inner: Mutex::new(Inner {
                 tracker,
                 running: 0,
@@ -73,7 +74,12 @@ impl PartitionCore {
     }
 
     pub(crate) fn partition(&self) -> i32 {
-        self.partition
+        self.id.partition
+    }
+
+    /// Which of the subscription's partitions this is.
+    pub(crate) fn id(&self) -> PartitionId {
+        self.id
     }
 
     pub(crate) fn recorder(&self) -> &PartitionRecorder {
@@ -110,7 +116,7 @@ impl PartitionCore {
             self.changed.notify_all();
         }
         if self.wants_wakeup.load(Ordering::Acquire) {
-            self.wakeup.notify(self.partition);
+            self.wakeup.notify(self.id);
         }
     }
 
@@ -123,7 +129,7 @@ impl PartitionCore {
         drop(inner);
         self.changed.notify_all();
         if self.wants_wakeup.load(Ordering::Acquire) {
-            self.wakeup.notify(self.partition);
+            self.wakeup.notify(self.id);
         }
     }
 
@@ -178,6 +184,16 @@ impl PartitionCore {
     #[cfg(test)]
     pub(crate) fn position(&self) -> Option<i64> {
         self.inner.lock().tracker.position()
+    }
+
+    /// Whether the partition is being given back (no new task starts).
+    pub(crate) fn is_revoked(&self) -> bool {
+        self.inner.lock().revoked
+    }
+
+    /// Whether the partition was closed: completions count for nothing any more.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.inner.lock().closed
     }
 
     /// Stops tasks from starting.
