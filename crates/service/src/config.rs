@@ -114,9 +114,19 @@ pub struct SubscriptionConfig {
     /// The dead-letter topic, if any `dead_letter.` key is set (and
     /// `dead_letter.enabled` is not false).
     pub dead_letter: Option<DeadLetterConfig>,
+    /// The retry topic the subscription also consumes, if it retries through one.
+    retry_topic: Option<String>,
 }
 
 impl SubscriptionConfig {
+    /// The topics the subscription consumes: its topic, and its retry topic if it
+    /// retries through one.
+    pub fn topics(&self) -> Vec<String> {
+        std::iter::once(self.topic.clone())
+            .chain(self.retry_topic.clone())
+            .collect()
+    }
+
     /// The bootstrap servers (`bootstrap.servers`).
     pub fn bootstrap_servers(&self) -> &str {
         self.kafka
@@ -508,13 +518,24 @@ impl RetrySettings {
             "backoff_max_ms" => self.max = Some(millis(e)?),
             "in_process_attempts" => self.in_process_attempts = Some(count()?),
             "in_process_backoff_ms" => self.in_process_backoff = Some(millis(e)?),
-            other => return Err(e.at.error(format!(
+            other => {
+                return Err(e.at.error(format!(
                 "unknown key `retry.{other}` (expected retry.enabled, retry.topic, retry.queue, \
                      retry.max_retries, retry.backoff_initial_ms, retry.backoff_max_ms, \
                      retry.in_process_attempts or retry.in_process_backoff_ms)"
-            ))),
+            )))
+            }
         }
         Ok(())
+    }
+
+    /// The retry topic consumed, if retries go through one.
+    fn queue_topic(&self, source: &str) -> Option<String> {
+        (self.any && self.enabled != Some(false) && self.queue != Some(false)).then(|| {
+            self.topic
+                .clone()
+                .unwrap_or_else(|| format!("{source}-retry"))
+        })
     }
 
     fn build(self) -> Option<RetryConfig> {
@@ -686,9 +707,11 @@ fn build(raw: Raw) -> Result<ServiceConfig, ConfigError> {
         properties
             .validate()
             .map_err(|err| table_at.error(format!("subscription `{id}`: {err}")))?;
+        let retry_topic = retry.queue_topic(&topic);
         subscriptions.insert(
             id.clone(),
             SubscriptionConfig {
+                retry_topic,
                 id,
                 topic,
                 properties,
@@ -826,6 +849,7 @@ state.dir = "/tmp/x"
         let c = parse(&text, &[]).unwrap();
         let s = &c.subscriptions["storage-mutation-processor"];
         assert!(s.retry.is_some() && s.dead_letter.is_some());
+        assert_eq!(s.topics(), vec!["chat-ops", "chat-ops-retry"]);
         let c = parse(FILE, &[]).unwrap();
         let s = &c.subscriptions["storage-mutation-processor"];
         assert!(s.retry.is_none() && s.dead_letter.is_none());

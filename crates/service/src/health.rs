@@ -21,10 +21,12 @@ use parking_lot::Mutex;
 use crate::config::ServiceSettings;
 use crate::metrics::{OFFSET_MAP_GAPS, PARTITION_READY, SERVICE_READY};
 
+/// A topic and partition.
+type TopicPartition = (Arc<str>, i32);
+
 /// One hosted subscription, as the health checks see it.
 pub(crate) struct Hosted {
     pub(crate) id: String,
-    pub(crate) topic: String,
     pub(crate) handle: SubscriptionHandle,
     /// Set when its `run` has returned.
     pub(crate) stopped: AtomicBool,
@@ -33,14 +35,13 @@ pub(crate) struct Hosted {
     pub(crate) draining: AtomicBool,
     /// Per partition: the completion count last seen and since when it has not moved
     /// while tasks were waiting to run.
-    progress: Mutex<HashMap<i32, (u64, Instant)>>,
+    progress: Mutex<HashMap<TopicPartition, (u64, Instant)>>,
 }
 
 impl Hosted {
-    pub(crate) fn new(id: String, topic: String, handle: SubscriptionHandle) -> Self {
+    pub(crate) fn new(id: String, handle: SubscriptionHandle) -> Self {
         Hosted {
             id,
-            topic,
             handle,
             stopped: AtomicBool::new(false),
             draining: AtomicBool::new(false),
@@ -60,6 +61,8 @@ pub(crate) struct View {
 
 /// What the health checks read of one partition.
 pub(crate) struct PartitionView {
+    /// Its topic (the source topic, or the retry topic the subscription also reads).
+    pub(crate) topic: Arc<str>,
     pub(crate) partition: i32,
     /// The position that would be committed now.
     pub(crate) position: Option<i64>,
@@ -84,6 +87,7 @@ pub(crate) fn view(handle: &SubscriptionHandle) -> View {
             .partitions
             .into_iter()
             .map(|p| PartitionView {
+                topic: p.topic,
                 partition: p.partition,
                 position: p.position,
                 pending: p.pending,
@@ -150,14 +154,21 @@ pub(crate) fn readiness(hosted: &[Arc<Hosted>], settings: &ServiceSettings) -> V
         }
         let now = Instant::now();
         let mut progress = h.progress.lock();
-        progress.retain(|p, _| health.partitions.iter().any(|x| x.partition == *p));
+        progress.retain(|(t, p), _| {
+            health
+                .partitions
+                .iter()
+                .any(|x| x.partition == *p && x.topic == *t)
+        });
         for p in &health.partitions {
             let labels = [
                 ("subscription", h.id.clone()),
-                ("topic", h.topic.clone()),
+                ("topic", p.topic.to_string()),
                 ("partition", p.partition.to_string()),
             ];
-            let entry = progress.entry(p.partition).or_insert((p.completed, now));
+            let entry = progress
+                .entry((p.topic.clone(), p.partition))
+                .or_insert((p.completed, now));
             let stalled_for = stalled_for(entry, p, now);
             let reason = if let Some(why) = &p.not_ready {
                 Some(why.clone())
@@ -176,7 +187,7 @@ pub(crate) fn readiness(hosted: &[Arc<Hosted>], settings: &ServiceSettings) -> V
             if let Some(reason) = reason {
                 verdict.reasons.push(format!(
                     "{}: {} partition {}: {reason}",
-                    h.id, h.topic, p.partition
+                    h.id, p.topic, p.partition
                 ));
             }
         }
@@ -204,6 +215,7 @@ mod tests {
 
     fn part(pending: usize, delayed: usize, completed: u64) -> PartitionView {
         PartitionView {
+            topic: Arc::from("t"),
             partition: 0,
             position: Some(0),
             pending,

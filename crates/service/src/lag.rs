@@ -25,10 +25,10 @@ pub(crate) struct LagProbe {
     _stop: mpsc::Sender<()>,
 }
 
-/// Starts probing `topic`'s lag for subscription `id`.
+/// Starts probing the lag of subscription `id` on `topics`.
 pub(crate) fn start(
     id: &str,
-    topic: &str,
+    topics: Vec<String>,
     kafka: &BTreeMap<String, String>,
     interval: Duration,
 ) -> Result<LagProbe, String> {
@@ -44,11 +44,13 @@ pub(crate) fn start(
         .create()
         .map_err(|e| format!("lag probe of {id}: {e}"))?;
     let (stop, stopped) = mpsc::channel::<()>();
-    let (id, topic) = (id.to_string(), topic.to_string());
+    let id = id.to_string();
     std::thread::Builder::new()
         .name(format!("decaton-lag-{id}"))
         .spawn(move || loop {
-            probe(&consumer, &id, &topic);
+            for topic in &topics {
+                probe(&consumer, &id, topic);
+            }
             // The interval timer; a message or a hang-up (the service stopping) ends it.
             match stopped.recv_timeout(interval) {
                 Err(mpsc::RecvTimeoutError::Timeout) => continue,

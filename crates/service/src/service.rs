@@ -191,13 +191,7 @@ impl Service {
         P: TaskProcessor<T>,
     {
         let id = subscription.id().to_string();
-        let topic = self
-            .config
-            .subscriptions
-            .get(&id)
-            .map(|c| c.topic.clone())
-            .unwrap_or_default();
-        let hosted = Arc::new(Hosted::new(id, topic, subscription.handle()));
+        let hosted = Arc::new(Hosted::new(id, subscription.handle()));
         self.added.push(Added {
             hosted,
             run: Box::pin(subscription.run()),
@@ -250,7 +244,7 @@ impl Service {
         let mut probes = Vec::new();
         for h in &hosted {
             if let Some(c) = config.subscriptions.get(&h.id) {
-                match lag::start(&h.id, &c.topic, &c.kafka, config.service.lag_interval) {
+                match lag::start(&h.id, c.topics(), &c.kafka, config.service.lag_interval) {
                     Ok(p) => probes.push(p),
                     Err(e) => tracing::warn!("{e}; no lag metrics for {}", h.id),
                 }
