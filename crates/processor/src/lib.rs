@@ -39,6 +39,7 @@
 mod config;
 mod context;
 mod health;
+mod live;
 mod metrics;
 mod processor;
 mod retry;
@@ -54,6 +55,7 @@ pub use context::{Completion, ProcessingContext};
 pub use decaton_protocol::{TaskMetadata, TraceParent};
 pub use decaton_state::{Backend, StateConfig, StateError, StateStore};
 pub use health::{NotReady, PartitionHealth, SubscriptionHealth};
+pub use live::{FileProperties, LiveProperties, PropertySupplier};
 pub use processor::{FailureKind, ProcessError, TaskProcessor};
 pub use retry::{Backoff, DeadLetterConfig, RetryConfig};
 pub use stats::SubscriptionStats;

@@ -34,7 +34,7 @@ use crate::runtime::topics::Topics;
 use crate::runtime::wakeup::Wakeup;
 use crate::runtime::RuntimeCore;
 use crate::stats::{Counters, SubscriptionStats};
-use crate::{DeadLetterConfig, RetryConfig, TaskProcessor};
+use crate::{DeadLetterConfig, LiveProperties, PropertySupplier, RetryConfig, TaskProcessor};
 
 /// Why a subscription could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +65,8 @@ pub struct SubscriptionBuilder<T, P> {
     state: Option<decaton_state::StateConfig>,
     retry: Option<RetryConfig>,
     dead_letter: Option<DeadLetterConfig>,
+    live: Option<LiveProperties>,
+    supplier: Option<Box<dyn PropertySupplier>>,
     _task: std::marker::PhantomData<fn(T)>,
 }
 
@@ -107,6 +109,23 @@ where
         self
     }
 
+    /// Reads its properties from `live`, so the reloadable ones (see [`LiveProperties`])
+    /// can change while it runs; replaces [`properties`](Self::properties). Keep a clone
+    /// to change them.
+    pub fn live_properties(mut self, live: LiveProperties) -> Self {
+        self.properties = (*live.get()).clone();
+        self.live = Some(live);
+        self
+    }
+
+    /// Takes property changes from `supplier` (for example a [`FileProperties`](crate::FileProperties))
+    /// while running; it is started when the subscription starts, over the properties
+    /// given so far.
+    pub fn property_supplier(mut self, supplier: impl PropertySupplier) -> Self {
+        self.supplier = Some(Box::new(supplier));
+        self
+    }
+
     /// Retries failed tasks (see [`RetryConfig`]); the retry topic must exist.
     pub fn retry(mut self, config: RetryConfig) -> Self {
         self.retry = Some(config);
@@ -121,7 +140,7 @@ where
     }
 
     /// Validates and creates the subscription (nothing is contacted yet).
-    pub fn build(self) -> Result<Subscription<T, P>, SubscriptionError> {
+    pub fn build(mut self) -> Result<Subscription<T, P>, SubscriptionError> {
         let bootstrap = self
             .bootstrap
             .ok_or_else(|| SubscriptionError::Config("bootstrap_servers is required".into()))?;
@@ -138,6 +157,14 @@ where
                 "group.id is the subscription id; do not set it".into(),
             ));
         }
+        // Live properties, when given, are the properties (the last word on them).
+        let live = match self.live.take() {
+            Some(live) => {
+                self.properties = (*live.get()).clone();
+                live
+            }
+            None => LiveProperties::new(self.properties.clone()),
+        };
         self.properties
             .validate()
             .map_err(|e| SubscriptionError::Config(e.to_string()))?;
@@ -191,6 +218,8 @@ where
                 retry_topic,
                 dead_letter_topic,
             },
+            live,
+            supplier: Mutex::new(self.supplier),
             handle: SubscriptionHandle {
                 inner: Arc::new(HandleInner::default()),
             },
@@ -282,6 +311,8 @@ pub struct Subscription<T, P> {
     kafka: BTreeMap<String, String>,
     state: Option<decaton_state::StateConfig>,
     failures: Failures,
+    live: LiveProperties,
+    supplier: Mutex<Option<Box<dyn PropertySupplier>>>,
     handle: SubscriptionHandle,
     _task: std::marker::PhantomData<fn(T)>,
 }
@@ -303,6 +334,8 @@ where
             state: None,
             retry: None,
             dead_letter: None,
+            live: None,
+            supplier: None,
             _task: std::marker::PhantomData,
         }
     }
@@ -341,6 +374,11 @@ where
             None => None,
         };
         let forwarder = self.forwarder(&subscription, &topics, &runtime).await?;
+        if let Some(supplier) = self.supplier.lock().take() {
+            supplier
+                .start(self.live.clone())
+                .map_err(|e| SubscriptionError::Config(e.to_string()))?;
+        }
         let in_process = self
             .failures
             .retry
@@ -351,7 +389,7 @@ where
         let runner = Arc::new(Pipeline {
             processor: self.processor.clone(),
             subscription: subscription.clone(),
-            deferred_timeout: self.properties.deferred_complete_timeout,
+            live: self.live.clone(),
             state: state.clone(),
             forwarder: forwarder.clone(),
             in_process,
@@ -368,7 +406,9 @@ where
                 &self.properties,
                 forwarder.is_some() || in_process.0 > 0,
                 forwarder.clone().filter(|f| f.dead_letter.is_some()),
-            ),
+            )
+            .with_live(self.live.clone()),
+            live: self.live.clone(),
             props: self.properties.clone(),
             partitions: Mutex::new(Partitions::default()),
             runner,

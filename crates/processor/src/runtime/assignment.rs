@@ -124,7 +124,8 @@ impl<T: Send + 'static> RuntimeCore<T> {
                     position.map(|o| (o, metadata)),
                     state,
                     predecessor,
-                ),
+                )
+                .with_live(self.live.clone()),
             );
             self.wakeup.notify(id);
         }

@@ -140,6 +140,7 @@ impl<T: prost::Message + Default + Send + 'static> RuntimeCore<T> {
             let now = now_millis();
             {
                 let mut parts = self.partitions.lock();
+                flagged.extend(parts.rate_due(now));
                 if last_scan.elapsed() >= FULL_SCAN {
                     parts.flow(None, &pause, &self.recorder, now);
                     self.health.publish(&parts);

@@ -18,6 +18,11 @@ use super::forward::{Forwarder, RawRecord};
 use super::partition_core::PartitionCore;
 use super::task::TaskUnit;
 use crate::config::ProcessorProperties;
+use crate::LiveProperties;
+
+fn key_bytes(keys: &[String]) -> Vec<Vec<u8>> {
+    keys.iter().map(|k| k.as_bytes().to_vec()).collect()
+}
 
 /// A record's fate once decoded.
 pub(crate) enum Incoming<T> {
@@ -65,7 +70,9 @@ impl<T> Incoming<T> {
 
 /// Decodes records into tasks of type `T` for one subscription.
 pub(crate) struct Extractor {
-    ignore_keys: Vec<Vec<u8>>,
+    /// The ignored keys, and the live-properties version they were read at.
+    ignore_keys: parking_lot::Mutex<(u64, Vec<Vec<u8>>)>,
+    live: Option<LiveProperties>,
     max_delay_ms: i64,
     /// Keep each task's record as fetched (failed tasks are forwarded).
     keep_raw: bool,
@@ -80,15 +87,29 @@ impl Extractor {
         dead_letter: Option<Arc<Forwarder>>,
     ) -> Self {
         Extractor {
-            ignore_keys: props
-                .ignore_keys
-                .iter()
-                .map(|k| k.as_bytes().to_vec())
-                .collect(),
+            ignore_keys: parking_lot::Mutex::new((u64::MAX, key_bytes(&props.ignore_keys))),
+            live: None,
             max_delay_ms: i64::try_from(props.max_scheduled_delay.as_millis()).unwrap_or(i64::MAX),
             keep_raw: keep_raw || dead_letter.is_some(),
             dead_letter,
         }
+    }
+
+    /// Reads `ignore_keys` from `live` from now on.
+    pub(crate) fn with_live(mut self, live: LiveProperties) -> Self {
+        self.live = Some(live);
+        self
+    }
+
+    fn is_ignored(&self, key: &[u8]) -> bool {
+        let mut cached = self.ignore_keys.lock();
+        if let Some(live) = &self.live {
+            let version = live.version();
+            if cached.0 != version {
+                *cached = (version, key_bytes(&live.get().ignore_keys));
+            }
+        }
+        cached.1.iter().any(|i| i.as_slice() == key)
     }
 
     pub(crate) fn extract<T: prost::Message + Default>(
@@ -157,7 +178,7 @@ impl Extractor {
         };
         let key = key.filter(|k| !k.is_empty());
         if let Some(k) = key {
-            if self.ignore_keys.iter().any(|i| i.as_slice() == k) {
+            if self.is_ignored(k) {
                 partition.recorder().discarded();
                 return Incoming::Skip(offset);
             }

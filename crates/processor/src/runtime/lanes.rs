@@ -212,7 +212,7 @@ mod tests {
                 yields,
             }),
             subscription: Arc::from("s"),
-            deferred_timeout: None,
+            live: crate::LiveProperties::new(ProcessorProperties::default()),
             state: None,
             forwarder: None,
             in_process: (0, crate::Backoff::fixed(std::time::Duration::ZERO)),

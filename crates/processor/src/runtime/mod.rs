@@ -33,6 +33,7 @@ pub(crate) mod partition;
 pub(crate) mod partition_core;
 pub(crate) mod partitions;
 pub(crate) mod pipeline;
+pub(crate) mod rate;
 pub(crate) mod recorder;
 pub(crate) mod state;
 pub(crate) mod task;
@@ -68,4 +69,5 @@ pub(crate) struct RuntimeCore<T> {
     pub(crate) wakeup: Arc<Wakeup>,
     pub(crate) extractor: Extractor,
     pub(crate) health: Arc<crate::health::HealthBoard>,
+    pub(crate) live: crate::LiveProperties,
 }

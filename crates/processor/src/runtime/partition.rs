@@ -24,10 +24,12 @@ use super::forward::Failure;
 use super::lanes::Lanes;
 use super::offsets::Registration;
 use super::partition_core::PartitionCore;
+use super::rate::{Gate, PartitionRate};
 use super::recorder::SubscriptionRecorder;
 use super::state::StateSlot;
 use super::task::TaskUnit;
 use super::topics::PartitionId;
+use crate::LiveProperties;
 
 /// Pauses and resumes fetching of one partition (the consumer, or a test double).
 pub(crate) trait PauseControl {
@@ -39,9 +41,10 @@ pub(crate) struct PartitionContext<T> {
     core: Arc<PartitionCore>,
     lanes: Lanes<T>,
     delayed: DelayQueue<T>,
-    /// Fetched records waiting for room under `max_pending` or for readiness; the
-    /// partition is paused while it is not empty, so it holds at most what was fetched
-    /// before the pause took effect.
+    /// Fetched records waiting for room under `max_pending`, for readiness or for the
+    /// processing rate. The partition is paused while it holds any record waiting for
+    /// room or readiness, and once `max_pending` records wait for the rate, so it holds at
+    /// most that plus what was fetched before the pause took effect.
     overflow: VecDeque<Incoming<T>>,
     paused: bool,
     max_pending: usize,
@@ -53,6 +56,11 @@ pub(crate) struct PartitionContext<T> {
     /// The closed core of this partition's previous assignment here, while its abandoned
     /// tasks still run.
     predecessor: Option<Arc<PartitionCore>>,
+    /// Where `max_pending` and the processing rate are read from while running.
+    live: Option<(LiveProperties, u64)>,
+    rate: PartitionRate,
+    /// When the next token of the rate is due (epoch ms), while a task waits for it.
+    rate_due: Option<i64>,
 }
 
 impl<T: Send + 'static> PartitionContext<T> {
@@ -75,6 +83,55 @@ impl<T: Send + 'static> PartitionContext<T> {
             last_committed,
             state,
             predecessor,
+            live: None,
+            rate: PartitionRate::new(-1),
+            rate_due: None,
+        }
+    }
+
+    /// Reads `max_pending` and the processing rate from `live` from now on.
+    pub(crate) fn with_live(mut self, live: LiveProperties) -> Self {
+        self.live = Some((live, u64::MAX));
+        self.refresh();
+        self
+    }
+
+    /// Picks up changed live properties.
+    fn refresh(&mut self) {
+        let Some((live, seen)) = &mut self.live else {
+            return;
+        };
+        let version = live.version();
+        if *seen == version {
+            return;
+        }
+        *seen = version;
+        let props = live.get();
+        self.max_pending = props.max_pending;
+        self.rate.set(props.processing_rate_per_partition);
+        self.rate_due = None;
+    }
+
+    /// Whether `incoming` may go to the lanes now as far as the rate is concerned (a task
+    /// takes a token; a record that will not run needs none).
+    fn rate_allows(&mut self, incoming: &Incoming<T>, now_ms: i64) -> bool {
+        if !matches!(incoming, Incoming::Task(_)) {
+            return true;
+        }
+        match self.rate.take() {
+            Gate::Open => {
+                self.rate_due = None;
+                true
+            }
+            Gate::Wait(d) => {
+                let wait = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+                self.rate_due = Some(now_ms.saturating_add(wait.max(1)));
+                false
+            }
+            Gate::Stopped => {
+                self.rate_due = None;
+                false
+            }
         }
     }
 
@@ -127,7 +184,11 @@ impl<T: Send + 'static> PartitionContext<T> {
 
     /// Takes one fetched record; true when it had to wait (flow control should run).
     pub(crate) fn offer(&mut self, incoming: Incoming<T>, now_ms: i64) -> bool {
-        if self.overflow.is_empty() && self.is_ready() && self.has_room() {
+        if self.overflow.is_empty()
+            && self.is_ready()
+            && self.has_room()
+            && self.rate_allows(&incoming, now_ms)
+        {
             self.dispatch(incoming, now_ms);
             false
         } else {
@@ -211,9 +272,18 @@ impl<T: Send + 'static> PartitionContext<T> {
         }
     }
 
-    /// When the next delayed task is due (epoch milliseconds).
+    /// When the next delayed task is due, or the rate's next token for a waiting task
+    /// (epoch milliseconds).
     pub(crate) fn next_due(&self) -> Option<i64> {
-        self.delayed.next_due()
+        match (self.delayed.next_due(), self.rate_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether a task waits for a token that is due by `now_ms`.
+    pub(crate) fn rate_due_by(&self, now_ms: i64) -> bool {
+        self.rate_due.is_some_and(|d| d <= now_ms)
     }
 
     /// Moves waiting records into the lanes while there is room, pauses or resumes
@@ -226,16 +296,35 @@ impl<T: Send + 'static> PartitionContext<T> {
     ) -> bool {
         // Ask for a wakeup first, so a completion between the checks below is not missed.
         self.core.set_wants_wakeup(true);
+        self.refresh();
         let ready = self.is_ready();
         if ready {
             while self.has_room() {
                 let Some(incoming) = self.overflow.pop_front() else {
                     break;
                 };
+                if !self.rate_allows(&incoming, now_ms) {
+                    self.overflow.push_front(incoming);
+                    break;
+                }
                 self.dispatch(incoming, now_ms);
             }
         }
-        let throttled = !ready || !self.overflow.is_empty() || !self.has_room();
+        // Records waiting only for the rate do not pause fetching until `max_pending` of
+        // them wait (pausing drops librdkafka's prefetched records, and fetching again
+        // after a resume costs more than the rate allows); fetching resumes once half of
+        // them are gone. Any other wait pauses at once.
+        let limit = if self.rate_due.is_some() {
+            self.max_pending
+        } else {
+            1
+        };
+        let overflowing = if self.paused {
+            self.overflow.len() > limit / 2
+        } else {
+            self.overflow.len() >= limit
+        };
+        let throttled = !ready || overflowing || !self.has_room();
         if throttled != self.paused {
             control.set_paused(self.core.id(), throttled);
             self.paused = throttled;

@@ -114,6 +114,15 @@ impl<T: Send + 'static> Partitions<T> {
         }
     }
 
+    /// The partitions with a task waiting for a rate token that is due by now.
+    pub(crate) fn rate_due(&self, now_ms: i64) -> Vec<PartitionId> {
+        self.owned
+            .iter()
+            .filter(|(_, c)| c.rate_due_by(now_ms))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     /// When the earliest delayed task is due.
     pub(crate) fn next_due(&self) -> Option<i64> {
         self.owned.values().filter_map(|c| c.next_due()).min()

@@ -15,7 +15,7 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::FutureExt;
 use tokio::sync::oneshot;
@@ -27,7 +27,11 @@ use super::state::StateRuntime;
 use super::task::TaskUnit;
 use crate::context::ProcessingContext;
 use crate::retry::Backoff;
+use crate::LiveProperties;
 use crate::{FailureKind, TaskProcessor};
+
+/// How often a task held by rate 0 looks again (a wakeup normally comes first).
+const HALT_CHECK: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Runs tasks; one per subscription, shared by its lanes.
 #[async_trait::async_trait]
@@ -40,7 +44,7 @@ pub(crate) trait TaskRunner<T>: Send + Sync + 'static {
 pub(crate) struct Pipeline<T, P> {
     pub(crate) processor: Arc<P>,
     pub(crate) subscription: Arc<str>,
-    pub(crate) deferred_timeout: Option<Duration>,
+    pub(crate) live: LiveProperties,
     pub(crate) state: Option<Arc<StateRuntime>>,
     pub(crate) forwarder: Option<Arc<Forwarder>>,
     /// Attempts in the lane after a failure, and the backoff between them.
@@ -61,6 +65,11 @@ impl<T: prost::Message + Default + 'static, P: TaskProcessor<T>> TaskRunner<T> f
             trace,
             raw,
         } = unit;
+        // Rate 0: no task starts until it changes (checked here, not only at dispatch, so
+        // tasks already queued in the lanes stop too).
+        while self.live.is_stopped() && !partition.is_revoked() {
+            let _ = tokio::time::timeout(HALT_CHECK, self.live.resumed()).await;
+        }
         if !partition.try_start() {
             return;
         }
@@ -90,7 +99,7 @@ impl<T: prost::Message + Default + 'static, P: TaskProcessor<T>> TaskRunner<T> f
             metadata,
             completion: completion.clone(),
             deferred: AtomicBool::new(false),
-            deferred_timeout: self.deferred_timeout,
+            deferred_timeout: self.live.deferred_timeout(),
             state,
         };
         let failure = self
