@@ -114,6 +114,10 @@ pub struct SubscriptionConfig {
     /// The dead-letter topic, if any `dead_letter.` key is set (and
     /// `dead_letter.enabled` is not false).
     pub dead_letter: Option<DeadLetterConfig>,
+    /// A file of reloadable properties (`live_properties_file`): edits to it change the
+    /// processing rate, `max_pending`, `ignore_keys` or the deferred timeout while the
+    /// subscription runs (see `decaton_processor::FileProperties`).
+    pub live_properties_file: Option<std::path::PathBuf>,
     /// The retry topic the subscription also consumes, if it retries through one.
     retry_topic: Option<String>,
 }
@@ -160,6 +164,9 @@ impl SubscriptionConfig {
         }
         if let Some(dead_letter) = &self.dead_letter {
             builder = builder.dead_letter(dead_letter.clone());
+        }
+        if let Some(path) = &self.live_properties_file {
+            builder = builder.property_supplier(decaton_processor::FileProperties::new(path));
         }
         builder
     }
@@ -410,7 +417,7 @@ fn read_env(name: &str, value: String, raw: &mut Raw) -> Result<(), ConfigError>
             let section = ["state_", "retry_", "dead_letter_"]
                 .into_iter()
                 .find(|p| lower.starts_with(p));
-            let key = if lower == "topic" {
+            let key = if lower == "topic" || lower == "live_properties_file" {
                 lower
             } else if let Some(prefix) = section {
                 format!("{}.{}", &prefix[..prefix.len() - 1], &lower[prefix.len()..])
@@ -624,7 +631,12 @@ fn build(raw: Raw) -> Result<ServiceConfig, ConfigError> {
         let mut state: Option<StateConfig> = None;
         let mut retry = RetrySettings::default();
         let mut dead_letter: Option<(bool, DeadLetterConfig)> = None;
+        let mut live_properties_file = None;
         for e in &entries {
+            if e.key == "live_properties_file" {
+                live_properties_file = Some(e.value.clone().into());
+                continue;
+            }
             if let Some(field) = e.key.strip_prefix("retry.") {
                 retry.set(field, e)?;
                 continue;
@@ -712,6 +724,7 @@ fn build(raw: Raw) -> Result<ServiceConfig, ConfigError> {
             id.clone(),
             SubscriptionConfig {
                 retry_topic,
+                live_properties_file,
                 id,
                 topic,
                 properties,
@@ -864,6 +877,16 @@ state.dir = "/tmp/x"
         assert!(c.subscriptions["storage-mutation-processor"]
             .retry
             .is_some());
+        let c = parse(
+            &format!("{FILE}live_properties_file = \"/etc/live.toml\"\n"),
+            &[],
+        )
+        .unwrap();
+        let s = &c.subscriptions["storage-mutation-processor"];
+        assert_eq!(
+            s.live_properties_file.as_deref(),
+            Some(std::path::Path::new("/etc/live.toml"))
+        );
         let e = parse(&format!("{FILE}retry.max_retry = 3\n"), &[]).unwrap_err();
         assert_eq!(e.line(), Some(17), "{e}");
         assert!(e.message().contains("`retry.max_retry`"), "{e}");
