@@ -13,10 +13,12 @@
 //!   `decaton dlq replay` puts its tasks back on the topic they came from.
 //! * `decaton dev-broker` runs an in-process Kafka mock cluster for local development.
 //! * `decaton bench` runs the benchmark harness (`decaton-bench`).
+//! * `decaton config check FILE` validates a processor service's configuration file.
 //!
 //! Results go to stdout, one line each, so they can be piped; logs go to stderr, filtered
 //! by `RUST_LOG` (default `info`).
 
+mod config_check;
 mod dev_broker;
 mod dlq;
 mod lag;
@@ -59,6 +61,8 @@ enum Command {
     DevBroker(dev_broker::DevBrokerArgs),
     /// Run the benchmark harness.
     Bench(decaton_bench::BenchCommand),
+    /// Service configuration files: `decaton config check FILE`.
+    Config(config_check::ConfigArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +71,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         // The harness manages its own runtime; it must not start inside ours.
         Command::Bench(cmd) => decaton_bench::run_cli(cmd),
+        Command::Config(args) => config_check::run(args),
         command => run_async(command),
     };
     match result {
@@ -90,7 +95,9 @@ fn run_async(command: Command) -> anyhow::Result<()> {
             Command::Lag(args) => lag::run(args).await,
             Command::Dlq(args) => dlq::run(args).await,
             Command::DevBroker(args) => dev_broker::run(args).await,
-            Command::Bench(_) => anyhow::bail!("bench runs outside the tokio runtime"),
+            Command::Bench(_) | Command::Config(_) => {
+                anyhow::bail!("runs outside the tokio runtime")
+            }
         }
     })
 }

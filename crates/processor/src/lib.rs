@@ -39,6 +39,7 @@
 mod batching;
 mod config;
 mod context;
+mod health;
 mod live;
 mod metrics;
 mod processor;
@@ -46,19 +47,22 @@ mod retry;
 mod runtime;
 mod stats;
 mod subscription;
+mod task_span;
 pub mod testing;
 
 pub use async_trait::async_trait;
 pub use batching::{BatchProcessor, BatchedInfo, BatchedTask, Batching};
 pub use config::{ProcessorProperties, PropertyError, SchedulingMode};
 pub use context::{Completion, ProcessingContext};
-pub use decaton_protocol::TaskMetadata;
+pub use decaton_protocol::{TaskMetadata, TraceParent};
 pub use decaton_state::{Backend, StateConfig, StateError, StateStore};
+pub use health::{NotReady, PartitionHealth, SubscriptionHealth};
 pub use live::{FileProperties, LiveProperties, PropertySupplier};
 pub use processor::{FailureKind, ProcessError, TaskProcessor};
 pub use retry::{Backoff, DeadLetterConfig, RetryConfig};
 pub use stats::SubscriptionStats;
 pub use subscription::{Subscription, SubscriptionBuilder, SubscriptionError, SubscriptionHandle};
+pub use task_span::{set_trace_continuation, TraceContinuation};
 
 /// Metric names the runtime records (Prometheus style, labels `subscription`, `topic`,
 /// `partition`).

@@ -232,6 +232,7 @@ where
 struct HandleInner {
     shutdown: AtomicBool,
     counters: Arc<Counters>,
+    health: Arc<crate::health::HealthBoard>,
 }
 
 /// Controls a running subscription from elsewhere: shutdown and live counters. Cheap to
@@ -251,6 +252,12 @@ impl SubscriptionHandle {
     /// Current counters.
     pub fn stats(&self) -> SubscriptionStats {
         self.inner.counters.snapshot()
+    }
+
+    /// Health as the consumer thread last published it (a few times a second): whether
+    /// it joined its group, when its loop last turned, and every owned partition.
+    pub fn health(&self) -> crate::SubscriptionHealth {
+        self.inner.health.snapshot()
     }
 }
 
@@ -408,6 +415,7 @@ where
             runtime,
             state,
             wakeup: Arc::new(Wakeup::default()),
+            health: self.handle.inner.health.clone(),
         });
         let consumer: BaseConsumer<RuntimeContext<T>> =
             kafka_config::consumer(&self.bootstrap, &self.id, &self.kafka)

@@ -27,6 +27,9 @@
 
 use prost::Message;
 
+mod trace;
+pub use trace::{TraceParent, TRACEPARENT_HEADER};
+
 /// The protobuf descriptor set of every message in this crate (`decaton.proto`,
 /// `chat.proto`, `changelog.proto`), for handling them by reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));

@@ -46,6 +46,7 @@ impl<T: prost::Message + Default + Send + 'static> ConsumerContext for RuntimeCo
             let parts = self.core.own_partitions(tpl);
             self.core
                 .revoke(consumer, &parts, self.core.props.rebalance_timeout, false);
+            self.core.health.publish(&self.core.partitions.lock());
         }
     }
 
@@ -54,6 +55,8 @@ impl<T: prost::Message + Default + Send + 'static> ConsumerContext for RuntimeCo
             Rebalance::Assign(tpl) => {
                 let parts = self.core.own_partitions(tpl);
                 self.core.assign(consumer, &parts);
+                self.core.health.publish(&self.core.partitions.lock());
+                self.core.health.joined();
             }
             Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => {
@@ -108,6 +111,7 @@ impl<T: prost::Message + Default + Send + 'static> RuntimeCore<T> {
         let mut last_commit = Instant::now();
         let mut last_scan = Instant::now();
         while !shutdown.load(Ordering::Acquire) {
+            self.health.turned();
             let (some_throttled, all_throttled, next_due) = {
                 let parts = self.partitions.lock();
                 let (some, all) = parts.throttled();
@@ -139,6 +143,7 @@ impl<T: prost::Message + Default + Send + 'static> RuntimeCore<T> {
                 flagged.extend(parts.rate_due(now));
                 if last_scan.elapsed() >= FULL_SCAN {
                     parts.flow(None, &pause, &self.recorder, now);
+                    self.health.publish(&parts);
                     last_scan = Instant::now();
                 } else if !flagged.is_empty() {
                     parts.flow(Some(&flagged), &pause, &self.recorder, now);

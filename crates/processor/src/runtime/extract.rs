@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use decaton_protocol::{decode_record, METADATA_HEADER};
+use decaton_protocol::{decode_record, TraceParent, METADATA_HEADER, TRACEPARENT_HEADER};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 
 use super::forward::{Forwarder, RawRecord};
@@ -118,25 +118,35 @@ impl Extractor {
         msg: &BorrowedMessage<'_>,
         now_ms: i64,
     ) -> Incoming<T> {
-        self.extract_parts(
-            partition,
-            msg.offset(),
-            msg.key(),
+        let header = |name: &str| {
             msg.headers().and_then(|h| {
                 h.iter()
-                    .find(|h| h.key == METADATA_HEADER)
+                    .find(|h| h.key == name)
                     .map(|h| h.value.unwrap_or_default())
-            }),
-            msg.payload(),
-            now_ms,
-        )
-        .with_raw(
-            || {
-                self.keep_raw
-                    .then(|| Arc::new(RawRecord::from_message(msg)))
-            },
-            self.dead_letter.as_ref(),
-        )
+            })
+        };
+        let mut incoming = self
+            .extract_parts(
+                partition,
+                msg.offset(),
+                msg.key(),
+                header(METADATA_HEADER),
+                msg.payload(),
+                now_ms,
+            )
+            .with_raw(
+                || {
+                    self.keep_raw
+                        .then(|| Arc::new(RawRecord::from_message(msg)))
+                },
+                self.dead_letter.as_ref(),
+            );
+        if let Incoming::Task(unit) = &mut incoming {
+            unit.trace = header(TRACEPARENT_HEADER)
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(TraceParent::parse);
+        }
+        incoming
     }
 
     pub(crate) fn extract_parts<T: prost::Message + Default>(
@@ -187,6 +197,7 @@ impl Extractor {
             metadata: record.metadata,
             task,
             state: None,
+            trace: None,
             raw: None,
         })
     }

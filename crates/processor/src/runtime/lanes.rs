@@ -238,6 +238,7 @@ mod tests {
                 metadata: TaskMetadata::default(),
                 task: offset as u64,
                 state: None,
+                trace: None,
                 raw: None,
             };
             assert!(!ctx.offer(crate::runtime::extract::Incoming::Task(unit), 0));

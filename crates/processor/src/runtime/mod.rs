@@ -68,5 +68,6 @@ pub(crate) struct RuntimeCore<T> {
     pub(crate) committer: Committer,
     pub(crate) wakeup: Arc<Wakeup>,
     pub(crate) extractor: Extractor,
+    pub(crate) health: Arc<crate::health::HealthBoard>,
     pub(crate) live: crate::LiveProperties,
 }

@@ -159,6 +159,29 @@ impl<T: Send + 'static> PartitionContext<T> {
         self.core.in_flight() < self.max_pending
     }
 
+    /// What health reports show of this partition.
+    pub(crate) fn health(&self) -> crate::health::PartitionHealth {
+        use crate::health::NotReady;
+        let (position, pending, offset_map_gaps, completed) = self.core.progress();
+        let not_ready = match self.predecessor.as_ref().map(|p| p.running()) {
+            Some(tasks) if tasks > 0 => Some(NotReady::PredecessorRunning { tasks }),
+            _ if self.state.as_ref().is_some_and(|s| !s.is_ready()) => {
+                Some(NotReady::RestoringState)
+            }
+            _ => None,
+        };
+        crate::health::PartitionHealth {
+            topic: self.core.topic().clone(),
+            partition: self.core.partition(),
+            position,
+            pending,
+            delayed: self.delayed.len(),
+            completed,
+            offset_map_gaps,
+            not_ready,
+        }
+    }
+
     /// Takes one fetched record; true when it had to wait (flow control should run).
     pub(crate) fn offer(&mut self, incoming: Incoming<T>, now_ms: i64) -> bool {
         if self.overflow.is_empty()
@@ -551,6 +574,32 @@ mod tests {
         assert_eq!(f.wakeup.take(), vec![f.core.id()]);
         assert!(!f.ctx.flow(&pauses, &f.subscription, 0));
         assert_eq!(pauses.0.lock().as_slice(), &[(5, true), (5, false)]);
+    }
+
+    /// Health reports a partition held back by its predecessor's running task, and the
+    /// gaps in its offset window.
+    #[test]
+    fn health_tells_why_a_partition_is_held_back_and_counts_gaps() {
+        let old = fixture(3, 100, None);
+        assert!(old.core.try_start_for_test(0));
+        old.core.close();
+        let new = fixture_with(3, 100, Some(old.core.clone()), old.wakeup.clone());
+        assert_eq!(
+            new.ctx.health().not_ready,
+            Some(crate::NotReady::PredecessorRunning { tasks: 1 })
+        );
+        old.core.finish(0);
+        assert_eq!(new.ctx.health().not_ready, None);
+        // 0 unfinished, 1 done, 2 unfinished, 3 done: two gaps pin the position at 0.
+        let f = fixture(6, 100, None);
+        for o in 0..4 {
+            assert!(f.core.try_start_for_test(o));
+        }
+        f.core.finish(1);
+        f.core.finish(3);
+        let h = f.ctx.health();
+        assert_eq!((h.position, h.pending, h.offset_map_gaps), (Some(0), 2, 2));
+        assert_eq!((h.completed, h.delayed), (2, 0));
     }
 
     /// A record below those already registered (the fetch position went back) is

@@ -28,6 +28,8 @@ struct Inner {
     revoked: bool,
     /// Completions are ignored.
     closed: bool,
+    /// Records completed so far (for health reports: is the partition moving?).
+    completed: u64,
 }
 
 /// The half of a partition that lanes and completions use.
@@ -58,6 +60,7 @@ impl PartitionCore {
                 dispatched: 0,
                 revoked: false,
                 closed: false,
+                completed: 0,
             }),
             changed: Condvar::new(),
             recorder,
@@ -104,6 +107,7 @@ impl PartitionCore {
         inner.dispatched -= 1;
         if !inner.closed {
             inner.tracker.complete(offset);
+            inner.completed += 1;
             self.recorder.pending(inner.tracker.unfinished());
         }
         let wake = inner.running == 0 || inner.dispatched == 0;
@@ -139,13 +143,28 @@ impl PartitionCore {
 
     /// Completes a registered record that needs no task (discarded or skipped).
     pub(crate) fn complete_registered(&self, offset: i64) {
-        self.inner.lock().tracker.complete(offset);
+        let mut inner = self.inner.lock();
+        inner.tracker.complete(offset);
+        inner.completed += 1;
     }
 
     pub(crate) fn mark_dispatched(&self) {
         let mut inner = self.inner.lock();
         inner.dispatched += 1;
         self.recorder.pending(inner.tracker.unfinished());
+    }
+
+    /// Commit position, unfinished tasks, gaps in the offset window (runs of unfinished
+    /// offsets below finished ones) and records completed so far, for health reports.
+    pub(crate) fn progress(&self) -> (Option<i64>, usize, usize, u64) {
+        let inner = self.inner.lock();
+        let t = &inner.tracker;
+        (
+            t.position(),
+            t.unfinished(),
+            t.done_above_position().count(),
+            inner.completed,
+        )
     }
 
     pub(crate) fn in_flight(&self) -> usize {

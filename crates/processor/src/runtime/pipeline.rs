@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use futures::FutureExt;
 use tokio::sync::oneshot;
+use tracing::Instrument as _;
 
 use super::completion::{CompletionInner, Outcome};
 use super::forward::{Forwarder, RawRecord};
@@ -61,6 +62,7 @@ impl<T: prost::Message + Default + 'static, P: TaskProcessor<T>> TaskRunner<T> f
             metadata,
             task,
             state,
+            trace,
             raw,
         } = unit;
         // Rate 0: no task starts until it changes (checked here, not only at dispatch, so
@@ -71,6 +73,15 @@ impl<T: prost::Message + Default + 'static, P: TaskProcessor<T>> TaskRunner<T> f
         if !partition.try_start() {
             return;
         }
+        let span = crate::task_span::task_span(
+            &self.subscription,
+            partition.topic(),
+            partition.partition(),
+            offset,
+            key.as_deref(),
+            &metadata,
+            trace.as_ref(),
+        );
         let (handoff, outcome) = match state {
             Some(_) => {
                 let (tx, rx) = oneshot::channel();
@@ -91,7 +102,10 @@ impl<T: prost::Message + Default + 'static, P: TaskProcessor<T>> TaskRunner<T> f
             deferred_timeout: self.live.deferred_timeout(),
             state,
         };
-        let failure = self.process(&mut ctx, task, raw.as_deref()).await;
+        let failure = self
+            .process(&mut ctx, task, raw.as_deref())
+            .instrument(span)
+            .await;
         // Settled now unless deferred (a deferred task that failed in `process` fails).
         let now = match failure {
             Some(f) => Some(f),

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use decaton_protocol::TaskMetadata;
+use decaton_protocol::{TaskMetadata, TraceParent};
 
 use super::forward::RawRecord;
 use super::partition_core::PartitionCore;
@@ -16,6 +16,8 @@ pub(crate) struct TaskUnit<T> {
     pub(crate) metadata: TaskMetadata,
     pub(crate) task: T,
     pub(crate) state: Option<TaskState>,
+    /// The producer's trace context (`traceparent` header), if it sent one.
+    pub(crate) trace: Option<TraceParent>,
     /// The record as fetched, kept only when the subscription forwards failed tasks to a
     /// retry or dead-letter topic.
     pub(crate) raw: Option<Arc<RawRecord>>,
@@ -56,6 +58,7 @@ pub(crate) mod tests {
             },
             task: offset as u64,
             state: None,
+            trace: None,
             raw: None,
         }
     }
