@@ -36,6 +36,8 @@ pub struct BatchedTask<T> {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct BatchedInfo {
+    /// The subscription running the task.
+    pub subscription: String,
     /// The record key.
     pub key: Option<Vec<u8>>,
     /// The task's metadata.
@@ -50,7 +52,30 @@ pub struct BatchedInfo {
     pub enqueued: std::time::Instant,
 }
 
+impl BatchedInfo {
+    /// What `ctx` says about its task, now.
+    pub(crate) fn of(ctx: &ProcessingContext) -> Self {
+        BatchedInfo {
+            subscription: ctx.subscription_id().to_string(),
+            key: ctx.key().map(<[u8]>::to_vec),
+            metadata: ctx.metadata().clone(),
+            topic: ctx.topic().to_string(),
+            partition: ctx.partition(),
+            offset: ctx.offset(),
+            enqueued: std::time::Instant::now(),
+        }
+    }
+}
+
 impl<T> BatchedTask<T> {
+    pub(crate) fn new(task: T, info: BatchedInfo, completion: Completion) -> Self {
+        BatchedTask {
+            task,
+            info,
+            completion,
+        }
+    }
+
     /// Completes this task.
     pub fn complete(self) {
         self.completion.complete();
@@ -178,18 +203,7 @@ impl<T: Send + 'static, B: BatchProcessor<T>> Shared<T, B> {
 #[async_trait::async_trait]
 impl<T: Send + 'static, B: BatchProcessor<T>> TaskProcessor<T> for Batching<T, B> {
     async fn process(&self, ctx: &ProcessingContext, task: T) -> Result<(), ProcessError> {
-        let item = BatchedTask {
-            task,
-            info: BatchedInfo {
-                key: ctx.key().map(<[u8]>::to_vec),
-                metadata: ctx.metadata().clone(),
-                topic: ctx.topic().to_string(),
-                partition: ctx.partition(),
-                offset: ctx.offset(),
-                enqueued: std::time::Instant::now(),
-            },
-            completion: ctx.defer(),
-        };
+        let item = BatchedTask::new(task, BatchedInfo::of(ctx), ctx.defer());
         let shared = &self.shared;
         let (full, start_timer) = {
             let mut b = shared.buffer.lock();

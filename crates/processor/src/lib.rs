@@ -37,6 +37,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 mod batching;
+mod compaction;
 mod config;
 mod context;
 mod health;
@@ -52,6 +53,7 @@ pub mod testing;
 
 pub use async_trait::async_trait;
 pub use batching::{BatchProcessor, BatchedInfo, BatchedTask, Batching};
+pub use compaction::{Compaction, Survivor};
 pub use config::{ProcessorProperties, PropertyError, SchedulingMode};
 pub use context::{Completion, ProcessingContext};
 pub use decaton_protocol::{TaskMetadata, TraceParent};

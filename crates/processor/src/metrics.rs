@@ -31,6 +31,8 @@ pub const RETRIED_IN_PROCESS: &str = "decaton_tasks_retried_in_process_total";
 pub const RETRIED: &str = "decaton_tasks_retried_total";
 /// Failed tasks produced to the dead-letter topic.
 pub const DEAD_LETTERED: &str = "decaton_tasks_dead_lettered_total";
+/// Tasks dropped by a `Compaction` stage because a later task of their key superseded them.
+pub const COMPACTED: &str = "decaton_tasks_compacted_total";
 /// Time inside process (histogram).
 pub const PROCESS_SECONDS: &str = "decaton_task_process_seconds";
 /// Time from start to completion (histogram).
