@@ -15,8 +15,11 @@ use decaton_protocol::ChatOp;
 use decaton_testkit::{wait_until, BrokerKind, TestBroker};
 use parking_lot::Mutex;
 
-/// Every window's survivors: (user, sequence).
-struct SaveLatest(Arc<Mutex<Vec<Vec<(String, u64)>>>>);
+/// The survivors of one window: (user, sequence).
+type Window = Vec<(String, u64)>;
+
+/// Records every window's survivors.
+struct SaveLatest(Arc<Mutex<Vec<Window>>>);
 
 #[async_trait]
 impl BatchProcessor<ChatOp> for SaveLatest {
