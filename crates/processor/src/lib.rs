@@ -51,6 +51,7 @@ pub use context::{Completion, ProcessingContext};
 pub use decaton_protocol::TaskMetadata;
 pub use decaton_state::{Backend, StateConfig, StateError, StateStore};
 pub use processor::{ProcessError, TaskProcessor};
+pub use runtime::offsets::{decode_offset_map, DoneRanges, OffsetTracker, Registration};
 pub use stats::SubscriptionStats;
 pub use subscription::{Subscription, SubscriptionBuilder, SubscriptionError, SubscriptionHandle};
 
