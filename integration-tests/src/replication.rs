@@ -28,40 +28,30 @@ pub const ROUTES: [(&str, &[OpType]); 3] = [
     ("chat-profile", &[OpType::UpdateProfile]),
 ];
 
-/// The replicator configuration for [`ROUTES`] (the profile route keeps a few fields and
-/// adds a header), with `extra` appended to the top-level settings.
+/// The chat example's replicator configuration (`examples/config/chat-replicator.toml`,
+/// whose routes are [`ROUTES`]) for `bootstrap` and consumer group `group`, committing
+/// every 200 ms, with `extra` added to the top-level settings.
 pub fn chat_config(bootstrap: &str, group: &str, extra: &str) -> String {
-    format!(
-        r#"bootstrap_servers = "{bootstrap}"
-source_topic = "chat-ops"
-group = "{group}"
-dead_letter_topic = "chat-ops-dlq"
-commit_interval_ms = 200
-{extra}
-
-[task]
-type = "decaton.example.ChatOp"
-
-[kafka]
-"session.timeout.ms" = 6000
-
-[[route]]
-topic = "chat-messages"
-filter = "op in [SEND_MESSAGE, READ]"
-
-[[route]]
-name = "social"
-topic = "chat-social"
-filter = "op in [ADD_FRIEND, BLOCK, JOIN_ROOM, LEAVE_ROOM]"
-
-[[route]]
-topic = "chat-profile"
-filter = "op == UPDATE_PROFILE"
-[route.map]
-keep = ["user_id", "op", "sequence"]
-headers = {{ category = "profile" }}
-"#
-    )
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/config/chat-replicator.toml"
+    );
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let replaced = text
+        .replace(
+            "bootstrap_servers = \"127.0.0.1:9092\"",
+            &format!("bootstrap_servers = \"{bootstrap}\""),
+        )
+        .replace(
+            "group = \"chat-replicator\"",
+            &format!("group = \"{group}\"\n{extra}"),
+        )
+        .replace("commit_interval_ms = 1000", "commit_interval_ms = 200");
+    assert!(
+        replaced.contains(bootstrap) && replaced.contains("commit_interval_ms = 200"),
+        "the example config changed shape"
+    );
+    replaced
 }
 
 /// Operation type of the `seq`-th operation of `user`: a fixed, mixed pattern.

@@ -150,10 +150,11 @@ async fn from_config_file(kind: BrokerKind) -> anyhow::Result<()> {
     // The profile route's map: only the kept fields, and its header.
     for r in &derived[2] {
         assert!(
-            r.op.target_id.is_empty() && r.op.payload.is_empty(),
+            r.op.target_id.is_empty() && r.op.created_at_millis == 0,
             "{:?}",
             r.op
         );
+        assert_eq!(r.op.payload, b"hi", "{:?}", r.op);
         assert!(r
             .headers
             .iter()

@@ -9,6 +9,7 @@
 //! * `decaton lag GROUP --topic T` shows a subscription's committed offset, high
 //!   watermark, lag and finished tasks above the commit (from its offset map), per
 //!   partition.
+//! * `decaton replicate --config FILE` runs the loopback replicator a TOML file describes.
 //! * `decaton dev-broker` runs an in-process Kafka mock cluster for local development.
 //! * `decaton bench` runs the benchmark harness (`decaton-bench`).
 //!
@@ -20,6 +21,7 @@ mod lag;
 mod offset_map;
 mod options;
 mod put;
+mod replicate;
 mod schema;
 mod tail;
 
@@ -50,6 +52,8 @@ enum Command {
     Tail(tail::TailArgs),
     /// Show how far a subscription (consumer group) is behind on a topic, per partition.
     Lag(lag::LagArgs),
+    /// Replicate a topic into derived topics, as a TOML file describes.
+    Replicate(replicate::ReplicateArgs),
     /// Run an embedded Kafka mock cluster until Ctrl-C / SIGTERM.
     DevBroker(dev_broker::DevBrokerArgs),
     /// Run the benchmark harness.
@@ -83,6 +87,7 @@ fn run_async(command: Command) -> anyhow::Result<()> {
             Command::Put(args) => put::run(args).await,
             Command::Tail(args) => tail::run(args).await,
             Command::Lag(args) => lag::run(args).await,
+            Command::Replicate(args) => replicate::run(args).await,
             Command::DevBroker(args) => dev_broker::run(args).await,
             Command::Bench(_) => anyhow::bail!("bench runs outside the tokio runtime"),
         }
