@@ -49,12 +49,22 @@ fn put_garbage(broker: &TestBroker, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) -> anyhow::Result<()> {
+/// Waits for `cond`, failing at the deadline or as soon as the replicator `running`
+/// stopped on its own.
+async fn wait_until<T>(
+    what: &str,
+    running: &tokio::task::JoinHandle<T>,
+    mut cond: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + WAIT;
     while !cond() {
         anyhow::ensure!(
             Instant::now() < deadline,
             "{what}: not reached after {WAIT:?}"
+        );
+        anyhow::ensure!(
+            !running.is_finished(),
+            "{what}: the replicator stopped first"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -109,7 +119,7 @@ async fn from_config_file(kind: BrokerKind) -> anyhow::Result<()> {
         .iter()
         .map(|(_, types)| ops.iter().filter(|o| types.contains(&o.op())).count() as u64)
         .sum();
-    wait_until("every derived record acknowledged", || {
+    wait_until("every derived record acknowledged", &running, || {
         let s = handle.stats();
         s.routes.iter().map(|r| r.out).sum::<u64>() >= expected_out
             && s.dead_letters >= GARBAGE as u64
@@ -270,7 +280,7 @@ async fn closures_route_and_fail_without_stopping() -> anyhow::Result<()> {
         .iter()
         .filter(|o| o.user_id == "user-13" && o.op() == decaton_protocol::OpType::SendMessage)
         .count() as u64;
-    wait_until("closures", || {
+    wait_until("closures", &running, || {
         let s = handle.stats();
         s.routes[0].out >= user7 && s.routes[1].out >= 50 && s.dead_letters >= user13
     })
@@ -297,3 +307,67 @@ fn prost_reflect_chat() -> prost_reflect::MessageDescriptor {
         .get_message_by_name("decaton.example.ChatOp")
         .unwrap()
 }
+
+/// Exactly-once: on the mock cluster the derived topics, read with `read_committed`, hold
+/// every matching record once; Tansu serves no transactions, which the replicator must
+/// report at start instead of running without them.
+async fn exactly_once(kind: BrokerKind) -> anyhow::Result<()> {
+    const OPS: u64 = 5_000;
+    let broker = TestBroker::start(kind)?;
+    create_topics(&broker)?;
+    let boot = broker.bootstrap_servers();
+    let ops = put_ops(&boot, kind.producer_settings(), "chat-ops", 0..OPS, 100).await?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("replicator.toml");
+    std::fs::write(
+        &path,
+        chat_config(&boot, "replicator-eos", "exactly_once = true"),
+    )?;
+    let replicator = ReplicatorBuilder::from_file(&path)?.build()?;
+    let handle = replicator.handle();
+    let running = tokio::spawn(replicator.run());
+    if kind != BrokerKind::Embedded {
+        let err = running.await?.expect_err("Tansu has no transactions");
+        println!("{}: {err}", kind.name());
+        assert!(
+            matches!(
+                err,
+                decaton_replicator::ReplicatorError::TransactionsUnsupported(_)
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            handle.stats().source_records,
+            0,
+            "consumed without transactions"
+        );
+        return Ok(());
+    }
+    let expected_out: u64 = ROUTES
+        .iter()
+        .map(|(_, types)| ops.iter().filter(|o| types.contains(&o.op())).count() as u64)
+        .sum();
+    wait_until("every derived record committed", &running, || {
+        let s = handle.stats();
+        s.routes.iter().map(|r| r.out).sum::<u64>() >= expected_out
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}: {:?}", handle.stats()))?;
+    handle.shutdown();
+    let stats = running.await??;
+    assert!(stats.transactions > 0, "{stats:?}");
+    let derived = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        ROUTES
+            .iter()
+            .map(|(topic, _)| read_topic(&boot, topic, true, WAIT))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await??;
+    for ((topic, types), records) in ROUTES.iter().zip(&derived) {
+        let report = check_derived(&ops, types, records);
+        println!("{} exactly-once {topic}: {report}", kind.name());
+        assert!(report.ok() && report.duplicates == 0, "{topic}: {report}");
+    }
+    Ok(())
+}
+broker_tests!(exactly_once_or_reported, super::exactly_once);

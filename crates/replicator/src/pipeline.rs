@@ -205,10 +205,6 @@ pub(crate) fn run(replicator: Replicator, handle: ReplicatorHandle) -> Result<()
     let producer: ThreadedProducer<AckContext> =
         pconf.create_with_context(AckContext { acks: acks.clone() })?;
 
-    if exactly_once {
-        probe_transactions(&producer)?;
-    }
-
     let needs_message =
         replicator.routes.iter().any(|r| r.reads_fields()) || replicator.builder.router.is_some();
     let pipeline = Arc::new(Mutex::new(Pipeline {
@@ -247,6 +243,9 @@ pub(crate) fn run(replicator: Replicator, handle: ReplicatorHandle) -> Result<()
         let consumer: BaseConsumer<SourceContext> = cconf.create_with_context(SourceContext {
             pipeline: pipeline.clone(),
         })?;
+        if exactly_once {
+            probe_transactions(&p.producer, &consumer, &b.source_topic)?;
+        }
         consumer.subscribe(&[&b.source_topic])?;
         (consumer, b.commit_interval, b.shutdown_timeout)
     };
@@ -288,21 +287,47 @@ pub(crate) fn run(replicator: Replicator, handle: ReplicatorHandle) -> Result<()
     }
 }
 
-/// Exactly-once needs InitProducerId with a transactional id, and EndTxn: checked before
-/// anything is consumed, so a broker without them is reported, never half-used.
-fn probe_transactions(producer: &ThreadedProducer<AckContext>) -> Result<(), ReplicatorError> {
+/// Exactly-once needs InitProducerId with a transactional id, AddOffsetsToTxn,
+/// TxnOffsetCommit and EndTxn: all are exercised before anything is consumed, so a
+/// broker without them is reported, never half-used. The probe transaction carries the
+/// group's current position of partition 0 (or the log start) and is aborted, so it
+/// changes nothing. (An empty transaction would prove nothing: librdkafka ends it
+/// locally.)
+fn probe_transactions(
+    producer: &ThreadedProducer<AckContext>,
+    consumer: &BaseConsumer<SourceContext>,
+    topic: &str,
+) -> Result<(), ReplicatorError> {
+    let unsupported = |what: &str, e: KafkaError| {
+        ReplicatorError::TransactionsUnsupported(format!("{what}: {e}"))
+    };
     let timeout = Duration::from_secs(30);
     producer
         .init_transactions(timeout)
-        .map_err(|e| ReplicatorError::TransactionsUnsupported(format!("InitProducerId: {e}")))?;
-    // An empty transaction ends locally in librdkafka; one that registered a partition
-    // sends AddPartitionsToTxn and EndTxn. Abort it: nothing was written.
+        .map_err(|e| unsupported("InitProducerId", e))?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, 0);
+    let committed = consumer
+        .committed_offsets(tpl.clone(), timeout)
+        .ok()
+        .and_then(|c| c.elements().first().map(|e| e.offset()));
+    let offset = match committed {
+        Some(Offset::Offset(o)) => o,
+        _ => consumer
+            .fetch_watermarks(topic, 0, timeout)
+            .map(|(low, _)| low)?,
+    };
+    tpl.set_partition_offset(topic, 0, Offset::Offset(offset))?;
+    let meta = consumer
+        .group_metadata()
+        .ok_or_else(|| ReplicatorError::Settings("the consumer has no group metadata".into()))?;
     producer
         .begin_transaction()
-        .map_err(|e| ReplicatorError::TransactionsUnsupported(format!("begin: {e}")))?;
-    producer
-        .abort_transaction(timeout)
-        .map_err(|e| ReplicatorError::TransactionsUnsupported(format!("EndTxn: {e}")))?;
+        .map_err(|e| unsupported("begin", e))?;
+    let sent = producer.send_offsets_to_transaction(&tpl, &meta, timeout);
+    let aborted = producer.abort_transaction(timeout);
+    sent.map_err(|e| unsupported("AddOffsetsToTxn/TxnOffsetCommit", e))?;
+    aborted.map_err(|e| unsupported("EndTxn", e))?;
     Ok(())
 }
 
