@@ -160,8 +160,9 @@ pub(crate) struct Pipeline {
     needs_message: bool,
     next_generation: u64,
     fatal: Option<ReplicatorError>,
-    /// Scratch list of derived records, reused per source record.
     topic: Arc<str>,
+    /// Registered once: the macro looks the metric up on every call.
+    source_counter: metrics::Counter,
 }
 
 fn client_config(b: &crate::ReplicatorBuilder, own: &[(String, String)]) -> ClientConfig {
@@ -221,6 +222,7 @@ pub(crate) fn run(replicator: Replicator, handle: ReplicatorHandle) -> Result<()
         next_generation: 0,
         fatal: None,
         topic: topic.clone(),
+        source_counter: metrics::counter!(crate::metric_names::SOURCE_RECORDS),
     }));
 
     let (consumer, commit_interval, shutdown_timeout) = {
@@ -674,7 +676,7 @@ impl Pipeline {
             .global
             .source
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        metrics::counter!(crate::metric_names::SOURCE_RECORDS).increment(1);
+        self.source_counter.increment(1);
         let generation = match &mut self.mode {
             Mode::AtLeastOnce(parts) => {
                 let Some(ps) = parts.get_mut(&partition) else {
@@ -888,6 +890,11 @@ impl Pipeline {
             match self.producer.send(record) {
                 Ok(()) => return,
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    if self.handle.stopping() {
+                        // Never sent: its source offset stays unfinished, so the committed
+                        // position stays below it and the next run sends it.
+                        return;
+                    }
                     record = r;
                     self.serve_producer(Duration::from_millis(10));
                 }

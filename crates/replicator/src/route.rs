@@ -422,3 +422,88 @@ fn field_as_key(root: &DynamicMessage, path: &[FieldDescriptor]) -> Vec<u8> {
         _ => Vec::new(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost_reflect::DescriptorPool;
+
+    fn chat() -> MessageDescriptor {
+        DescriptorPool::decode(decaton_protocol::FILE_DESCRIPTOR_SET)
+            .unwrap()
+            .get_message_by_name("decaton.example.ChatOp")
+            .unwrap()
+    }
+
+    #[test]
+    fn map_keeps_fields_rekeys_and_adds_headers() {
+        let desc = chat();
+        let op = decaton_protocol::ChatOp {
+            user_id: "u1".into(),
+            op: decaton_protocol::OpType::AddFriend as i32,
+            target_id: "u2".into(),
+            payload: b"p".to_vec(),
+            sequence: 9,
+            created_at_millis: 5,
+        };
+        let bytes = op.encode_to_vec();
+        let msg = DynamicMessage::decode(desc.clone(), bytes.as_slice()).unwrap();
+        let meta = decaton_protocol::TaskMetadata {
+            source_application_id: "talk".into(),
+            ..Default::default()
+        };
+        let view = RecordView {
+            partition: 0,
+            offset: 7,
+            key: Some(b"u1"),
+            headers: None,
+            value: &bytes,
+            task: &bytes,
+            message: Some(&msg),
+            legacy_metadata: Some(&meta),
+        };
+        let route = Route::to("social")
+            .filter("op == ADD_FRIEND")
+            .keep_fields(["user_id", "target_id", "sequence"])
+            .key_field("target_id")
+            .header("category", "social");
+        let compiled = CompiledRoute::compile(&route, Some(&desc)).unwrap();
+        let out = compiled
+            .derive(&view, SourceFormat::Decaton)
+            .unwrap()
+            .unwrap();
+        assert_eq!(out.key.as_deref(), Some(&b"u2"[..]));
+        let kept = decaton_protocol::ChatOp::decode(out.value.as_ref()).unwrap();
+        assert_eq!(
+            kept,
+            decaton_protocol::ChatOp {
+                user_id: "u1".into(),
+                target_id: "u2".into(),
+                sequence: 9,
+                ..Default::default()
+            }
+        );
+        // The legacy envelope's metadata moved to the dt_meta header.
+        let names: Vec<&str> = out.headers.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["dt_meta", "category"]);
+        assert_eq!(
+            decaton_protocol::decode_metadata(&out.headers[0].1).unwrap(),
+            meta
+        );
+
+        // Without a map: the source record as it is; a refusing filter: nothing.
+        let plain = CompiledRoute::compile(&Route::to("all"), Some(&desc)).unwrap();
+        let out = plain.derive(&view, SourceFormat::Decaton).unwrap().unwrap();
+        assert_eq!(
+            (out.key.as_deref(), out.value.as_ref()),
+            (Some(&b"u1"[..]), &bytes[..])
+        );
+        assert!(out.copy_source_headers && out.headers.is_empty());
+        let other =
+            CompiledRoute::compile(&Route::to("m").filter("op == READ"), Some(&desc)).unwrap();
+        assert!(other
+            .derive(&view, SourceFormat::Decaton)
+            .unwrap()
+            .is_none());
+    }
+}
