@@ -22,7 +22,15 @@ use decaton_integration_tests::replication::{
 use decaton_testkit::{BrokerKind, TestBroker};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_replicator-worker");
-const PARTITIONS: i32 = 3;
+/// Source partitions: 3 by default; 6 for the 200k runs, whose source would pass the mock
+/// cluster's 5 MB per partition on 3.
+fn partitions(ops: u64) -> i32 {
+    if ops > 50_000 {
+        6
+    } else {
+        3
+    }
+}
 
 fn spawn(config: &Path, logs: &Path, run: usize) -> anyhow::Result<Child> {
     let out = std::fs::File::create(logs.join(format!("run-{run}.log")))?;
@@ -40,8 +48,8 @@ fn spawn(config: &Path, logs: &Path, run: usize) -> anyhow::Result<Child> {
 }
 
 /// Sum of the group's committed positions on the source (0 where none).
-fn committed_total(bootstrap: &str, group: &str) -> u64 {
-    decaton_integration_tests::committed(bootstrap, group, "chat-ops", PARTITIONS)
+fn committed_total(bootstrap: &str, group: &str, partitions: i32) -> u64 {
+    decaton_integration_tests::committed(bootstrap, group, "chat-ops", partitions)
         .map(|c| c.iter().map(|(o, _)| o.unwrap_or(0).max(0) as u64).sum())
         .unwrap_or(0)
 }
@@ -77,7 +85,7 @@ fn kill_test(
     decaton_integration_tests::init_tracing();
     let started = Instant::now();
     let broker = TestBroker::start(kind)?;
-    broker.create_topic("chat-ops", PARTITIONS)?;
+    broker.create_topic("chat-ops", partitions(ops_count))?;
     broker.create_topic("chat-messages", 3)?;
     broker.create_topic("chat-social", 2)?;
     broker.create_topic("chat-profile", 1)?;
@@ -120,7 +128,7 @@ fn kill_test(
         // Kill once the group has committed past k/(kills+1) of the source, so every kill
         // lands mid-run with derived records in flight.
         let target = ops_count * k / (kills + 1);
-        while committed_total(&boot, &group) < target {
+        while committed_total(&boot, &group, partitions(ops_count)) < target {
             anyhow::ensure!(
                 child.try_wait()?.is_none(),
                 "worker exited: see {}",
@@ -136,7 +144,7 @@ fn kill_test(
         run += 1;
         child = spawn(&config, dir.path(), run)?;
     }
-    while committed_total(&boot, &group) < ops_count {
+    while committed_total(&boot, &group, partitions(ops_count)) < ops_count {
         anyhow::ensure!(child.try_wait()?.is_none(), "worker exited");
         anyhow::ensure!(Instant::now() < deadline, "the last run did not finish");
         std::thread::sleep(Duration::from_millis(100));
