@@ -45,8 +45,8 @@
 //!   record made from it (and its dead letter, if any) is acknowledged, with the
 //!   processor runtime's out-of-order commit ([`decaton_processor::OffsetTracker`]):
 //!   the committed position never passes an unacknowledged record, and finished offsets
-//!   above it travel in the commit metadata, so a restart re-sends at most what was in
-//!   flight. Derived records are retried by librdkafka until they land
+//!   above it travel in the commit metadata, so a crash re-sends what was produced
+//!   since the last commit (`commit_interval`), and nothing before. Derived records are retried by librdkafka until they land
 //!   (`message.timeout.ms = 0`); a permanent delivery error stops the replicator (the
 //!   committed position stays below the failed record).
 //! * **Exactly-once** (`exactly_once = true`): derived records and the source offsets go
