@@ -371,3 +371,66 @@ async fn exactly_once(kind: BrokerKind) -> anyhow::Result<()> {
     Ok(())
 }
 broker_tests!(exactly_once_or_reported, super::exactly_once);
+
+/// Raw bytes (no task type, `format = "plain"`): filters on key and headers only, records
+/// forwarded untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_records_by_key_and_header() -> anyhow::Result<()> {
+    decaton_integration_tests::init_tracing();
+    let broker = TestBroker::start(BrokerKind::Embedded)?;
+    broker.create_topic("raw", 2)?;
+    broker.create_topic("raw-eu", 1)?;
+    let boot = broker.bootstrap_servers();
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &boot)
+        .create()?;
+    for i in 0..300u32 {
+        let region = ["eu", "us", "jp"][i as usize % 3];
+        let key = format!("k{}", i % 10);
+        let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+            key: "region",
+            value: Some(region),
+        });
+        producer
+            .send(
+                BaseRecord::to("raw")
+                    .key(&key)
+                    .payload(&i.to_be_bytes()[..])
+                    .headers(headers),
+            )
+            .map_err(|(e, _)| e)?;
+    }
+    producer.flush(Duration::from_secs(30))?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("raw.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"bootstrap_servers = "{boot}"
+source_topic = "raw"
+group = "raw"
+format = "plain"
+[[route]]
+topic = "raw-eu"
+filter = 'header("region") == "eu" and key() in ["k0", "k3", "k6", "k9"]'
+"#
+        ),
+    )?;
+    let replicator = ReplicatorBuilder::from_file(&path)?.build()?;
+    let handle = replicator.handle();
+    let running = tokio::spawn(replicator.run());
+    // Region eu is i % 3 == 0; the keys listed are i % 10 in {0, 3, 6, 9}.
+    let expected = (0..300u32)
+        .filter(|i| i % 3 == 0 && [0, 3, 6, 9].contains(&(i % 10)))
+        .count() as u64;
+    wait_until("raw records", &running, || {
+        let s = handle.stats();
+        s.routes[0].out + s.routes[0].filtered >= 300
+    })
+    .await?;
+    handle.shutdown();
+    let stats = running.await??;
+    assert_eq!(stats.routes[0].out, expected, "{stats:?}");
+    assert_eq!(stats.invalid_records, 0);
+    Ok(())
+}
