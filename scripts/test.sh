@@ -18,6 +18,8 @@ echo "using tansu at $TANSU_BIN" >&2
 # it).
 cargo test --locked -p decaton-client --features tls,sasl,zstd --test security
 cargo check --locked -p decaton-cli --features tls,sasl,zstd
+# Span export to an OpenTelemetry collector (the service's `otel` feature).
+cargo test --locked -p decaton-examples --features otel --test otel
 
 # librdkafka logs broker disconnects at error level when a test stops its broker; keep
 # test output readable unless asked otherwise.

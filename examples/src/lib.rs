@@ -15,8 +15,10 @@
 //! | `user-counters`               | [`counters`]      | partition-local state with a changelog     |
 //! | `quickstart`                  | [`recording`]     | everything at once on an embedded broker   |
 //!
-//! The [`cli`] module holds what every binary shares: logging, signals, the common
-//! subscription flags and the periodic stats line.
+//! Every processor binary runs as a service (`decaton-service`): its own process,
+//! consumer group and metrics port, configured by its file in `examples/config/`. The
+//! [`cli`] module holds what the binaries share: logging, signals, `key=value` parsing and
+//! starting a service from `--config`.
 
 pub mod chat;
 pub mod cli;

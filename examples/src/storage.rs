@@ -15,10 +15,19 @@
 //!
 //! The storage itself sits behind the small [`UserStore`] trait so the same processor
 //! runs on [`InMemoryStore`] here and on a persistent store elsewhere.
+//!
+//! When storage fails, the processor does not give the operation up (that would lose a
+//! mutation and break the user's sequence): it retries with backoff until storage
+//! answers, holding the user's later operations behind it. The subscription then falls
+//! behind — its partitions pause at `max_pending` and its readiness reports them stalled —
+//! while Kafka keeps the backlog, and it catches up when storage is back.
+//! [`FlakyStore`] simulates such an outage.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use decaton_processor::{async_trait, ProcessError, ProcessingContext, TaskProcessor};
 use decaton_protocol::ChatOp;
@@ -73,6 +82,74 @@ impl UserStore for InMemoryStore {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect())
     }
+}
+
+/// A [`UserStore`] that fails every call while it is switched off, standing in for a
+/// database that is down.
+#[derive(Debug)]
+pub struct FlakyStore<S> {
+    inner: S,
+    down: Arc<AtomicBool>,
+}
+
+impl<S: UserStore> FlakyStore<S> {
+    /// Wraps `inner`; it is up until [`Self::switch`] says otherwise.
+    pub fn new(inner: S) -> Self {
+        FlakyStore {
+            inner,
+            down: Arc::default(),
+        }
+    }
+
+    /// The switch: `true` makes the store fail.
+    pub fn switch(&self) -> Arc<AtomicBool> {
+        self.down.clone()
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        if self.down.load(Ordering::Relaxed) {
+            anyhow::bail!("storage unreachable");
+        }
+        Ok(())
+    }
+}
+
+impl<S: UserStore> UserStore for FlakyStore<S> {
+    fn load(&self, user: &str) -> anyhow::Result<Option<UserRecord>> {
+        self.check()?;
+        self.inner.load(user)
+    }
+
+    fn save(&self, user: &str, record: &UserRecord) -> anyhow::Result<()> {
+        self.check()?;
+        self.inner.save(user, record)
+    }
+
+    fn records(&self) -> anyhow::Result<Vec<(String, UserRecord)>> {
+        self.inner.records()
+    }
+}
+
+/// Keeps `switch` set while the file `path` exists (checked every 200 ms), so an
+/// operator — or a test — can take the storage down and bring it back from outside.
+pub fn outage_while_file_exists(
+    path: PathBuf,
+    switch: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tick.tick().await;
+            // A file system call may block: off the async workers.
+            let probe = path.clone();
+            let down = tokio::task::spawn_blocking(move || probe.exists())
+                .await
+                .unwrap_or(false);
+            if switch.swap(down, Ordering::Relaxed) != down {
+                tracing::warn!(path = %path.display(), down, "storage availability changed");
+            }
+        }
+    })
 }
 
 /// Order observations of the storage processor.
@@ -196,8 +273,30 @@ impl<S: UserStore> StorageMutationProcessor<S> {
 #[async_trait]
 impl<S: UserStore> TaskProcessor<ChatOp> for StorageMutationProcessor<S> {
     async fn process(&self, _ctx: &ProcessingContext, op: ChatOp) -> Result<(), ProcessError> {
-        self.apply(&op)
-            .map_err(|e| ProcessError::new(format!("{e:#}")))
+        // Storage errors are retried until storage answers: giving a mutation up would
+        // break the user's sequence. The backoff spaces the attempts; it is not waiting
+        // for anything in particular.
+        let mut backoff = Duration::from_millis(20);
+        let mut attempts = 0u32;
+        loop {
+            match self.apply(&op) {
+                Ok(()) => {
+                    if attempts > 0 {
+                        tracing::info!(user = %op.user_id, attempts, "applied after storage came back");
+                    }
+                    tracing::debug!(user = %op.user_id, sequence = op.sequence, "applied");
+                    return Ok(());
+                }
+                Err(e) => {
+                    if attempts == 0 {
+                        tracing::warn!(user = %op.user_id, "storage failed ({e:#}); retrying until it answers");
+                    }
+                    attempts += 1;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
     }
 }
 

@@ -31,8 +31,7 @@ fn spawn_worker(
     group: &str,
     instance: &str,
     log_dir: &Path,
-    max_pending: usize,
-    offset_map: bool,
+    extra: &[String],
 ) -> anyhow::Result<Instance> {
     // Two lanes per partition and up to 4 ms per task keep a backlog in flight, so a kill
     // always interrupts work.
@@ -49,12 +48,7 @@ fn spawn_worker(
         ])
         .arg("--log-dir")
         .arg(log_dir)
-        .args([
-            "--param",
-            &format!("max_pending={max_pending}"),
-            "--latency-ms",
-            "4",
-        ])
+        .args(["--latency-ms", "4"])
         .args([
             "--param",
             "mode=bounded",
@@ -67,7 +61,7 @@ fn spawn_worker(
             "--param",
             "rebalance_timeout=3000",
         ])
-        .args(["--param", &format!("offset_map={offset_map}")])
+        .args(extra)
         .args([
             "-X",
             "session.timeout.ms=6000",
@@ -112,18 +106,54 @@ fn sigterm(child: &Child) {
 /// never reassigned (observed: they stop forever; its static membership does not work
 /// either). Kafka and the mock cluster drop members that do not rejoin, so there the
 /// instance comes back at once.
+///
+/// With `retry_every`, every task whose sequence is a multiple of it fails on its first
+/// delivery and goes through the retry topic, so kills also land between "retry record
+/// produced" and "offset committed". Retried tasks run after later tasks of their key, so
+/// order is not checked then; nothing may be lost and duplicates are reported.
 async fn kill_test(
     kind: BrokerKind,
     offset_map: bool,
     restart_delay: Duration,
+    retry_every: Option<u64>,
+    kills: usize,
+) -> anyhow::Result<()> {
+    kill_test_with(kind, offset_map, restart_delay, retry_every, kills, &[]).await
+}
+
+/// [`kill_test`] with extra worker arguments.
+async fn kill_test_with(
+    kind: BrokerKind,
+    offset_map: bool,
+    restart_delay: Duration,
+    retry_every: Option<u64>,
+    kills: usize,
+    worker_args: &[&str],
 ) -> anyhow::Result<()> {
     const TASKS: u64 = 100_000;
     const KEYS: u64 = 2_000;
     const PARTITIONS: i32 = 6;
     const MAX_PENDING: usize = 200;
-    const KILLS: usize = 10;
     let broker = TestBroker::start(kind)?;
     broker.create_topic("kill", PARTITIONS)?;
+    let mut extra: Vec<String> = [
+        "--param",
+        &format!("max_pending={MAX_PENDING}"),
+        "--param",
+        &format!("offset_map={offset_map}"),
+    ]
+    .map(String::from)
+    .to_vec();
+    extra.extend(worker_args.iter().map(|a| a.to_string()));
+    if let Some(n) = retry_every {
+        broker.create_topic("kill-retry", PARTITIONS)?;
+        extra.extend(["--retry-every".to_string(), n.to_string()]);
+        // The workers produce the retry records: on Tansu, one record per batch, or a
+        // restart that resumes inside a batch gets nothing (see `producer_settings`).
+        for (k, v) in kind.producer_settings() {
+            extra.extend(["-X".to_string(), format!("{k}={v}")]);
+        }
+    }
     let bootstrap = broker.bootstrap_servers();
     let logs = tempfile::tempdir()?;
     let group = format!("kill-{offset_map}");
@@ -139,8 +169,7 @@ async fn kill_test(
                 &group,
                 &format!("w{slot}-g0"),
                 logs.path(),
-                MAX_PENDING,
-                offset_map,
+                &extra,
             )
         })
         .collect::<anyhow::Result<_>>()?;
@@ -160,7 +189,7 @@ async fn kill_test(
         }
     };
     let killer = async {
-        for k in 0..KILLS {
+        for k in 0..kills {
             // Fault injection at random moments (timing is the point here, not a sync).
             tokio::time::sleep(Duration::from_millis(rand::random_range(800..2500))).await;
             let slot = k % 3;
@@ -174,8 +203,7 @@ async fn kill_test(
                 &group,
                 &format!("w{slot}-g{}", generation[slot]),
                 logs.path(),
-                MAX_PENDING,
-                offset_map,
+                &extra,
             )?;
         }
         anyhow::Ok(())
@@ -202,6 +230,8 @@ async fn kill_test(
     }
     let entries = checker::read_jsonl_dir(logs.path())?;
     let report_final = checker::check(&expected, &entries);
+    // Each topic's partitions have their own max_pending.
+    let topics = if retry_every.is_some() { 2 } else { 1 };
     if report.lost_count > 0 {
         println!(
             "committed: {:?}",
@@ -225,15 +255,18 @@ async fn kill_test(
         }
     }
     println!(
-        "KILL TEST {} offset_map={offset_map} restart_delay={restart_delay:?}: {KILLS} SIGKILLs, {report_final}; duplicate bound max_pending x kills = {}",
+        "KILL TEST {} offset_map={offset_map} restart_delay={restart_delay:?} retry_every={retry_every:?}: {kills} SIGKILLs, {report_final}; duplicate bound max_pending x kills x topics = {}",
         kind.name(),
-        MAX_PENDING * KILLS
+        MAX_PENDING * kills * topics
     );
     assert_eq!(report.lost_count, 0, "{report}");
-    assert_eq!(report_final.order_violation_count, 0, "{report_final}");
+    // Retried tasks run after later tasks of their key, and batches may overlap.
+    if retry_every.is_none() && worker_args.is_empty() {
+        assert_eq!(report_final.order_violation_count, 0, "{report_final}");
+    }
     assert_eq!(report_final.unexpected, 0);
     assert!(
-        report_final.duplicates as usize <= MAX_PENDING * KILLS,
+        report_final.duplicates as usize <= MAX_PENDING * kills * topics,
         "{report_final}"
     );
     Ok(())
@@ -241,13 +274,64 @@ async fn kill_test(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_test_tansu() -> anyhow::Result<()> {
-    kill_test(BrokerKind::TansuMemory, true, Duration::from_secs(7)).await
+    kill_test(
+        BrokerKind::TansuMemory,
+        true,
+        Duration::from_secs(7),
+        None,
+        10,
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_test_embedded_with_and_without_offset_map() -> anyhow::Result<()> {
-    kill_test(BrokerKind::Embedded, true, Duration::ZERO).await?;
-    kill_test(BrokerKind::Embedded, false, Duration::ZERO).await
+    kill_test(BrokerKind::Embedded, true, Duration::ZERO, None, 10).await?;
+    kill_test(BrokerKind::Embedded, false, Duration::ZERO, None, 10).await
+}
+
+/// SIGKILLs while every 7th task goes through the retry topic: kills land between a
+/// retry record being produced and the original offset being committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_test_with_retries_embedded() -> anyhow::Result<()> {
+    kill_test(BrokerKind::Embedded, true, Duration::ZERO, Some(7), 5).await
+}
+
+/// The same with ten kills on Tansu (each restart waits out its session timeout, so this
+/// takes a few minutes): `cargo test -p decaton-integration-tests --test faults -- --ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: ten kills on Tansu, each waiting out a session timeout"]
+async fn kill_test_with_retries_tansu() -> anyhow::Result<()> {
+    kill_test(
+        BrokerKind::TansuMemory,
+        true,
+        Duration::from_secs(7),
+        Some(7),
+        10,
+    )
+    .await
+}
+
+/// Ten kills while the workers process in batches of up to 64 tasks: nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: ten kills with batching"]
+async fn kill_test_with_batching_embedded() -> anyhow::Result<()> {
+    kill_test_with(
+        BrokerKind::Embedded,
+        true,
+        Duration::ZERO,
+        None,
+        10,
+        &["--batch", "64"],
+    )
+    .await
+}
+
+/// Ten kills on the embedded broker with retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: ten kills with retries"]
+async fn kill_test_with_retries_embedded_ten_kills() -> anyhow::Result<()> {
+    kill_test(BrokerKind::Embedded, true, Duration::ZERO, Some(7), 10).await
 }
 
 /// Scale 1 -> 3 -> 1 instances of one subscription while the producer keeps enqueuing.

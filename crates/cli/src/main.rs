@@ -9,14 +9,19 @@
 //! * `decaton lag GROUP --topic T` shows a subscription's committed offset, high
 //!   watermark, lag and finished tasks above the commit (from its offset map), per
 //!   partition.
+//! * `decaton dlq list` summarises a dead-letter topic (count, first and last, reasons);
+//!   `decaton dlq replay` puts its tasks back on the topic they came from.
 //! * `decaton replicate --config FILE` runs the loopback replicator a TOML file describes.
 //! * `decaton dev-broker` runs an in-process Kafka mock cluster for local development.
 //! * `decaton bench` runs the benchmark harness (`decaton-bench`).
+//! * `decaton config check FILE` validates a processor service's configuration file.
 //!
 //! Results go to stdout, one line each, so they can be piped; logs go to stderr, filtered
 //! by `RUST_LOG` (default `info`).
 
+mod config_check;
 mod dev_broker;
+mod dlq;
 mod lag;
 mod offset_map;
 mod options;
@@ -52,12 +57,16 @@ enum Command {
     Tail(tail::TailArgs),
     /// Show how far a subscription (consumer group) is behind on a topic, per partition.
     Lag(lag::LagArgs),
+    /// Summarise a dead-letter topic, or put its tasks back where they came from.
+    Dlq(dlq::DlqArgs),
     /// Replicate a topic into derived topics, as a TOML file describes.
     Replicate(replicate::ReplicateArgs),
     /// Run an embedded Kafka mock cluster until Ctrl-C / SIGTERM.
     DevBroker(dev_broker::DevBrokerArgs),
     /// Run the benchmark harness.
     Bench(decaton_bench::BenchCommand),
+    /// Service configuration files: `decaton config check FILE`.
+    Config(config_check::ConfigArgs),
 }
 
 fn main() -> ExitCode {
@@ -66,6 +75,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         // The harness manages its own runtime; it must not start inside ours.
         Command::Bench(cmd) => decaton_bench::run_cli(cmd),
+        Command::Config(args) => config_check::run(args),
         command => run_async(command),
     };
     match result {
@@ -87,9 +97,12 @@ fn run_async(command: Command) -> anyhow::Result<()> {
             Command::Put(args) => put::run(args).await,
             Command::Tail(args) => tail::run(args).await,
             Command::Lag(args) => lag::run(args).await,
+            Command::Dlq(args) => dlq::run(args).await,
             Command::Replicate(args) => replicate::run(args).await,
             Command::DevBroker(args) => dev_broker::run(args).await,
-            Command::Bench(_) => anyhow::bail!("bench runs outside the tokio runtime"),
+            Command::Bench(_) | Command::Config(_) => {
+                anyhow::bail!("runs outside the tokio runtime")
+            }
         }
     })
 }

@@ -88,8 +88,8 @@ pub async fn run(args: PutArgs) -> anyhow::Result<()> {
         None => None,
     };
     let options = PutOptions {
-        timestamp: None,
         scheduled_time,
+        ..Default::default()
     };
     if args.ndjson {
         let task_type = args.schema.load()?;

@@ -31,7 +31,9 @@ use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use decaton_protocol::{encode_metadata, now_millis, TaskMetadata, METADATA_HEADER};
+use decaton_protocol::{
+    encode_metadata, now_millis, TaskMetadata, TraceParent, METADATA_HEADER, TRACEPARENT_HEADER,
+};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -90,6 +92,9 @@ pub struct PutOptions {
     pub timestamp: Option<SystemTime>,
     /// Do not process before this time (metadata `scheduled_time_millis`).
     pub scheduled_time: Option<SystemTime>,
+    /// The trace the task belongs to, sent as the W3C `traceparent` record header; the
+    /// processor's span for the task continues it.
+    pub traceparent: Option<TraceParent>,
 }
 
 impl PutOptions {
@@ -102,6 +107,12 @@ impl PutOptions {
     /// Sets the time before which the task is not processed.
     pub fn scheduled_time(mut self, scheduled_time: SystemTime) -> Self {
         self.scheduled_time = Some(scheduled_time);
+        self
+    }
+
+    /// Sets the trace context the task carries (`traceparent` header).
+    pub fn traceparent(mut self, traceparent: TraceParent) -> Self {
+        self.traceparent = Some(traceparent);
         self
     }
 }
@@ -228,7 +239,8 @@ impl<T: prost::Message> TaskClient<T> {
         self.put_with(key, task, PutOptions::default()).await
     }
 
-    /// Like [`put`](Self::put), with an explicit timestamp and/or scheduled time.
+    /// Like [`put`](Self::put), with an explicit timestamp, scheduled time and/or trace
+    /// context.
     pub async fn put_with(
         &self,
         key: impl AsRef<[u8]>,
@@ -248,6 +260,7 @@ impl<T: prost::Message> TaskClient<T> {
             &encode_metadata(&metadata),
             &task.encode_to_vec(),
             timestamp,
+            options.traceparent,
         )
         .await
     }
@@ -258,18 +271,27 @@ impl<T: prost::Message> TaskClient<T> {
         header: &[u8],
         value: &[u8],
         timestamp: i64,
+        traceparent: Option<TraceParent>,
     ) -> Result<Delivered, ClientError> {
         let labels = [("topic", self.topic.clone())];
         metrics::counter!("decaton_client_puts_total", &labels).increment(1);
         let started = Instant::now();
+        let mut headers = OwnedHeaders::new().insert(Header {
+            key: METADATA_HEADER,
+            value: Some(header),
+        });
+        let traceparent = traceparent.map(|t| t.to_string());
+        if let Some(t) = &traceparent {
+            headers = headers.insert(Header {
+                key: TRACEPARENT_HEADER,
+                value: Some(t.as_bytes()),
+            });
+        }
         let record = FutureRecord::to(&self.topic)
             .key(key)
             .payload(value)
             .timestamp(timestamp)
-            .headers(OwnedHeaders::new().insert(Header {
-                key: METADATA_HEADER,
-                value: Some(header),
-            }));
+            .headers(headers);
         let result = self.producer.send(record, Timeout::Never).await;
         metrics::histogram!("decaton_client_delivery_seconds", &labels)
             .record(started.elapsed().as_secs_f64());

@@ -201,6 +201,7 @@ async fn put_with_sets_scheduled_time_and_timestamp() -> anyhow::Result<()> {
             PutOptions {
                 timestamp: Some(ts),
                 scheduled_time: Some(at),
+                ..Default::default()
             },
         )
         .await?;

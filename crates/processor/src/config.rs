@@ -65,6 +65,11 @@ pub struct ProcessorProperties {
     /// hold its key forever.
     #[serde(with = "millis")]
     pub max_scheduled_delay: Duration,
+    /// Tasks per second each partition may start (`decaton.processing.rate.per.partition`):
+    /// -1 unlimited (default), 0 stops processing, N at most N per second. Waiting for the
+    /// rate holds no lane: records wait in the partition, which is paused when
+    /// `max_pending` is reached. Reloadable through [`LiveProperties`](crate::LiveProperties).
+    pub processing_rate_per_partition: i64,
 }
 
 impl Default for ProcessorProperties {
@@ -81,6 +86,7 @@ impl Default for ProcessorProperties {
             offset_map: true,
             offset_map_max_bytes: 4000,
             max_scheduled_delay: Duration::from_secs(30 * 24 * 3600),
+            processing_rate_per_partition: -1,
         }
     }
 }
@@ -100,6 +106,12 @@ pub enum PropertyError {
         /// The rejected value.
         value: String,
     },
+    /// The property exists but cannot change while the subscription runs.
+    #[error("{0} cannot change while the subscription runs")]
+    NotReloadable(String),
+    /// A property source (a file) could not be read.
+    #[error("property source: {0}")]
+    Source(String),
 }
 
 impl ProcessorProperties {
@@ -120,6 +132,12 @@ impl ProcessorProperties {
         }
         if self.commit_interval.is_zero() {
             return bad("commit_interval", "0".into());
+        }
+        if self.processing_rate_per_partition < -1 {
+            return bad(
+                "processing_rate_per_partition",
+                self.processing_rate_per_partition.to_string(),
+            );
         }
         Ok(())
     }
@@ -193,6 +211,12 @@ impl ProcessorProperties {
             }
             "offset_map_max_bytes" => self.offset_map_max_bytes = num()? as usize,
             "max_scheduled_delay" | "max_scheduled_delay_ms" => self.max_scheduled_delay = ms()?,
+            "processing_rate_per_partition" | "decaton.processing.rate.per.partition" => {
+                self.processing_rate_per_partition = match value.trim().parse::<i64>() {
+                    Ok(v) if v >= -1 => v,
+                    _ => return Err(bad()),
+                }
+            }
             _ => return Err(PropertyError::Unknown(name.to_string())),
         }
         Ok(self)

@@ -18,6 +18,7 @@ use decaton_protocol::TaskMetadata;
 
 use crate::runtime::completion::{CompletionInner, Outcome};
 use crate::runtime::state::TaskState;
+use crate::ProcessError;
 
 /// Everything a processor knows about the task it is running.
 pub struct ProcessingContext {
@@ -85,6 +86,9 @@ impl ProcessingContext {
                 let inner = self.completion.clone();
                 let task = tokio::spawn(async move {
                     tokio::time::sleep(timeout).await;
+                    inner.set_reason(format_args!(
+                        "deferred task not completed within {timeout:?}"
+                    ));
                     inner.finish(Outcome::TimedOut);
                 });
                 self.completion.set_timer(task.abort_handle());
@@ -94,6 +98,26 @@ impl ProcessingContext {
             inner: self.completion.clone(),
             live: true,
         }
+    }
+
+    /// Sends the task to the retry topic: it completes once the broker has the retry
+    /// record, and runs again after the configured backoff with `retry_count + 1` — or,
+    /// when its retries are used up, goes to the dead-letter topic. Works before or after
+    /// [`defer`](Self::defer); whatever completes the task later is ignored.
+    ///
+    /// Returns an error when the subscription has no retry topic (see
+    /// [`RetryConfig`](crate::RetryConfig)), so a processor can `ctx.retry()?` and fail
+    /// the task instead.
+    pub fn retry(&self) -> Result<(), ProcessError> {
+        if !self.completion.can_retry() {
+            return Err(ProcessError::new(
+                "retry requested, but the subscription has no retry topic",
+            ));
+        }
+        self.completion
+            .set_reason("retry requested by the processor");
+        self.completion.finish(Outcome::RetryAsked);
+        Ok(())
     }
 
     pub(crate) fn is_deferred(&self) -> bool {
@@ -116,13 +140,28 @@ impl Completion {
         self.inner.finish(Outcome::Done);
     }
 
-    /// Completes the task as failed (logged and counted; the partition moves on).
+    /// Completes the task as failed: logged and counted, then retried or dead-lettered
+    /// as the subscription's configuration says (see [`ProcessError`]'s kinds; this is
+    /// [`FailureKind::Failed`](crate::FailureKind::Failed)).
     pub fn fail(mut self, reason: impl std::fmt::Display) {
         self.live = false;
         let p = self.inner.partition();
         tracing::warn!(topic = %p.topic(), partition = p.partition(),
             offset = self.inner.offset(), "deferred task failed: {reason}");
-        self.inner.finish(Outcome::Failed);
+        self.inner.set_reason(reason);
+        self.inner.finish(Outcome::Error);
+    }
+
+    /// Sends the task to the retry topic, as [`ProcessingContext::retry`] does. Returns
+    /// the handle back, untouched, when the subscription has no retry topic.
+    pub fn retry(mut self) -> Result<(), Completion> {
+        if !self.inner.can_retry() {
+            return Err(self);
+        }
+        self.live = false;
+        self.inner.set_reason("retry requested by the processor");
+        self.inner.finish(Outcome::RetryAsked);
+        Ok(())
     }
 
     /// Whether the task has completed (by this or another handle, or by timeout).
@@ -134,7 +173,15 @@ impl Completion {
 impl Drop for Completion {
     fn drop(&mut self) {
         if self.live && self.inner.drop_handle() && !self.inner.is_done() {
-            self.inner.finish(Outcome::Leaked);
+            if std::thread::panicking() {
+                self.inner
+                    .set_reason("panic: a panic dropped the task's Completion");
+                self.inner.finish(Outcome::Panicked);
+            } else {
+                self.inner
+                    .set_reason("every Completion was dropped without completing");
+                self.inner.finish(Outcome::Leaked);
+            }
         }
     }
 }

@@ -36,24 +36,34 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+mod batching;
 mod config;
 mod context;
+mod health;
+mod live;
 mod metrics;
 mod processor;
+mod retry;
 mod runtime;
 mod stats;
 mod subscription;
+mod task_span;
 pub mod testing;
 
 pub use async_trait::async_trait;
+pub use batching::{BatchProcessor, BatchedInfo, BatchedTask, Batching};
 pub use config::{ProcessorProperties, PropertyError, SchedulingMode};
 pub use context::{Completion, ProcessingContext};
-pub use decaton_protocol::TaskMetadata;
+pub use decaton_protocol::{TaskMetadata, TraceParent};
 pub use decaton_state::{Backend, StateConfig, StateError, StateStore};
-pub use processor::{ProcessError, TaskProcessor};
+pub use health::{NotReady, PartitionHealth, SubscriptionHealth};
+pub use live::{FileProperties, LiveProperties, PropertySupplier};
+pub use processor::{FailureKind, ProcessError, TaskProcessor};
+pub use retry::{Backoff, DeadLetterConfig, RetryConfig};
 pub use runtime::offsets::{decode_offset_map, DoneRanges, OffsetTracker, Registration};
 pub use stats::SubscriptionStats;
 pub use subscription::{Subscription, SubscriptionBuilder, SubscriptionError, SubscriptionHandle};
+pub use task_span::{set_trace_continuation, TraceContinuation};
 
 /// Metric names the runtime records (Prometheus style, labels `subscription`, `topic`,
 /// `partition`).

@@ -23,6 +23,14 @@ pub const COMPLETIONS_LEAKED: &str = "decaton_completions_leaked_total";
 pub const ABANDONED: &str = "decaton_tasks_abandoned_total";
 /// Failed attempts to append a task's state writes to the changelog (each is retried).
 pub const STATE_WRITE_FAILURES: &str = "decaton_state_write_failures_total";
+/// Tasks whose `process` panicked (also counted as failed).
+pub const PANICKED: &str = "decaton_tasks_panicked_total";
+/// Failed attempts tried again in the lane.
+pub const RETRIED_IN_PROCESS: &str = "decaton_tasks_retried_in_process_total";
+/// Failed tasks produced to the retry topic.
+pub const RETRIED: &str = "decaton_tasks_retried_total";
+/// Failed tasks produced to the dead-letter topic.
+pub const DEAD_LETTERED: &str = "decaton_tasks_dead_lettered_total";
 /// Time inside process (histogram).
 pub const PROCESS_SECONDS: &str = "decaton_task_process_seconds";
 /// Time from start to completion (histogram).

@@ -8,8 +8,10 @@ use crate::context::ProcessingContext;
 ///
 /// `process` is called for one task at a time per key, in offset order; tasks of
 /// different keys run concurrently. Returning `Ok` completes the task (unless it was
-/// deferred with [`ProcessingContext::defer`]); returning `Err` logs and counts the
-/// failure and completes it all the same, so the partition moves on.
+/// deferred with [`ProcessingContext::defer`]). Returning `Err`, or panicking, fails it:
+/// with a [`RetryConfig`](crate::RetryConfig) the task is retried, with a
+/// [`DeadLetterConfig`](crate::DeadLetterConfig) it is kept once it fails for good, and
+/// without either it is logged, counted and completed, so the partition moves on.
 ///
 /// ```
 /// use decaton_processor::{async_trait, ProcessError, ProcessingContext, TaskProcessor};
@@ -31,35 +33,81 @@ pub trait TaskProcessor<T>: Send + Sync + 'static {
     async fn process(&self, ctx: &ProcessingContext, task: T) -> Result<(), ProcessError>;
 }
 
-/// A processing failure: any error, with its message kept for logs.
-pub struct ProcessError(Box<dyn std::error::Error + Send + Sync + 'static>);
+/// A processing failure: any error, with its message kept for logs and dead-letter
+/// headers, and a [`FailureKind`] saying whether trying again can help.
+pub struct ProcessError {
+    error: Box<dyn std::error::Error + Send + Sync + 'static>,
+    kind: FailureKind,
+}
+
+/// Whether a failed task is worth trying again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FailureKind {
+    /// A failure of no stated kind (any `?`-converted error): retried when the
+    /// subscription has a [`RetryConfig`](crate::RetryConfig).
+    Failed,
+    /// A transient failure that asks to be retried; without a retry configuration it is
+    /// handled like [`Failed`](Self::Failed), with a warning.
+    Retry,
+    /// A failure that no retry can fix (a malformed task, a refused request): never
+    /// retried, dead-lettered at once when the subscription has a dead-letter topic.
+    Permanent,
+}
 
 impl ProcessError {
-    /// Wraps an error or a message.
+    /// Wraps an error or a message, of kind [`FailureKind::Failed`].
     pub fn new(err: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>) -> Self {
-        ProcessError(err.into())
+        ProcessError {
+            error: err.into(),
+            kind: FailureKind::Failed,
+        }
+    }
+
+    /// A transient failure that asks to be retried ([`FailureKind::Retry`]).
+    pub fn retry(err: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>) -> Self {
+        ProcessError {
+            error: err.into(),
+            kind: FailureKind::Retry,
+        }
+    }
+
+    /// A failure no retry can fix ([`FailureKind::Permanent`]).
+    pub fn permanent(err: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>) -> Self {
+        ProcessError {
+            error: err.into(),
+            kind: FailureKind::Permanent,
+        }
+    }
+
+    /// What kind of failure this is.
+    pub fn kind(&self) -> FailureKind {
+        self.kind
     }
 
     /// The underlying error.
     pub fn source_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
-        &*self.0
+        &*self.error
     }
 }
 
 impl<E: std::error::Error + Send + Sync + 'static> From<E> for ProcessError {
     fn from(e: E) -> Self {
-        ProcessError(Box::new(e))
+        ProcessError {
+            error: Box::new(e),
+            kind: FailureKind::Failed,
+        }
     }
 }
 
 impl fmt::Display for ProcessError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.0, f)
+        fmt::Display::fmt(&self.error, f)
     }
 }
 
 impl fmt::Debug for ProcessError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&self.0, f)
+        fmt::Debug::fmt(&self.error, f)
     }
 }

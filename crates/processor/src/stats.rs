@@ -20,6 +20,10 @@ pub(crate) struct Counters {
     pub(crate) delayed: AtomicU64,
     pub(crate) state_records_restored: AtomicU64,
     pub(crate) state_write_failures: AtomicU64,
+    pub(crate) panicked: AtomicU64,
+    pub(crate) retried_in_process: AtomicU64,
+    pub(crate) retried: AtomicU64,
+    pub(crate) dead_lettered: AtomicU64,
 }
 
 /// A snapshot of a subscription's counters.
@@ -29,7 +33,9 @@ pub struct SubscriptionStats {
     /// Tasks whose `process` returned `Ok`.
     pub processed: u64,
     /// Tasks whose `process` returned an error or panicked, or whose deferred completion
-    /// failed, timed out or was dropped.
+    /// failed, timed out or was dropped (whatever happened to them next: retried,
+    /// dead-lettered or given up). A failed attempt tried again in the lane is not
+    /// counted here.
     pub failed: u64,
     /// Records that could not be decoded, whose key is ignored, or whose scheduled time is
     /// further ahead than `max_scheduled_delay`.
@@ -58,6 +64,15 @@ pub struct SubscriptionStats {
     /// Failed attempts to append a task's state writes to the changelog (each is retried
     /// until it succeeds or the partition is released).
     pub state_write_failures: u64,
+    /// Tasks whose `process` panicked (or whose `Completion` a panic dropped); also
+    /// counted in `failed`.
+    pub panicked: u64,
+    /// Failed attempts tried again in the lane.
+    pub retried_in_process: u64,
+    /// Failed tasks produced to the retry topic.
+    pub retried: u64,
+    /// Failed tasks produced to the dead-letter topic.
+    pub dead_lettered: u64,
 }
 
 impl Counters {
@@ -77,6 +92,10 @@ impl Counters {
             delayed: self.delayed.load(Relaxed),
             state_records_restored: self.state_records_restored.load(Relaxed),
             state_write_failures: self.state_write_failures.load(Relaxed),
+            panicked: self.panicked.load(Relaxed),
+            retried_in_process: self.retried_in_process.load(Relaxed),
+            retried: self.retried.load(Relaxed),
+            dead_lettered: self.dead_lettered.load(Relaxed),
         }
     }
 }

@@ -17,21 +17,24 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::FutureProducer;
 use tokio::runtime::Handle;
 
 use crate::config::ProcessorProperties;
 use crate::runtime::commit::Committer;
 use crate::runtime::consumer::RuntimeContext;
 use crate::runtime::extract::Extractor;
+use crate::runtime::forward::{Forwarder, RetryQueue};
 use crate::runtime::kafka_config;
 use crate::runtime::partitions::Partitions;
 use crate::runtime::pipeline::Pipeline;
 use crate::runtime::recorder::SubscriptionRecorder;
 use crate::runtime::state::StateRuntime;
+use crate::runtime::topics::Topics;
 use crate::runtime::wakeup::Wakeup;
 use crate::runtime::RuntimeCore;
 use crate::stats::{Counters, SubscriptionStats};
-use crate::TaskProcessor;
+use crate::{DeadLetterConfig, LiveProperties, PropertySupplier, RetryConfig, TaskProcessor};
 
 /// Why a subscription could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +63,10 @@ pub struct SubscriptionBuilder<T, P> {
     properties: ProcessorProperties,
     kafka: BTreeMap<String, String>,
     state: Option<decaton_state::StateConfig>,
+    retry: Option<RetryConfig>,
+    dead_letter: Option<DeadLetterConfig>,
+    live: Option<LiveProperties>,
+    supplier: Option<Box<dyn PropertySupplier>>,
     _task: std::marker::PhantomData<fn(T)>,
 }
 
@@ -102,8 +109,38 @@ where
         self
     }
 
+    /// Reads its properties from `live`, so the reloadable ones (see [`LiveProperties`])
+    /// can change while it runs; replaces [`properties`](Self::properties). Keep a clone
+    /// to change them.
+    pub fn live_properties(mut self, live: LiveProperties) -> Self {
+        self.properties = (*live.get()).clone();
+        self.live = Some(live);
+        self
+    }
+
+    /// Takes property changes from `supplier` (for example a [`FileProperties`](crate::FileProperties))
+    /// while running; it is started when the subscription starts, over the properties
+    /// given so far.
+    pub fn property_supplier(mut self, supplier: impl PropertySupplier) -> Self {
+        self.supplier = Some(Box::new(supplier));
+        self
+    }
+
+    /// Retries failed tasks (see [`RetryConfig`]); the retry topic must exist.
+    pub fn retry(mut self, config: RetryConfig) -> Self {
+        self.retry = Some(config);
+        self
+    }
+
+    /// Keeps tasks that fail for good in a dead-letter topic (see [`DeadLetterConfig`]);
+    /// the topic must exist.
+    pub fn dead_letter(mut self, config: DeadLetterConfig) -> Self {
+        self.dead_letter = Some(config);
+        self
+    }
+
     /// Validates and creates the subscription (nothing is contacted yet).
-    pub fn build(self) -> Result<Subscription<T, P>, SubscriptionError> {
+    pub fn build(mut self) -> Result<Subscription<T, P>, SubscriptionError> {
         let bootstrap = self
             .bootstrap
             .ok_or_else(|| SubscriptionError::Config("bootstrap_servers is required".into()))?;
@@ -120,9 +157,54 @@ where
                 "group.id is the subscription id; do not set it".into(),
             ));
         }
+        // Live properties, when given, are the properties (the last word on them).
+        let live = match self.live.take() {
+            Some(live) => {
+                self.properties = (*live.get()).clone();
+                live
+            }
+            None => LiveProperties::new(self.properties.clone()),
+        };
         self.properties
             .validate()
             .map_err(|e| SubscriptionError::Config(e.to_string()))?;
+        let retry_topic = self
+            .retry
+            .as_ref()
+            .filter(|r| r.queue)
+            .map(|r| r.topic.clone().unwrap_or_else(|| format!("{topic}-retry")));
+        if let (Some(r), Some(rt)) = (&self.retry, &retry_topic) {
+            if self.state.is_some() {
+                return Err(SubscriptionError::Config(
+                    "a retry topic cannot be combined with a state store: a retried task may be \
+                     read by another instance than the one owning its state partition \
+                     (use RetryConfig::without_queue for retries in the lane)"
+                        .into(),
+                ));
+            }
+            if rt == &topic {
+                return Err(SubscriptionError::Config(
+                    "the retry topic must differ from the source topic".into(),
+                ));
+            }
+            if r.backoff.longest() > self.properties.max_scheduled_delay {
+                return Err(SubscriptionError::Config(format!(
+                    "the retry backoff can reach {:?}, more than max_scheduled_delay ({:?}): \
+                     retried tasks would be discarded",
+                    r.backoff.longest(),
+                    self.properties.max_scheduled_delay
+                )));
+            }
+        }
+        let dead_letter_topic = self
+            .dead_letter
+            .as_ref()
+            .map(|d| d.topic.clone().unwrap_or_else(|| format!("{topic}-dlq")));
+        if dead_letter_topic.as_ref().is_some_and(|d| d == &topic) {
+            return Err(SubscriptionError::Config(
+                "the dead-letter topic must differ from the source topic".into(),
+            ));
+        }
         Ok(Subscription {
             id: self.id,
             processor: Arc::new(self.processor),
@@ -131,6 +213,13 @@ where
             properties: self.properties,
             kafka: self.kafka,
             state: self.state,
+            failures: Failures {
+                retry: self.retry,
+                retry_topic,
+                dead_letter_topic,
+            },
+            live,
+            supplier: Mutex::new(self.supplier),
             handle: SubscriptionHandle {
                 inner: Arc::new(HandleInner::default()),
             },
@@ -143,6 +232,7 @@ where
 struct HandleInner {
     shutdown: AtomicBool,
     counters: Arc<Counters>,
+    health: Arc<crate::health::HealthBoard>,
 }
 
 /// Controls a running subscription from elsewhere: shutdown and live counters. Cheap to
@@ -163,6 +253,12 @@ impl SubscriptionHandle {
     pub fn stats(&self) -> SubscriptionStats {
         self.inner.counters.snapshot()
     }
+
+    /// Health as the consumer thread last published it (a few times a second): whether
+    /// it joined its group, when its loop last turned, and every owned partition.
+    pub fn health(&self) -> crate::SubscriptionHealth {
+        self.inner.health.snapshot()
+    }
 }
 
 impl std::fmt::Debug for SubscriptionHandle {
@@ -171,6 +267,13 @@ impl std::fmt::Debug for SubscriptionHandle {
             .field("stats", &self.stats())
             .finish()
     }
+}
+
+/// Where failed tasks go, from the builder.
+struct Failures {
+    retry: Option<RetryConfig>,
+    retry_topic: Option<String>,
+    dead_letter_topic: Option<String>,
 }
 
 /// One processor's subscription to one topic: its own consumer group (the subscription
@@ -207,6 +310,9 @@ pub struct Subscription<T, P> {
     properties: ProcessorProperties,
     kafka: BTreeMap<String, String>,
     state: Option<decaton_state::StateConfig>,
+    failures: Failures,
+    live: LiveProperties,
+    supplier: Mutex<Option<Box<dyn PropertySupplier>>>,
     handle: SubscriptionHandle,
     _task: std::marker::PhantomData<fn(T)>,
 }
@@ -226,6 +332,10 @@ where
             properties: ProcessorProperties::default(),
             kafka: BTreeMap::new(),
             state: None,
+            retry: None,
+            dead_letter: None,
+            live: None,
+            supplier: None,
             _task: std::marker::PhantomData,
         }
     }
@@ -244,6 +354,7 @@ where
     /// Must be called within a tokio runtime; lanes run on it.
     pub async fn run(self) -> Result<SubscriptionStats, SubscriptionError> {
         let runtime = Handle::current();
+        let topics = Topics::new(&self.topic, self.failures.retry_topic.as_deref());
         let subscription: Arc<str> = Arc::from(self.id.as_str());
         let counters = self.handle.inner.counters.clone();
         let recorder = Arc::new(SubscriptionRecorder::new(subscription.clone(), counters));
@@ -262,32 +373,55 @@ where
             }
             None => None,
         };
+        let forwarder = self.forwarder(&subscription, &topics, &runtime).await?;
+        if let Some(supplier) = self.supplier.lock().take() {
+            supplier
+                .start(self.live.clone())
+                .map_err(|e| SubscriptionError::Config(e.to_string()))?;
+        }
+        let in_process = self
+            .failures
+            .retry
+            .as_ref()
+            .map_or((0, crate::Backoff::fixed(std::time::Duration::ZERO)), |r| {
+                (r.in_process_attempts, r.in_process_backoff)
+            });
         let runner = Arc::new(Pipeline {
             processor: self.processor.clone(),
             subscription: subscription.clone(),
-            deferred_timeout: self.properties.deferred_complete_timeout,
+            live: self.live.clone(),
             state: state.clone(),
+            forwarder: forwarder.clone(),
+            in_process,
             _task: std::marker::PhantomData,
         });
         let core = Arc::new(RuntimeCore {
             recorder,
-            topic: Arc::from(self.topic.as_str()),
+            topics: topics.clone(),
             committer: Committer::new(
                 self.properties.offset_map,
                 self.properties.offset_map_max_bytes,
             ),
-            extractor: Extractor::new(&self.properties),
+            extractor: Extractor::new(
+                &self.properties,
+                forwarder.is_some() || in_process.0 > 0,
+                forwarder.clone().filter(|f| f.dead_letter.is_some()),
+            )
+            .with_live(self.live.clone()),
+            live: self.live.clone(),
             props: self.properties.clone(),
             partitions: Mutex::new(Partitions::default()),
             runner,
             runtime,
             state,
             wakeup: Arc::new(Wakeup::default()),
+            health: self.handle.inner.health.clone(),
         });
         let consumer: BaseConsumer<RuntimeContext<T>> =
             kafka_config::consumer(&self.bootstrap, &self.id, &self.kafka)
                 .create_with_context(RuntimeContext { core: core.clone() })?;
-        consumer.subscribe(&[&self.topic])?;
+        let names: Vec<&str> = topics.all().iter().map(|t| &**t).collect();
+        consumer.subscribe(&names)?;
         let shutdown = self.handle.inner.clone();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
@@ -303,5 +437,68 @@ where
         done_rx
             .await
             .map_err(|_| SubscriptionError::Thread("consumer thread panicked".into()))
+    }
+
+    /// The producer of retry and dead-letter records, once every topic it writes to is
+    /// known to exist; none when failures are not forwarded.
+    async fn forwarder(
+        &self,
+        subscription: &Arc<str>,
+        topics: &Topics,
+        runtime: &Handle,
+    ) -> Result<Option<Arc<Forwarder>>, SubscriptionError> {
+        let f = &self.failures;
+        if f.retry_topic.is_none() && f.dead_letter_topic.is_none() {
+            return Ok(None);
+        }
+        let producer: FutureProducer =
+            kafka_config::producer(&self.bootstrap, &self.kafka).create()?;
+        let wanted: Vec<String> = f
+            .retry_topic
+            .iter()
+            .chain(f.dead_letter_topic.iter())
+            .cloned()
+            .collect();
+        let probe = kafka_config::probe(&self.bootstrap, &self.kafka);
+        let missing = tokio::task::spawn_blocking(move || {
+            // A consumer asking with auto-creation off: a producer's metadata request may
+            // create the topic on brokers that allow it.
+            let consumer: BaseConsumer = probe.create()?;
+            let mut missing = Vec::new();
+            for t in wanted {
+                let md = consumer.fetch_metadata(Some(&t), std::time::Duration::from_secs(10))?;
+                let found = md.topics().iter().any(|mt| {
+                    mt.name() == t && mt.error().is_none() && !mt.partitions().is_empty()
+                });
+                if !found {
+                    missing.push(t);
+                }
+            }
+            Ok::<_, rdkafka::error::KafkaError>(missing)
+        })
+        .await
+        .map_err(|e| SubscriptionError::Thread(e.to_string()))??;
+        if !missing.is_empty() {
+            return Err(SubscriptionError::Config(format!(
+                "topic(s) {} do not exist: create them like the source topic",
+                missing.join(", ")
+            )));
+        }
+        Ok(Some(Arc::new(Forwarder {
+            producer,
+            subscription: subscription.clone(),
+            origin: topics.source().clone(),
+            retry: f
+                .retry
+                .as_ref()
+                .zip(f.retry_topic.as_ref())
+                .map(|(r, t)| RetryQueue {
+                    topic: t.clone(),
+                    backoff: r.backoff,
+                    max_retries: r.max_retries,
+                }),
+            dead_letter: f.dead_letter_topic.clone(),
+            runtime: runtime.clone(),
+        })))
     }
 }

@@ -53,6 +53,7 @@ use crate::runtime::offsets::{DoneRanges, OffsetTracker};
 use crate::runtime::partition_core::PartitionCore;
 use crate::runtime::recorder::SubscriptionRecorder;
 use crate::runtime::state::StateSlot;
+use crate::runtime::topics::PartitionId;
 use crate::runtime::wakeup::Wakeup;
 use crate::stats::Counters;
 use crate::TaskProcessor;
@@ -65,7 +66,7 @@ pub enum TaskResult {
     Completed,
     /// `process` returned this error, or the deferred completion failed with it.
     Failed(String),
-    /// `process` panicked.
+    /// `process` panicked (or a panic dropped the deferred task's `Completion`).
     Panicked,
     /// The task was deferred and not completed within the tester's deferred timeout.
     TimedOut,
@@ -162,7 +163,10 @@ impl<T: Send + 'static, P: TaskProcessor<T>> ProcessorTester<T, P> {
         let offset = self.next_offset.fetch_add(1, Ordering::Relaxed);
         let core = Arc::new(PartitionCore::new(
             self.topic.clone(),
-            self.partition,
+            PartitionId {
+                topic: 0,
+                partition: self.partition,
+            },
             OffsetTracker::starting_at(Some(offset), DoneRanges::default()),
             self.recorder.partition(&self.topic, self.partition),
             Arc::new(Wakeup::default()),
@@ -193,10 +197,10 @@ impl<T: Send + 'static, P: TaskProcessor<T>> ProcessorTester<T, P> {
         };
         let result = match result {
             Some(r) => {
-                completion.settle(if r == TaskResult::Completed {
-                    Outcome::Done
-                } else {
-                    Outcome::FailedCounted
+                completion.settle(match r {
+                    TaskResult::Completed => Outcome::Done,
+                    TaskResult::Panicked => Outcome::Panicked,
+                    _ => Outcome::Error,
                 });
                 r
             }
@@ -204,7 +208,8 @@ impl<T: Send + 'static, P: TaskProcessor<T>> ProcessorTester<T, P> {
                 Ok(Outcome::Done) => TaskResult::Completed,
                 Ok(Outcome::TimedOut) => TaskResult::TimedOut,
                 Ok(Outcome::Leaked) | Err(_) => TaskResult::Leaked,
-                Ok(Outcome::Failed | Outcome::FailedCounted) => {
+                Ok(Outcome::Panicked) => TaskResult::Panicked,
+                Ok(Outcome::Error | Outcome::RetryAsked | Outcome::Permanent) => {
                     TaskResult::Failed("deferred completion failed".into())
                 }
             },
@@ -226,5 +231,56 @@ impl<T: Send + 'static, P: TaskProcessor<T>> ProcessorTester<T, P> {
     /// A value in the tester's state store (after the writes of completed tasks).
     pub fn state_get(&self, key: &[u8]) -> Option<Vec<u8>> {
         self.store.as_ref().and_then(|s| s.get(key).ok().flatten())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ProcessError, ProcessingContext, TaskProcessor};
+    use decaton_protocol::ChatOp;
+
+    /// Defers, then panics in the future that holds the `Completion`.
+    struct PanicsLater;
+
+    #[async_trait::async_trait]
+    impl TaskProcessor<ChatOp> for PanicsLater {
+        async fn process(&self, ctx: &ProcessingContext, _: ChatOp) -> Result<(), ProcessError> {
+            let completion = ctx.defer();
+            tokio::spawn(async move {
+                let _held = completion;
+                panic!("the storage client blew up");
+            });
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panic_that_drops_a_completion_fails_the_task_as_a_panic() {
+        let tester = ProcessorTester::new(PanicsLater);
+        let out = tester.process(Some(b"k"), ChatOp::default()).await;
+        assert!(out.deferred);
+        assert_eq!(out.result, TaskResult::Panicked);
+    }
+
+    /// Asks for a retry.
+    struct Retries;
+
+    #[async_trait::async_trait]
+    impl TaskProcessor<ChatOp> for Retries {
+        async fn process(&self, ctx: &ProcessingContext, _: ChatOp) -> Result<(), ProcessError> {
+            ctx.retry()?;
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn retry_without_a_retry_topic_is_an_error_the_processor_can_return() {
+        let tester = ProcessorTester::new(Retries);
+        let out = tester.process(Some(b"k"), ChatOp::default()).await;
+        match out.result {
+            TaskResult::Failed(reason) => assert!(reason.contains("no retry topic"), "{reason}"),
+            other => panic!("expected a failure, got {other:?}"),
+        }
     }
 }

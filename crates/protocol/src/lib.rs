@@ -27,6 +27,9 @@
 
 use prost::Message;
 
+mod trace;
+pub use trace::{TraceParent, TRACEPARENT_HEADER};
+
 /// The protobuf descriptor set of every message in this crate (`decaton.proto`,
 /// `chat.proto`, `changelog.proto`), for handling them by reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
@@ -58,6 +61,32 @@ pub type TaskMetadata = proto::decaton::TaskMetadataProto;
 
 /// Name of the record header holding the serialized [`TaskMetadata`].
 pub const METADATA_HEADER: &str = "dt_meta";
+
+/// Headers a dead-letter record carries next to the original record's own headers, saying
+/// why it was dead-lettered and where it came from. Values are UTF-8 text.
+pub mod dead_letter {
+    /// Every header below starts with this prefix; replaying a record drops them.
+    pub const PREFIX: &str = "decaton-dlq-";
+    /// The error text of the last failure.
+    pub const REASON: &str = "decaton-dlq-reason";
+    /// What kind of failure: `error`, `permanent`, `panic`, `timeout`, `leaked`, `retry`,
+    /// or `discarded` (the record could not be run: undecodable, or scheduled too far ahead).
+    pub const KIND: &str = "decaton-dlq-kind";
+    /// How many times the task was delivered to the processor from a topic (retries + 1).
+    pub const ATTEMPTS: &str = "decaton-dlq-attempts";
+    /// The topic the failing record was read from (the source or the retry topic).
+    pub const TOPIC: &str = "decaton-dlq-topic";
+    /// Its partition.
+    pub const PARTITION: &str = "decaton-dlq-partition";
+    /// Its offset.
+    pub const OFFSET: &str = "decaton-dlq-offset";
+    /// The subscription's source topic: where a replayed task goes back to.
+    pub const ORIGIN_TOPIC: &str = "decaton-dlq-origin-topic";
+    /// The subscription (consumer group) that gave up on the task.
+    pub const SUBSCRIPTION: &str = "decaton-dlq-subscription";
+    /// When it was dead-lettered, in milliseconds since the Unix epoch.
+    pub const TIME_MILLIS: &str = "decaton-dlq-time-millis";
+}
 
 /// Why a record could not be decoded as a task.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]

@@ -8,11 +8,14 @@
 //!   the same scenario runs against each.
 //! * [`checker`] verifies a log of processed tasks: every task processed, per-key order
 //!   kept, duplicates counted.
+//! * [`wait_until`] waits for a condition with a deadline instead of sleeping.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 mod broker;
 pub mod checker;
+mod wait;
 
 pub use broker::{tansu_binary, BrokerKind, TestBroker, TestkitError};
 pub use checker::{CheckReport, Processed};
+pub use wait::wait_until;

@@ -1,28 +1,28 @@
 //! `notification-processor`: sends a (simulated) push notification for every
 //! `SEND_MESSAGE` chat operation and ignores the rest. Runs the subscription
-//! `notification-processor` in `per_key` mode: every user with pending work gets a lane,
+//! `notification-processor` as a service (`examples/config/notification-processor.toml`:
+//! `per_key` mode, metrics and health on port 9461): every user with pending work gets a lane,
 //! so thousands of notifications wait on the push gateway at once while each user's
 //! notifications still go out in order.
 //!
 //! ```text
-//! cargo run --release -p decaton-examples --bin notification-processor -- --bootstrap 127.0.0.1:9092
+//! cargo run --release -p decaton-examples --bin notification-processor -- --config examples/config/notification-processor.toml
 //! ```
 
-use std::time::Duration;
+use std::process::ExitCode;
 
 use clap::Parser;
-use decaton_examples::cli::{init_tracing, run_until_signal, SubscriptionArgs};
+use decaton_examples::cli::{exit_code, ServiceArgs};
 use decaton_examples::notification::NotificationProcessor;
-use decaton_processor::{ProcessorProperties, SchedulingMode};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "notification-processor",
-    about = "Push notifications for chat messages (per_key mode)"
+    about = "Push notifications for chat messages (per_key mode), as a service"
 )]
 struct Args {
     #[command(flatten)]
-    subscription: SubscriptionArgs,
+    service: ServiceArgs,
     /// Shortest simulated push call, in milliseconds.
     #[arg(long, default_value_t = 2)]
     min_latency_ms: u64,
@@ -32,28 +32,22 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    init_tracing("info");
+async fn main() -> ExitCode {
+    exit_code(run().await)
+}
+
+async fn run() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
-    args.subscription.install_metrics()?;
+    let mut service = args.service.start("notification-processor").await?;
     let processor = NotificationProcessor::new(
         args.min_latency_ms..=args.max_latency_ms.max(args.min_latency_ms),
     );
     let stats = processor.stats();
-    let properties = args.subscription.properties(ProcessorProperties {
-        mode: SchedulingMode::PerKey,
-        ..Default::default()
-    })?;
-    let subscription = args
-        .subscription
-        .builder("notification-processor", processor)
-        .properties(properties)
+    let subscription = service
+        .subscription("notification-processor", processor)?
         .build()?;
-    run_until_signal(
-        subscription,
-        Duration::from_secs(args.subscription.stats_interval),
-    )
-    .await?;
+    service.add(subscription);
+    let exit = service.run().await;
     println!("{}", stats.summary());
-    Ok(())
+    Ok(exit.exit_code())
 }

@@ -1,32 +1,29 @@
 //! `search-indexer`: indexes chat messages, profiles and room memberships in bulk. Runs
-//! the subscription `search-indexer` in `bounded` mode (`--partition-concurrency` lanes
-//! per partition). Each searchable task is *deferred*: `process` queues the document and
+//! the subscription `search-indexer` as a service (`examples/config/search-indexer.toml`:
+//! `bounded` mode with 4 lanes per partition, metrics and health on port 9462). Each searchable task is *deferred*: `process` queues the document and
 //! returns, and a batch indexer completes the tasks when its bulk request (sent every
 //! `--flush-interval-ms` or every `--max-batch` documents) is done. Offsets are committed
 //! only below completed tasks, so documents waiting in a batch are never lost.
 //!
 //! ```text
-//! cargo run --release -p decaton-examples --bin search-indexer -- --partition-concurrency 4
+//! cargo run --release -p decaton-examples --bin search-indexer -- --config examples/config/search-indexer.toml
 //! ```
 
+use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use decaton_examples::cli::{init_tracing, run_until_signal, SubscriptionArgs};
+use decaton_examples::cli::{exit_code, ServiceArgs};
 use decaton_examples::indexer::{IndexerConfig, SearchIndexer};
-use decaton_processor::{ProcessorProperties, SchedulingMode};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "search-indexer",
-    about = "Bulk search indexing with deferred completion (bounded mode)"
+    about = "Bulk search indexing with deferred completion (bounded mode), as a service"
 )]
 struct Args {
     #[command(flatten)]
-    subscription: SubscriptionArgs,
-    /// Lanes per partition (`decaton.partition.concurrency`).
-    #[arg(long, default_value_t = 4)]
-    partition_concurrency: usize,
+    service: ServiceArgs,
     /// Send a bulk request at least this often (milliseconds).
     #[arg(long, default_value_t = 50)]
     flush_interval_ms: u64,
@@ -39,34 +36,25 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    init_tracing("info");
+async fn main() -> ExitCode {
+    exit_code(run().await)
+}
+
+async fn run() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
-    args.subscription.install_metrics()?;
+    let mut service = args.service.start("search-indexer").await?;
     let (indexer, batcher) = SearchIndexer::start(IndexerConfig {
         flush_interval: Duration::from_millis(args.flush_interval_ms),
         max_batch: args.max_batch.max(1),
         bulk_latency: Duration::from_millis(args.bulk_latency_ms),
     });
     let stats = indexer.stats();
-    let properties = args.subscription.properties(ProcessorProperties {
-        mode: SchedulingMode::Bounded,
-        partition_concurrency: args.partition_concurrency.max(1),
-        ..Default::default()
-    })?;
-    let subscription = args
-        .subscription
-        .builder("search-indexer", indexer)
-        .properties(properties)
-        .build()?;
+    let subscription = service.subscription("search-indexer", indexer)?.build()?;
+    service.add(subscription);
     // The subscription waits for deferred tasks while shutting down, so the batch indexer
-    // must keep flushing until `run` has returned.
-    let result = run_until_signal(
-        subscription,
-        Duration::from_secs(args.subscription.stats_interval),
-    )
-    .await;
+    // must keep flushing until the service has stopped.
+    let exit = service.run().await;
     batcher.stop().await;
     println!("{}", stats.summary());
-    result.map(|_| ())
+    Ok(exit.exit_code())
 }

@@ -1,67 +1,66 @@
 //! `storage-mutation-processor`: applies chat operations to per-user records in storage
 //! (operation counts per type, last sequence number) and checks that each user's
 //! operations arrive in sequence order, logging any that go backwards or skip ahead.
-//! Runs the subscription `storage-mutation-processor`; prints a summary on shutdown.
+//! Runs the subscription `storage-mutation-processor` as a service
+//! (`examples/config/storage-mutation-processor.toml`: `bounded` mode with 8 lanes per
+//! partition, metrics and health on port 9463); prints a summary on shutdown.
 //!
 //! The storage here is in memory; the processor only needs the small `UserStore` trait,
-//! so a persistent store drops in without touching it.
+//! so a persistent store drops in without touching it. `--storage-down-file PATH` makes
+//! storage unreachable while that file exists: the processor retries, falls behind and
+//! reports not ready, and catches up once the file is gone.
 //!
 //! ```text
-//! cargo run --release -p decaton-examples --bin storage-mutation-processor -- --partition-concurrency 8
+//! cargo run --release -p decaton-examples --bin storage-mutation-processor -- --config examples/config/storage-mutation-processor.toml
 //! ```
 
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::Parser;
-use decaton_examples::cli::{init_tracing, run_until_signal, SubscriptionArgs};
-use decaton_examples::storage::{InMemoryStore, StorageMutationProcessor};
-use decaton_processor::{ProcessorProperties, SchedulingMode};
+use decaton_examples::cli::{exit_code, ServiceArgs};
+use decaton_examples::storage::{
+    outage_while_file_exists, FlakyStore, InMemoryStore, StorageMutationProcessor,
+};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "storage-mutation-processor",
-    about = "Apply chat operations to storage, checking per-user order"
+    about = "Apply chat operations to storage, checking per-user order, as a service"
 )]
 struct Args {
     #[command(flatten)]
-    subscription: SubscriptionArgs,
-    /// Lanes per partition (`bounded` mode).
-    #[arg(long, default_value_t = 8)]
-    partition_concurrency: usize,
-    /// Run in `per_key` mode instead of `bounded`.
-    #[arg(long)]
-    per_key: bool,
+    service: ServiceArgs,
+    /// Storage is unreachable while this file exists (to try an outage: `touch` it, then
+    /// remove it).
+    #[arg(long, value_name = "PATH")]
+    storage_down_file: Option<PathBuf>,
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    init_tracing("info");
+async fn main() -> ExitCode {
+    exit_code(run().await)
+}
+
+async fn run() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
-    args.subscription.install_metrics()?;
-    let processor = StorageMutationProcessor::new(Arc::new(InMemoryStore::default()));
-    let mode = if args.per_key {
-        SchedulingMode::PerKey
-    } else {
-        SchedulingMode::Bounded
-    };
-    let properties = args.subscription.properties(ProcessorProperties {
-        mode,
-        partition_concurrency: args.partition_concurrency.max(1),
-        ..Default::default()
-    })?;
+    let mut service = args.service.start("storage-mutation-processor").await?;
+    let store = FlakyStore::new(InMemoryStore::default());
+    let watcher = args
+        .storage_down_file
+        .map(|path| outage_while_file_exists(path, store.switch()));
+    let processor = StorageMutationProcessor::new(Arc::new(store));
     // The processor moves into the subscription; a clone shares its store and counters.
     let observer = processor.clone();
-    let subscription = args
-        .subscription
-        .builder("storage-mutation-processor", processor)
-        .properties(properties)
+    let subscription = service
+        .subscription("storage-mutation-processor", processor)?
         .build()?;
-    run_until_signal(
-        subscription,
-        Duration::from_secs(args.subscription.stats_interval),
-    )
-    .await?;
+    service.add(subscription);
+    let exit = service.run().await;
+    if let Some(w) = watcher {
+        w.abort();
+    }
     println!("{}", observer.summary()?);
-    Ok(())
+    Ok(exit.exit_code())
 }

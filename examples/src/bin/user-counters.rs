@@ -2,7 +2,9 @@
 //! total — and remembers the time of the user's latest operation, in partition-local
 //! state that follows its partition. Runs the subscription `user-counters`.
 //!
-//! The counters live in the subscription's state store (`--state-dir`, sled by default):
+//! It runs as a service (`examples/config/user-counters.toml`: metrics and health on port
+//! 9464). The counters live in the subscription's state store (`state.dir` in the file,
+//! sled by default):
 //! one local store per source partition, every task's writes appended to the changelog
 //! topic `user-counters-state-changelog` when the task completes. Another instance that
 //! takes a partition over (a rebalance, a crashed host) replays that changelog partition
@@ -16,47 +18,30 @@
 //!
 //! ```text
 //! cargo run --release -p decaton-cli -- dev-broker --topic chat-ops:6 --topic user-counters-state-changelog:6
-//! cargo run --release -p decaton-examples --bin user-counters -- --state-dir ./decaton-state
+//! cargo run --release -p decaton-examples --bin user-counters -- --config examples/config/user-counters.toml
 //! cargo run --release -p decaton-examples --bin user-counters -- --dump user-42   # after stopping it
 //! ```
 //!
 //! On shutdown (Ctrl-C or SIGTERM) it prints the top `--top` users read back from the
 //! state directory; `--dump USER` prints one user's counters from a stopped instance's
-//! state directory without contacting Kafka.
+//! state directory (the file's `state.dir`) without contacting Kafka.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
-use decaton_examples::cli::{init_tracing, run_until_signal, SubscriptionArgs};
+use anyhow::Context as _;
+use clap::Parser;
+use decaton_examples::cli::{exit_code, ServiceArgs};
 use decaton_examples::counters::{count_state_dir, UserCountersProcessor, SUBSCRIPTION};
-use decaton_processor::ProcessorProperties;
-use decaton_state::{changelog_topic, Backend, StateConfig};
-
-/// Where the local state lives.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum BackendArg {
-    /// A sled database per partition under `--state-dir`; survives restarts.
-    Sled,
-    /// In memory: every start restores the whole changelog; nothing left to read after.
-    Memory,
-}
+use decaton_state::{changelog_topic, Backend};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "user-counters",
-    about = "Per-user operation counters in partition-local state with a changelog"
+    about = "Per-user operation counters in partition-local state with a changelog, as a service"
 )]
 struct Args {
     #[command(flatten)]
-    subscription: SubscriptionArgs,
-    /// Directory of the local state stores.
-    #[arg(long, default_value = "./decaton-state")]
-    state_dir: PathBuf,
-    /// Local storage backend of the state.
-    #[arg(long, value_enum, default_value = "sled")]
-    backend: BackendArg,
+    service: ServiceArgs,
     /// Print this user's counters from the state directory and exit (stop the running
     /// instance first: it holds the stores' locks).
     #[arg(long, value_name = "USER")]
@@ -67,18 +52,23 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<ExitCode> {
-    init_tracing("info");
+async fn main() -> ExitCode {
+    exit_code(run().await)
+}
+
+async fn run() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
-    let state = StateConfig {
-        state_dir: args.state_dir.clone(),
-        backend: match args.backend {
-            BackendArg::Sled => Backend::Sled,
-            BackendArg::Memory => Backend::Memory,
-        },
-        ..Default::default()
-    };
-    let topic = args.subscription.topic.clone();
+    let service_config = args.service.load(SUBSCRIPTION)?;
+    let config = service_config
+        .subscriptions
+        .get(SUBSCRIPTION)
+        .cloned()
+        .with_context(|| format!("no [subscriptions.{SUBSCRIPTION}] in the configuration"))?;
+    let state = config
+        .state
+        .clone()
+        .with_context(|| format!("[subscriptions.{SUBSCRIPTION}] needs state.dir"))?;
+    let topic = config.topic.clone();
 
     if let Some(user) = &args.dump {
         let (cfg, topic) = (state.clone(), topic.clone());
@@ -95,7 +85,7 @@ async fn main() -> anyhow::Result<ExitCode> {
             None => {
                 println!(
                     "{user}: no counters in {} (partitions read: {:?})",
-                    args.state_dir.display(),
+                    state.state_dir.display(),
                     dump.partitions
                 );
                 ExitCode::FAILURE
@@ -103,27 +93,19 @@ async fn main() -> anyhow::Result<ExitCode> {
         });
     }
 
-    args.subscription.install_metrics()?;
-    let properties = args
-        .subscription
-        .properties(ProcessorProperties::default())?;
+    let mut service = decaton_service::Service::start(service_config).await?;
     tracing::info!(
         state_dir = %state.state_dir.display(),
         backend = ?state.backend,
         changelog = %changelog_topic(SUBSCRIPTION, &state.store_name),
         "state store configured"
     );
-    let subscription = args
-        .subscription
-        .builder(SUBSCRIPTION, UserCountersProcessor::new())
-        .properties(properties)
-        .state_store(state.clone())
-        .build()?;
-    let stats = run_until_signal(
-        subscription,
-        Duration::from_secs(args.subscription.stats_interval),
-    )
-    .await?;
+    let processor = UserCountersProcessor::new();
+    let subscription = service.subscription(SUBSCRIPTION, processor)?.build()?;
+    let handle = subscription.handle();
+    service.add(subscription);
+    let exit = service.run().await;
+    let stats = handle.stats();
     println!(
         "state: {} changelog records restored, {} failed state writes",
         stats.state_records_restored, stats.state_write_failures
@@ -144,5 +126,5 @@ async fn main() -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(exit.exit_code())
 }

@@ -38,17 +38,31 @@ struct Args {
     /// Processing time per task in milliseconds (random 0..=N).
     #[arg(long, default_value_t = 1)]
     latency_ms: u64,
+    /// Fail every task whose sequence is a multiple of N on its first delivery, asking
+    /// for a retry through `<topic>-retry` (which must exist); only successful runs are
+    /// logged.
+    #[arg(long)]
+    retry_every: Option<u64>,
+    /// Process in batches of up to N tasks (lingering 20 ms), each logged then completed.
+    #[arg(long)]
+    batch: Option<usize>,
 }
 
 struct JsonlRecorder {
     instance: String,
     out: Mutex<std::fs::File>,
     latency_ms: u64,
+    retry_every: Option<u64>,
 }
 
 #[async_trait]
 impl TaskProcessor<ChatOp> for JsonlRecorder {
-    async fn process(&self, _ctx: &ProcessingContext, task: ChatOp) -> Result<(), ProcessError> {
+    async fn process(&self, ctx: &ProcessingContext, task: ChatOp) -> Result<(), ProcessError> {
+        if let Some(n) = self.retry_every {
+            if task.sequence % n == 0 && ctx.metadata().retry_count == 0 {
+                return Err(ProcessError::retry("first delivery of this task fails"));
+            }
+        }
         let line = serde_json::to_string(&decaton_testkit::Processed {
             key: task.user_id,
             sequence: task.sequence,
@@ -62,6 +76,38 @@ impl TaskProcessor<ChatOp> for JsonlRecorder {
             .await;
         }
         Ok(())
+    }
+}
+
+/// Logs every task of a batch with one write, then completes them.
+struct BatchLogger {
+    instance: String,
+    out: Mutex<std::fs::File>,
+}
+
+#[async_trait]
+impl decaton_processor::BatchProcessor<ChatOp> for BatchLogger {
+    async fn process_batch(&self, batch: Vec<decaton_processor::BatchedTask<ChatOp>>) {
+        let mut lines = String::new();
+        for t in &batch {
+            if let Ok(line) = serde_json::to_string(&decaton_testkit::Processed {
+                key: t.task.user_id.clone(),
+                sequence: t.task.sequence,
+                instance: self.instance.clone(),
+            }) {
+                lines.push_str(&line);
+                lines.push('\n');
+            }
+        }
+        if self.out.lock().write_all(lines.as_bytes()).is_err() {
+            for t in batch {
+                t.fail("could not write the log");
+            }
+            return;
+        }
+        for t in batch {
+            t.complete();
+        }
     }
 }
 
@@ -83,12 +129,28 @@ async fn main() -> anyhow::Result<()> {
         .create(true)
         .append(true)
         .open(args.log_dir.join(format!("{}.jsonl", args.instance)))?;
+    if let Some(capacity) = args.batch {
+        let batches = BatchLogger {
+            instance: args.instance.clone(),
+            out: Mutex::new(out),
+        };
+        return run(
+            Subscription::builder(
+                args.group.clone(),
+                decaton_processor::Batching::new(batches, capacity, Duration::from_millis(20)),
+            ),
+            &args,
+            props,
+        )
+        .await;
+    }
     match args.state_dir.clone() {
         None => {
             let recorder = JsonlRecorder {
                 instance: args.instance.clone(),
                 out: Mutex::new(out),
                 latency_ms: args.latency_ms,
+                retry_every: args.retry_every,
             };
             run(
                 Subscription::builder(args.group.clone(), recorder),
@@ -128,6 +190,11 @@ async fn run<P: TaskProcessor<ChatOp>>(
     for kv in &args.kafka {
         let (k, v) = split(kv)?;
         builder = builder.set(k, v);
+    }
+    if args.retry_every.is_some() {
+        builder = builder.retry(decaton_processor::RetryConfig::new().backoff(
+            decaton_processor::Backoff::fixed(Duration::from_millis(300)),
+        ));
     }
     let sub = builder.build()?;
     let handle = sub.handle();

@@ -23,18 +23,20 @@ use super::lanes::Lanes;
 use super::offsets::{decode_offset_map, DoneRanges, OffsetTracker};
 use super::partition::{PartitionContext, PauseControl};
 use super::partition_core::PartitionCore;
+use super::topics::{PartitionId, Topics};
 use super::RuntimeCore;
 
-/// Pauses and resumes partitions of the subscription's topic on a consumer.
+/// Pauses and resumes partitions of the subscription's topics on a consumer.
 pub(crate) struct ConsumerPause<'a, C: ConsumerContext> {
     pub(crate) consumer: &'a BaseConsumer<C>,
-    pub(crate) topic: &'a str,
+    pub(crate) topics: &'a Topics,
 }
 
 impl<C: ConsumerContext> PauseControl for ConsumerPause<'_, C> {
-    fn set_paused(&self, partition: i32, paused: bool) {
+    fn set_paused(&self, id: PartitionId, paused: bool) {
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(self.topic, partition);
+        tpl.add_partition(self.topics.name(id), id.partition);
+        let partition = id.partition;
         let result = if paused {
             self.consumer.pause(&tpl)
         } else {
@@ -51,9 +53,9 @@ impl<T: Send + 'static> RuntimeCore<T> {
     pub(crate) fn assign<C: ConsumerContext>(
         &self,
         consumer: &BaseConsumer<C>,
-        partitions: &[i32],
+        partitions: &[PartitionId],
     ) {
-        let new: Vec<i32> = {
+        let new: Vec<PartitionId> = {
             let parts = self.partitions.lock();
             partitions
                 .iter()
@@ -66,7 +68,7 @@ impl<T: Send + 'static> RuntimeCore<T> {
         }
         let mut tpl = TopicPartitionList::new();
         for p in &new {
-            tpl.add_partition(&self.topic, *p);
+            tpl.add_partition(self.topics.name(*p), p.partition);
         }
         let committed = match consumer.committed_offsets(tpl.clone(), Duration::from_secs(30)) {
             Ok(c) => c,
@@ -77,9 +79,10 @@ impl<T: Send + 'static> RuntimeCore<T> {
             }
         };
         let mut parts = self.partitions.lock();
-        for &p in &new {
+        for &id in &new {
+            let (topic, p) = (self.topics.name(id), id.partition);
             let (position, metadata) = match committed
-                .find_partition(&self.topic, p)
+                .find_partition(topic, p)
                 .map(|e| (e.offset(), super::commit::commit_metadata(&e)))
             {
                 Some((Offset::Offset(o), metadata)) => (Some(o), metadata),
@@ -91,27 +94,29 @@ impl<T: Send + 'static> RuntimeCore<T> {
                 }
                 _ => DoneRanges::default(),
             };
-            tracing::info!(subscription = %self.recorder.subscription(), topic = %self.topic, partition = p,
+            tracing::info!(subscription = %self.recorder.subscription(), topic = %topic, partition = p,
                 ?position, skipping = inherited.count(), "partition assigned");
             let core = std::sync::Arc::new(PartitionCore::new(
-                self.topic.clone(),
-                p,
+                topic.clone(),
+                id,
                 OffsetTracker::starting_at(position, inherited),
-                self.recorder.partition(&self.topic, p),
+                self.recorder.partition(topic, p),
                 self.wakeup.clone(),
             ));
+            // Partition-local state belongs to the source topic's partitions.
             let state = self
                 .state
                 .as_ref()
-                .map(|s| s.open_partition(&self.topic, p, position, self.wakeup.clone()));
-            let predecessor = parts.take_predecessor(p);
+                .filter(|_| id.topic == 0)
+                .map(|s| s.open_partition(topic, id, position, self.wakeup.clone()));
+            let predecessor = parts.take_predecessor(id);
             if let Some(pred) = &predecessor {
                 tracing::warn!(partition = p, running = pred.running(),
                     "tasks of this partition's previous assignment still run; it starts when they end");
             }
             let lanes = Lanes::new(&self.props, self.runner.clone(), self.runtime.clone());
             parts.insert(
-                p,
+                id,
                 PartitionContext::new(
                     core,
                     lanes,
@@ -119,9 +124,10 @@ impl<T: Send + 'static> RuntimeCore<T> {
                     position.map(|o| (o, metadata)),
                     state,
                     predecessor,
-                ),
+                )
+                .with_live(self.live.clone()),
             );
-            self.wakeup.notify(p);
+            self.wakeup.notify(id);
         }
         self.recorder.assigned(parts.len());
         drop(parts);
@@ -135,7 +141,7 @@ impl<T: Send + 'static> RuntimeCore<T> {
     pub(crate) fn revoke<C: ConsumerContext>(
         &self,
         consumer: &BaseConsumer<C>,
-        partitions: &[i32],
+        partitions: &[PartitionId],
         timeout: Duration,
         drain: bool,
     ) {
@@ -163,17 +169,17 @@ impl<T: Send + 'static> RuntimeCore<T> {
             let mut parts = self.partitions.lock();
             for core in &cores {
                 let running = core.close();
-                let Some(ctx) = parts.get_mut(core.partition()) else {
+                let Some(ctx) = parts.get_mut(core.id()) else {
                     continue;
                 };
                 if running > 0 {
-                    tracing::warn!(subscription = %self.recorder.subscription(), partition = core.partition(), running,
+                    tracing::warn!(subscription = %self.recorder.subscription(), topic = %core.topic(), partition = core.partition(), running,
                         "tasks still running after the timeout are abandoned; they will commit nothing and write no state");
                     if let Some(slot) = ctx.state() {
                         slot.fence();
                     }
                 }
-                abandoned.push((core.partition(), running));
+                abandoned.push((core.id(), running));
                 // The final commit of a released partition is always sent.
                 ctx.forget_committed();
             }
@@ -205,7 +211,7 @@ impl<T: Send + 'static> RuntimeCore<T> {
         let owned = self.partitions.lock().ids();
         let mut tpl = TopicPartitionList::new();
         for p in &owned {
-            tpl.add_partition(&self.topic, *p);
+            tpl.add_partition(self.topics.name(*p), p.partition);
         }
         let _ = consumer.pause(&tpl);
         loop {

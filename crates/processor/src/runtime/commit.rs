@@ -17,6 +17,7 @@ use rdkafka::error::KafkaResult;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::topics::PartitionId;
 use super::RuntimeCore;
 
 /// The commit metadata of `e`, or empty when it is not UTF-8: rdkafka panics on such
@@ -68,29 +69,30 @@ impl<T: Send + 'static> RuntimeCore<T> {
         &self,
         consumer: &BaseConsumer<C>,
         mode: CommitMode,
-        only: Option<&[i32]>,
+        only: Option<&[PartitionId]>,
     ) {
         let map_bytes = self.committer.map_bytes();
         let mut tpl = TopicPartitionList::new();
-        let mut sent: Vec<(i32, (i64, String))> = Vec::new();
+        let mut sent: Vec<(PartitionId, (i64, String))> = Vec::new();
         {
             let parts = self.partitions.lock();
             for ctx in parts.contexts() {
-                let p = ctx.core().partition();
-                if only.is_some_and(|o| !o.contains(&p)) {
+                let id = ctx.core().id();
+                if only.is_some_and(|o| !o.contains(&id)) {
                     continue;
                 }
                 let Some(commit) = ctx.commit_candidate(map_bytes) else {
                     continue;
                 };
+                let (topic, p) = (self.topics.name(id), id.partition);
                 if tpl
-                    .add_partition_offset(&self.topic, p, Offset::Offset(commit.0))
+                    .add_partition_offset(topic, p, Offset::Offset(commit.0))
                     .is_ok()
                 {
-                    if let Some(mut e) = tpl.find_partition(&self.topic, p) {
+                    if let Some(mut e) = tpl.find_partition(topic, p) {
                         e.set_metadata(commit.1.clone());
                     }
-                    sent.push((p, commit));
+                    sent.push((id, commit));
                 }
             }
         }
@@ -144,15 +146,16 @@ impl<T: Send + 'static> RuntimeCore<T> {
     fn probe_metadata_support<C: ConsumerContext>(
         &self,
         consumer: &BaseConsumer<C>,
-        partition: i32,
+        id: PartitionId,
         sent: &str,
     ) {
+        let (topic, partition) = (self.topics.name(id), id.partition);
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&self.topic, partition);
+        tpl.add_partition(topic, partition);
         match consumer.committed_offsets(tpl, Duration::from_secs(10)) {
             Ok(back) => {
                 let got = back
-                    .find_partition(&self.topic, partition)
+                    .find_partition(topic, partition)
                     .map(|e| commit_metadata(&e))
                     .unwrap_or_default();
                 let support = if got.is_empty() {
@@ -180,12 +183,11 @@ impl<T: Send + 'static> RuntimeCore<T> {
     pub(crate) fn on_commit_result(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
         let Err(e) = result else {
             let mut parts = self.partitions.lock();
-            for e in offsets
-                .elements()
-                .iter()
-                .filter(|e| e.topic() == &*self.topic)
-            {
-                if let (Some(ctx), Offset::Offset(o)) = (parts.get_mut(e.partition()), e.offset()) {
+            for e in offsets.elements() {
+                let Some(id) = self.topics.id(e.topic(), e.partition()) else {
+                    continue;
+                };
+                if let (Some(ctx), Offset::Offset(o)) = (parts.get_mut(id), e.offset()) {
                     ctx.confirmed(o);
                 }
             }
@@ -194,12 +196,8 @@ impl<T: Send + 'static> RuntimeCore<T> {
         tracing::warn!(subscription = %self.recorder.subscription(),
             "commit of {} partitions failed: {e}", offsets.count());
         let mut parts = self.partitions.lock();
-        for e in offsets
-            .elements()
-            .iter()
-            .filter(|e| e.topic() == &*self.topic)
-        {
-            if let Some(ctx) = parts.get_mut(e.partition()) {
+        for id in self.topics.ids_in(offsets) {
+            if let Some(ctx) = parts.get_mut(id) {
                 ctx.forget_committed();
             }
         }

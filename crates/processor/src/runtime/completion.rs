@@ -15,6 +15,7 @@ use std::time::Instant;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
+use super::forward::{Failure, Forwarder, RawRecord};
 use super::partition_core::PartitionCore;
 
 /// How a task ended.
@@ -22,10 +23,15 @@ use super::partition_core::PartitionCore;
 pub(crate) enum Outcome {
     /// Completed normally.
     Done,
-    /// `process` returned an error or panicked (already counted by the lane).
-    FailedCounted,
-    /// `Completion::fail`.
-    Failed,
+    /// `process` returned an error (or `Completion::fail`).
+    Error,
+    /// The processor asked for a retry (`ctx.retry()`, `Completion::retry`,
+    /// `ProcessError::retry`).
+    RetryAsked,
+    /// `process` returned a permanent error: never retried.
+    Permanent,
+    /// `process` panicked, or a deferred task's `Completion` was dropped by a panic.
+    Panicked,
     /// Not completed within `deferred_complete_timeout`.
     TimedOut,
     /// Every `Completion` handle dropped without completing.
@@ -51,6 +57,11 @@ pub(crate) struct CompletionInner {
     /// Present when the lane finishes the task itself (it wrote state): settling sends the
     /// outcome there instead of marking the offset done.
     handoff: Mutex<Option<oneshot::Sender<Outcome>>>,
+    /// Why the task failed, for logs and dead-letter headers.
+    reason: Mutex<Option<String>>,
+    /// Where a failed task is forwarded, and its record; present when the subscription
+    /// retries or dead-letters.
+    forward: Mutex<Option<(Arc<Forwarder>, Arc<RawRecord>)>>,
 }
 
 impl CompletionInner {
@@ -67,7 +78,30 @@ impl CompletionInner {
             handles: AtomicUsize::new(0),
             timer: Mutex::new(None),
             handoff: Mutex::new(handoff),
+            reason: Mutex::new(None),
+            forward: Mutex::new(None),
         })
+    }
+
+    /// Failures of this task are forwarded by `forwarder` (retry or dead-letter topic).
+    pub(crate) fn forward_failures(&self, forwarder: Arc<Forwarder>, record: Arc<RawRecord>) {
+        *self.forward.lock() = Some((forwarder, record));
+    }
+
+    /// Whether failures of this task can go to a retry topic.
+    pub(crate) fn can_retry(&self) -> bool {
+        self.forward
+            .lock()
+            .as_ref()
+            .is_some_and(|(f, _)| f.retry.is_some())
+    }
+
+    /// Records why the task is failing (the first reason given wins).
+    pub(crate) fn set_reason(&self, reason: impl std::fmt::Display) {
+        let mut r = self.reason.lock();
+        if r.is_none() && !self.is_done() {
+            *r = Some(reason.to_string());
+        }
     }
 
     pub(crate) fn partition(&self) -> &Arc<PartitionCore> {
@@ -88,8 +122,9 @@ impl CompletionInner {
         }
         let (p, r) = (&self.partition, self.partition.recorder());
         match outcome {
-            Outcome::Done | Outcome::FailedCounted => {}
-            Outcome::Failed => r.failed(),
+            Outcome::Done => {}
+            Outcome::Error | Outcome::RetryAsked | Outcome::Permanent => r.failed(),
+            Outcome::Panicked => r.panicked(),
             Outcome::TimedOut => {
                 r.deferred_timed_out();
                 tracing::warn!(topic = %p.topic(), partition = p.partition(), offset = self.offset,
@@ -105,20 +140,34 @@ impl CompletionInner {
         true
     }
 
-    /// Settles the task (once) and passes the outcome on.
+    /// Settles the task (once) and passes the outcome on: a failure is first forwarded
+    /// to the retry or dead-letter topic when the subscription has one.
     pub(crate) fn finish(&self, outcome: Outcome) {
         if !self.settle(outcome) {
             return;
         }
-        match self.handoff.lock().take() {
-            Some(lane) => {
-                // The lane is gone only if its runtime is shutting down.
-                if lane.send(outcome).is_err() {
-                    self.partition.release();
-                }
-            }
-            None => self.partition.finish(self.offset),
-        }
+        let handoff = self.handoff.lock().take();
+        let forward = (!outcome.is_success())
+            .then(|| self.forward.lock().take())
+            .flatten();
+        let Some((forwarder, record)) = forward else {
+            pass_on(&self.partition, self.offset, handoff, outcome);
+            return;
+        };
+        let failure = Failure::of(outcome, self.reason.lock().take());
+        let (partition, offset) = (self.partition.clone(), self.offset);
+        forwarder.spawn(
+            partition.clone(),
+            offset,
+            record,
+            failure,
+            move |forwarded| match (forwarded, handoff) {
+                (true, handoff) => pass_on(&partition, offset, handoff, outcome),
+                // The lane releases the task when its handoff is dropped.
+                (false, Some(_)) => {}
+                (false, None) => partition.release(),
+            },
+        );
     }
 
     pub(crate) fn is_done(&self) -> bool {
@@ -137,5 +186,23 @@ impl CompletionInner {
 
     pub(crate) fn set_timer(&self, timer: tokio::task::AbortHandle) {
         *self.timer.lock() = Some(timer);
+    }
+}
+
+/// Hands a settled task's outcome to its lane (it wrote state), or marks its offset done.
+fn pass_on(
+    partition: &PartitionCore,
+    offset: i64,
+    handoff: Option<oneshot::Sender<Outcome>>,
+    outcome: Outcome,
+) {
+    match handoff {
+        // The lane is gone only if its runtime is shutting down.
+        Some(lane) => {
+            if lane.send(outcome).is_err() {
+                partition.release();
+            }
+        }
+        None => partition.finish(offset),
     }
 }

@@ -23,6 +23,7 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{ClientContext, TopicPartitionList};
 
 use super::assignment::ConsumerPause;
+use super::topics::PartitionId;
 use super::RuntimeCore;
 
 const POLL: Duration = Duration::from_millis(50);
@@ -45,6 +46,7 @@ impl<T: prost::Message + Default + Send + 'static> ConsumerContext for RuntimeCo
             let parts = self.core.own_partitions(tpl);
             self.core
                 .revoke(consumer, &parts, self.core.props.rebalance_timeout, false);
+            self.core.health.publish(&self.core.partitions.lock());
         }
     }
 
@@ -53,6 +55,8 @@ impl<T: prost::Message + Default + Send + 'static> ConsumerContext for RuntimeCo
             Rebalance::Assign(tpl) => {
                 let parts = self.core.own_partitions(tpl);
                 self.core.assign(consumer, &parts);
+                self.core.health.publish(&self.core.partitions.lock());
+                self.core.health.joined();
             }
             Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => {
@@ -67,24 +71,21 @@ impl<T: prost::Message + Default + Send + 'static> ConsumerContext for RuntimeCo
 }
 
 impl<T: prost::Message + Default + Send + 'static> RuntimeCore<T> {
-    /// The partitions of this subscription's topic in `tpl`.
-    fn own_partitions(&self, tpl: &TopicPartitionList) -> Vec<i32> {
-        tpl.elements()
-            .iter()
-            .filter(|e| e.topic() == &*self.topic)
-            .map(|e| e.partition())
-            .collect()
+    /// The partitions of this subscription's topics in `tpl`.
+    fn own_partitions(&self, tpl: &TopicPartitionList) -> Vec<PartitionId> {
+        self.topics.ids_in(tpl)
     }
 
     /// Takes one fetched record.
     fn on_message(&self, msg: &BorrowedMessage<'_>) {
-        if msg.topic() != &*self.topic {
+        let Some(id) = self.topics.id(msg.topic(), msg.partition()) else {
             return;
-        }
+        };
         let now = now_millis();
         let mut parts = self.partitions.lock();
-        let Some(ctx) = parts.get_mut(msg.partition()) else {
+        let Some(ctx) = parts.get_mut(id) else {
             tracing::debug!(
+                topic = msg.topic(),
                 partition = msg.partition(),
                 offset = msg.offset(),
                 "record for a partition not assigned here; ignored"
@@ -93,7 +94,7 @@ impl<T: prost::Message + Default + Send + 'static> RuntimeCore<T> {
         };
         let incoming = self.extractor.extract::<T>(ctx.core(), msg, now);
         if ctx.offer(incoming, now) {
-            self.wakeup.notify(msg.partition());
+            self.wakeup.notify(id);
         }
     }
 
@@ -105,11 +106,12 @@ impl<T: prost::Message + Default + Send + 'static> RuntimeCore<T> {
     ) {
         let pause = ConsumerPause {
             consumer,
-            topic: &self.topic,
+            topics: &self.topics,
         };
         let mut last_commit = Instant::now();
         let mut last_scan = Instant::now();
         while !shutdown.load(Ordering::Acquire) {
+            self.health.turned();
             let (some_throttled, all_throttled, next_due) = {
                 let parts = self.partitions.lock();
                 let (some, all) = parts.throttled();
@@ -138,8 +140,10 @@ impl<T: prost::Message + Default + Send + 'static> RuntimeCore<T> {
             let now = now_millis();
             {
                 let mut parts = self.partitions.lock();
+                flagged.extend(parts.rate_due(now));
                 if last_scan.elapsed() >= FULL_SCAN {
                     parts.flow(None, &pause, &self.recorder, now);
+                    self.health.publish(&parts);
                     last_scan = Instant::now();
                 } else if !flagged.is_empty() {
                     parts.flow(Some(&flagged), &pause, &self.recorder, now);

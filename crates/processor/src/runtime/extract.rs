@@ -4,49 +4,112 @@
 //! and the serialized task as its value. A record that cannot be decoded, whose key is in
 //! `ignore_keys`, or whose scheduled time lies further ahead than `max_scheduled_delay`
 //! is discarded: logged, counted in `decaton_tasks_discarded_total`, and its offset
-//! completed so the partition moves on. Nothing is dropped silently.
+//! completed so the partition moves on. Nothing is dropped silently. When the
+//! subscription has a dead-letter topic, a record discarded for being undecodable or
+//! scheduled too far ahead goes there first (kind `discarded`), and its offset completes
+//! once the broker has it.
 
 use std::sync::Arc;
 
-use decaton_protocol::{decode_record, METADATA_HEADER};
+use decaton_protocol::{decode_record, TraceParent, METADATA_HEADER, TRACEPARENT_HEADER};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 
+use super::forward::{Forwarder, RawRecord};
 use super::partition_core::PartitionCore;
 use super::task::TaskUnit;
 use crate::config::ProcessorProperties;
+use crate::LiveProperties;
+
+fn key_bytes(keys: &[String]) -> Vec<Vec<u8>> {
+    keys.iter().map(|k| k.as_bytes().to_vec()).collect()
+}
 
 /// A record's fate once decoded.
 pub(crate) enum Incoming<T> {
     Task(TaskUnit<T>),
-    /// Completes without running (discarded).
+    /// Completes without running (its key is ignored).
     Skip(i64),
+    /// Completes without running, after going to the dead-letter topic when `forward`
+    /// says where.
+    Discard {
+        offset: i64,
+        reason: String,
+        forward: Option<(Arc<Forwarder>, Arc<RawRecord>)>,
+    },
 }
 
 impl<T> Incoming<T> {
+    /// Attaches the record as fetched to a task, when `raw` gives one, and to a discarded
+    /// record when there is a dead-letter topic for it.
+    fn with_raw(
+        self,
+        raw: impl FnOnce() -> Option<Arc<RawRecord>>,
+        dead_letter: Option<&Arc<Forwarder>>,
+    ) -> Self {
+        match self {
+            Incoming::Task(mut u) => {
+                u.raw = raw();
+                Incoming::Task(u)
+            }
+            Incoming::Discard { offset, reason, .. } => Incoming::Discard {
+                offset,
+                reason,
+                forward: dead_letter.zip(raw()).map(|(f, r)| (f.clone(), r)),
+            },
+            skip => skip,
+        }
+    }
+
     pub(crate) fn offset(&self) -> i64 {
         match self {
             Incoming::Task(u) => u.offset,
-            Incoming::Skip(o) => *o,
+            Incoming::Skip(o) | Incoming::Discard { offset: o, .. } => *o,
         }
     }
 }
 
 /// Decodes records into tasks of type `T` for one subscription.
 pub(crate) struct Extractor {
-    ignore_keys: Vec<Vec<u8>>,
+    /// The ignored keys, and the live-properties version they were read at.
+    ignore_keys: parking_lot::Mutex<(u64, Vec<Vec<u8>>)>,
+    live: Option<LiveProperties>,
     max_delay_ms: i64,
+    /// Keep each task's record as fetched (failed tasks are forwarded).
+    keep_raw: bool,
+    /// Where discarded records go, when the subscription has a dead-letter topic.
+    dead_letter: Option<Arc<Forwarder>>,
 }
 
 impl Extractor {
-    pub(crate) fn new(props: &ProcessorProperties) -> Self {
+    pub(crate) fn new(
+        props: &ProcessorProperties,
+        keep_raw: bool,
+        dead_letter: Option<Arc<Forwarder>>,
+    ) -> Self {
         Extractor {
-            ignore_keys: props
-                .ignore_keys
-                .iter()
-                .map(|k| k.as_bytes().to_vec())
-                .collect(),
+            ignore_keys: parking_lot::Mutex::new((u64::MAX, key_bytes(&props.ignore_keys))),
+            live: None,
             max_delay_ms: i64::try_from(props.max_scheduled_delay.as_millis()).unwrap_or(i64::MAX),
+            keep_raw: keep_raw || dead_letter.is_some(),
+            dead_letter,
         }
+    }
+
+    /// Reads `ignore_keys` from `live` from now on.
+    pub(crate) fn with_live(mut self, live: LiveProperties) -> Self {
+        self.live = Some(live);
+        self
+    }
+
+    fn is_ignored(&self, key: &[u8]) -> bool {
+        let mut cached = self.ignore_keys.lock();
+        if let Some(live) = &self.live {
+            let version = live.version();
+            if cached.0 != version {
+                *cached = (version, key_bytes(&live.get().ignore_keys));
+            }
+        }
+        cached.1.iter().any(|i| i.as_slice() == key)
     }
 
     pub(crate) fn extract<T: prost::Message + Default>(
@@ -55,18 +118,35 @@ impl Extractor {
         msg: &BorrowedMessage<'_>,
         now_ms: i64,
     ) -> Incoming<T> {
-        self.extract_parts(
-            partition,
-            msg.offset(),
-            msg.key(),
+        let header = |name: &str| {
             msg.headers().and_then(|h| {
                 h.iter()
-                    .find(|h| h.key == METADATA_HEADER)
+                    .find(|h| h.key == name)
                     .map(|h| h.value.unwrap_or_default())
-            }),
-            msg.payload(),
-            now_ms,
-        )
+            })
+        };
+        let mut incoming = self
+            .extract_parts(
+                partition,
+                msg.offset(),
+                msg.key(),
+                header(METADATA_HEADER),
+                msg.payload(),
+                now_ms,
+            )
+            .with_raw(
+                || {
+                    self.keep_raw
+                        .then(|| Arc::new(RawRecord::from_message(msg)))
+                },
+                self.dead_letter.as_ref(),
+            );
+        if let Incoming::Task(unit) = &mut incoming {
+            unit.trace = header(TRACEPARENT_HEADER)
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(TraceParent::parse);
+        }
+        incoming
     }
 
     pub(crate) fn extract_parts<T: prost::Message + Default>(
@@ -82,7 +162,11 @@ impl Extractor {
             tracing::warn!(topic = %partition.topic(), partition = partition.partition(), offset,
                 "discarding record: {what}");
             partition.recorder().discarded();
-            Incoming::Skip(offset)
+            Incoming::Discard {
+                offset,
+                reason: what.to_string(),
+                forward: None,
+            }
         };
         let record = match decode_record(header, payload) {
             Ok(r) => r,
@@ -94,7 +178,7 @@ impl Extractor {
         };
         let key = key.filter(|k| !k.is_empty());
         if let Some(k) = key {
-            if self.ignore_keys.iter().any(|i| i.as_slice() == k) {
+            if self.is_ignored(k) {
                 partition.recorder().discarded();
                 return Incoming::Skip(offset);
             }
@@ -113,6 +197,8 @@ impl Extractor {
             metadata: record.metadata,
             task,
             state: None,
+            trace: None,
+            raw: None,
         })
     }
 }

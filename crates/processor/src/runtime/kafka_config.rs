@@ -71,6 +71,31 @@ pub(crate) fn shared_settings(user: &BTreeMap<String, String>) -> BTreeMap<Strin
         .collect()
 }
 
+/// The producer of retry and dead-letter records: Java-compatible partitioning by
+/// default, the user's settings over it, and `acks=all` with idempotence forced on top (a
+/// retry record must be stored before the original offset may be committed).
+pub(crate) fn producer(bootstrap: &str, user: &BTreeMap<String, String>) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("partitioner", "murmur2_random");
+    for (k, v) in shared_settings(user) {
+        config.set(k, v);
+    }
+    for (k, v) in [("acks", "all"), ("enable.idempotence", "true")] {
+        if user
+            .get(k)
+            .is_some_and(|g| g != v && !(k == "acks" && g == "-1"))
+        {
+            tracing::warn!(
+                "the retry/dead-letter producer ignores {k}={}: it needs {k}={v}",
+                user[k]
+            );
+        }
+        config.set(k, v);
+    }
+    config.set("bootstrap.servers", bootstrap);
+    config
+}
+
 /// A short-lived client for metadata probes.
 pub(crate) fn probe(bootstrap: &str, user: &BTreeMap<String, String>) -> ClientConfig {
     let mut config = ClientConfig::new();

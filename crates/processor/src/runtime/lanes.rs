@@ -212,8 +212,10 @@ mod tests {
                 yields,
             }),
             subscription: Arc::from("s"),
-            deferred_timeout: None,
+            live: crate::LiveProperties::new(ProcessorProperties::default()),
             state: None,
+            forwarder: None,
+            in_process: (0, crate::Backoff::fixed(std::time::Duration::ZERO)),
             _task: std::marker::PhantomData,
         });
         let mut props = ProcessorProperties::default();
@@ -236,6 +238,8 @@ mod tests {
                 metadata: TaskMetadata::default(),
                 task: offset as u64,
                 state: None,
+                trace: None,
+                raw: None,
             };
             assert!(!ctx.offer(crate::runtime::extract::Incoming::Task(unit), 0));
         }

@@ -25,6 +25,7 @@ pub(crate) mod completion;
 pub(crate) mod consumer;
 pub(crate) mod delay;
 pub(crate) mod extract;
+pub(crate) mod forward;
 pub(crate) mod kafka_config;
 pub(crate) mod lanes;
 pub(crate) mod offsets;
@@ -32,9 +33,11 @@ pub(crate) mod partition;
 pub(crate) mod partition_core;
 pub(crate) mod partitions;
 pub(crate) mod pipeline;
+pub(crate) mod rate;
 pub(crate) mod recorder;
 pub(crate) mod state;
 pub(crate) mod task;
+pub(crate) mod topics;
 pub(crate) mod wakeup;
 
 use std::sync::Arc;
@@ -49,13 +52,14 @@ use partitions::Partitions;
 use pipeline::TaskRunner;
 use recorder::SubscriptionRecorder;
 use state::StateRuntime;
+use topics::Topics;
 use wakeup::Wakeup;
 
 /// Everything one running subscription shares between its consumer thread and the
 /// consumer's callbacks.
 pub(crate) struct RuntimeCore<T> {
     pub(crate) recorder: Arc<SubscriptionRecorder>,
-    pub(crate) topic: Arc<str>,
+    pub(crate) topics: Topics,
     pub(crate) props: ProcessorProperties,
     pub(crate) partitions: Mutex<Partitions<T>>,
     pub(crate) runner: Arc<dyn TaskRunner<T>>,
@@ -64,4 +68,6 @@ pub(crate) struct RuntimeCore<T> {
     pub(crate) committer: Committer,
     pub(crate) wakeup: Arc<Wakeup>,
     pub(crate) extractor: Extractor,
+    pub(crate) health: Arc<crate::health::HealthBoard>,
+    pub(crate) live: crate::LiveProperties,
 }

@@ -20,16 +20,20 @@ use std::sync::Arc;
 
 use super::delay::DelayQueue;
 use super::extract::Incoming;
+use super::forward::Failure;
 use super::lanes::Lanes;
 use super::offsets::Registration;
 use super::partition_core::PartitionCore;
+use super::rate::{Gate, PartitionRate};
 use super::recorder::SubscriptionRecorder;
 use super::state::StateSlot;
 use super::task::TaskUnit;
+use super::topics::PartitionId;
+use crate::LiveProperties;
 
 /// Pauses and resumes fetching of one partition (the consumer, or a test double).
 pub(crate) trait PauseControl {
-    fn set_paused(&self, partition: i32, paused: bool);
+    fn set_paused(&self, partition: PartitionId, paused: bool);
 }
 
 /// One assigned partition, owned by the consumer thread.
@@ -37,9 +41,10 @@ pub(crate) struct PartitionContext<T> {
     core: Arc<PartitionCore>,
     lanes: Lanes<T>,
     delayed: DelayQueue<T>,
-    /// Fetched records waiting for room under `max_pending` or for readiness; the
-    /// partition is paused while it is not empty, so it holds at most what was fetched
-    /// before the pause took effect.
+    /// Fetched records waiting for room under `max_pending`, for readiness or for the
+    /// processing rate. The partition is paused while it holds any record waiting for
+    /// room or readiness, and once `max_pending` records wait for the rate, so it holds at
+    /// most that plus what was fetched before the pause took effect.
     overflow: VecDeque<Incoming<T>>,
     paused: bool,
     max_pending: usize,
@@ -51,6 +56,11 @@ pub(crate) struct PartitionContext<T> {
     /// The closed core of this partition's previous assignment here, while its abandoned
     /// tasks still run.
     predecessor: Option<Arc<PartitionCore>>,
+    /// Where `max_pending` and the processing rate are read from while running.
+    live: Option<(LiveProperties, u64)>,
+    rate: PartitionRate,
+    /// When the next token of the rate is due (epoch ms), while a task waits for it.
+    rate_due: Option<i64>,
 }
 
 impl<T: Send + 'static> PartitionContext<T> {
@@ -73,6 +83,55 @@ impl<T: Send + 'static> PartitionContext<T> {
             last_committed,
             state,
             predecessor,
+            live: None,
+            rate: PartitionRate::new(-1),
+            rate_due: None,
+        }
+    }
+
+    /// Reads `max_pending` and the processing rate from `live` from now on.
+    pub(crate) fn with_live(mut self, live: LiveProperties) -> Self {
+        self.live = Some((live, u64::MAX));
+        self.refresh();
+        self
+    }
+
+    /// Picks up changed live properties.
+    fn refresh(&mut self) {
+        let Some((live, seen)) = &mut self.live else {
+            return;
+        };
+        let version = live.version();
+        if *seen == version {
+            return;
+        }
+        *seen = version;
+        let props = live.get();
+        self.max_pending = props.max_pending;
+        self.rate.set(props.processing_rate_per_partition);
+        self.rate_due = None;
+    }
+
+    /// Whether `incoming` may go to the lanes now as far as the rate is concerned (a task
+    /// takes a token; a record that will not run needs none).
+    fn rate_allows(&mut self, incoming: &Incoming<T>, now_ms: i64) -> bool {
+        if !matches!(incoming, Incoming::Task(_)) {
+            return true;
+        }
+        match self.rate.take() {
+            Gate::Open => {
+                self.rate_due = None;
+                true
+            }
+            Gate::Wait(d) => {
+                let wait = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+                self.rate_due = Some(now_ms.saturating_add(wait.max(1)));
+                false
+            }
+            Gate::Stopped => {
+                self.rate_due = None;
+                false
+            }
         }
     }
 
@@ -100,9 +159,36 @@ impl<T: Send + 'static> PartitionContext<T> {
         self.core.in_flight() < self.max_pending
     }
 
+    /// What health reports show of this partition.
+    pub(crate) fn health(&self) -> crate::health::PartitionHealth {
+        use crate::health::NotReady;
+        let (position, pending, offset_map_gaps, completed) = self.core.progress();
+        let not_ready = match self.predecessor.as_ref().map(|p| p.running()) {
+            Some(tasks) if tasks > 0 => Some(NotReady::PredecessorRunning { tasks }),
+            _ if self.state.as_ref().is_some_and(|s| !s.is_ready()) => {
+                Some(NotReady::RestoringState)
+            }
+            _ => None,
+        };
+        crate::health::PartitionHealth {
+            topic: self.core.topic().clone(),
+            partition: self.core.partition(),
+            position,
+            pending,
+            delayed: self.delayed.len(),
+            completed,
+            offset_map_gaps,
+            not_ready,
+        }
+    }
+
     /// Takes one fetched record; true when it had to wait (flow control should run).
     pub(crate) fn offer(&mut self, incoming: Incoming<T>, now_ms: i64) -> bool {
-        if self.overflow.is_empty() && self.is_ready() && self.has_room() {
+        if self.overflow.is_empty()
+            && self.is_ready()
+            && self.has_room()
+            && self.rate_allows(&incoming, now_ms)
+        {
             self.dispatch(incoming, now_ms);
             false
         } else {
@@ -122,7 +208,32 @@ impl<T: Send + 'static> PartitionContext<T> {
             }
             Registration::Inherited => recorder.skipped(),
             Registration::New => match incoming {
-                Incoming::Skip(_) => self.core.complete_registered(offset),
+                Incoming::Skip(_) | Incoming::Discard { forward: None, .. } => {
+                    self.core.complete_registered(offset)
+                }
+                Incoming::Discard {
+                    reason,
+                    forward: Some((forwarder, raw)),
+                    ..
+                } => {
+                    self.core.mark_dispatched();
+                    if self.core.try_start() {
+                        let core = self.core.clone();
+                        forwarder.spawn(
+                            core.clone(),
+                            offset,
+                            raw,
+                            Failure::discarded(reason),
+                            move |forwarded| {
+                                if forwarded {
+                                    core.finish(offset)
+                                } else {
+                                    core.release()
+                                }
+                            },
+                        );
+                    }
+                }
                 Incoming::Task(_) if self.state.as_ref().is_some_and(|s| s.is_applied(offset)) => {
                     self.core.complete_registered(offset);
                     recorder.skipped();
@@ -161,9 +272,18 @@ impl<T: Send + 'static> PartitionContext<T> {
         }
     }
 
-    /// When the next delayed task is due (epoch milliseconds).
+    /// When the next delayed task is due, or the rate's next token for a waiting task
+    /// (epoch milliseconds).
     pub(crate) fn next_due(&self) -> Option<i64> {
-        self.delayed.next_due()
+        match (self.delayed.next_due(), self.rate_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether a task waits for a token that is due by `now_ms`.
+    pub(crate) fn rate_due_by(&self, now_ms: i64) -> bool {
+        self.rate_due.is_some_and(|d| d <= now_ms)
     }
 
     /// Moves waiting records into the lanes while there is room, pauses or resumes
@@ -176,18 +296,37 @@ impl<T: Send + 'static> PartitionContext<T> {
     ) -> bool {
         // Ask for a wakeup first, so a completion between the checks below is not missed.
         self.core.set_wants_wakeup(true);
+        self.refresh();
         let ready = self.is_ready();
         if ready {
             while self.has_room() {
                 let Some(incoming) = self.overflow.pop_front() else {
                     break;
                 };
+                if !self.rate_allows(&incoming, now_ms) {
+                    self.overflow.push_front(incoming);
+                    break;
+                }
                 self.dispatch(incoming, now_ms);
             }
         }
-        let throttled = !ready || !self.overflow.is_empty() || !self.has_room();
+        // Records waiting only for the rate do not pause fetching until `max_pending` of
+        // them wait (pausing drops librdkafka's prefetched records, and fetching again
+        // after a resume costs more than the rate allows); fetching resumes once half of
+        // them are gone. Any other wait pauses at once.
+        let limit = if self.rate_due.is_some() {
+            self.max_pending
+        } else {
+            1
+        };
+        let overflowing = if self.paused {
+            self.overflow.len() > limit / 2
+        } else {
+            self.overflow.len() >= limit
+        };
+        let throttled = !ready || overflowing || !self.has_room();
         if throttled != self.paused {
-            control.set_paused(self.core.partition(), throttled);
+            control.set_paused(self.core.id(), throttled);
             self.paused = throttled;
             subscription.paused(throttled);
         }
@@ -292,8 +431,8 @@ mod tests {
     struct Pauses(Mutex<Vec<(i32, bool)>>);
 
     impl PauseControl for Pauses {
-        fn set_paused(&self, partition: i32, paused: bool) {
-            self.0.lock().push((partition, paused));
+        fn set_paused(&self, partition: PartitionId, paused: bool) {
+            self.0.lock().push((partition.partition, paused));
         }
     }
 
@@ -334,7 +473,10 @@ mod tests {
         let subscription = SubscriptionRecorder::new(Arc::from("s"), counters.clone());
         let core = Arc::new(PartitionCore::new(
             Arc::from("t"),
-            partition,
+            PartitionId {
+                topic: 0,
+                partition,
+            },
             OffsetTracker::starting_at(Some(0), DoneRanges::default()),
             subscription.partition("t", partition),
             wakeup.clone(),
@@ -382,7 +524,7 @@ mod tests {
         // consumer thread for partition 3.
         old.core.finish(0);
         assert_eq!(old.core.position(), Some(0));
-        assert_eq!(new.wakeup.take(), vec![3]);
+        assert_eq!(new.wakeup.take(), vec![new.core.id()]);
         assert!(!new.ctx.flow(&pauses, &new.subscription, 0));
         assert_eq!(pauses.0.lock().last(), Some(&(3, false)));
         new._rt.block_on(async {
@@ -429,9 +571,35 @@ mod tests {
         );
         f.core.finish(2);
         f.core.finish(1);
-        assert_eq!(f.wakeup.take(), vec![5]);
+        assert_eq!(f.wakeup.take(), vec![f.core.id()]);
         assert!(!f.ctx.flow(&pauses, &f.subscription, 0));
         assert_eq!(pauses.0.lock().as_slice(), &[(5, true), (5, false)]);
+    }
+
+    /// Health reports a partition held back by its predecessor's running task, and the
+    /// gaps in its offset window.
+    #[test]
+    fn health_tells_why_a_partition_is_held_back_and_counts_gaps() {
+        let old = fixture(3, 100, None);
+        assert!(old.core.try_start_for_test(0));
+        old.core.close();
+        let new = fixture_with(3, 100, Some(old.core.clone()), old.wakeup.clone());
+        assert_eq!(
+            new.ctx.health().not_ready,
+            Some(crate::NotReady::PredecessorRunning { tasks: 1 })
+        );
+        old.core.finish(0);
+        assert_eq!(new.ctx.health().not_ready, None);
+        // 0 unfinished, 1 done, 2 unfinished, 3 done: two gaps pin the position at 0.
+        let f = fixture(6, 100, None);
+        for o in 0..4 {
+            assert!(f.core.try_start_for_test(o));
+        }
+        f.core.finish(1);
+        f.core.finish(3);
+        let h = f.ctx.health();
+        assert_eq!((h.position, h.pending, h.offset_map_gaps), (Some(0), 2, 2));
+        assert_eq!((h.completed, h.delayed), (2, 0));
     }
 
     /// A record below those already registered (the fetch position went back) is

@@ -15,6 +15,7 @@ use parking_lot::{Condvar, Mutex};
 
 use super::offsets::{OffsetTracker, Registration};
 use super::recorder::PartitionRecorder;
+use super::topics::PartitionId;
 use super::wakeup::Wakeup;
 
 struct Inner {
@@ -27,12 +28,14 @@ struct Inner {
     revoked: bool,
     /// Completions are ignored.
     closed: bool,
+    /// Records completed so far (for health reports: is the partition moving?).
+    completed: u64,
 }
 
 /// The half of a partition that lanes and completions use.
 pub(crate) struct PartitionCore {
     topic: Arc<str>,
-    partition: i32,
+    id: PartitionId,
     inner: Mutex<Inner>,
     changed: Condvar,
     recorder: PartitionRecorder,
@@ -43,20 +46,21 @@ pub(crate) struct PartitionCore {
 impl PartitionCore {
     pub(crate) fn new(
         topic: Arc<str>,
-        partition: i32,
+        id: PartitionId,
         tracker: OffsetTracker,
         recorder: PartitionRecorder,
         wakeup: Arc<Wakeup>,
     ) -> Self {
         PartitionCore {
             topic,
-            partition,
+            id,
             inner: Mutex::new(Inner {
                 tracker,
                 running: 0,
                 dispatched: 0,
                 revoked: false,
                 closed: false,
+                completed: 0,
             }),
             changed: Condvar::new(),
             recorder,
@@ -70,7 +74,12 @@ impl PartitionCore {
     }
 
     pub(crate) fn partition(&self) -> i32 {
-        self.partition
+        self.id.partition
+    }
+
+    /// Which of the subscription's partitions this is.
+    pub(crate) fn id(&self) -> PartitionId {
+        self.id
     }
 
     pub(crate) fn recorder(&self) -> &PartitionRecorder {
@@ -98,6 +107,7 @@ impl PartitionCore {
         inner.dispatched -= 1;
         if !inner.closed {
             inner.tracker.complete(offset);
+            inner.completed += 1;
             self.recorder.pending(inner.tracker.unfinished());
         }
         let wake = inner.running == 0 || inner.dispatched == 0;
@@ -106,7 +116,7 @@ impl PartitionCore {
             self.changed.notify_all();
         }
         if self.wants_wakeup.load(Ordering::Acquire) {
-            self.wakeup.notify(self.partition);
+            self.wakeup.notify(self.id);
         }
     }
 
@@ -119,7 +129,7 @@ impl PartitionCore {
         drop(inner);
         self.changed.notify_all();
         if self.wants_wakeup.load(Ordering::Acquire) {
-            self.wakeup.notify(self.partition);
+            self.wakeup.notify(self.id);
         }
     }
 
@@ -133,13 +143,28 @@ impl PartitionCore {
 
     /// Completes a registered record that needs no task (discarded or skipped).
     pub(crate) fn complete_registered(&self, offset: i64) {
-        self.inner.lock().tracker.complete(offset);
+        let mut inner = self.inner.lock();
+        inner.tracker.complete(offset);
+        inner.completed += 1;
     }
 
     pub(crate) fn mark_dispatched(&self) {
         let mut inner = self.inner.lock();
         inner.dispatched += 1;
         self.recorder.pending(inner.tracker.unfinished());
+    }
+
+    /// Commit position, unfinished tasks, gaps in the offset window (runs of unfinished
+    /// offsets below finished ones) and records completed so far, for health reports.
+    pub(crate) fn progress(&self) -> (Option<i64>, usize, usize, u64) {
+        let inner = self.inner.lock();
+        let t = &inner.tracker;
+        (
+            t.position(),
+            t.unfinished(),
+            t.done_above_position().count(),
+            inner.completed,
+        )
     }
 
     pub(crate) fn in_flight(&self) -> usize {
@@ -159,6 +184,16 @@ impl PartitionCore {
     #[cfg(test)]
     pub(crate) fn position(&self) -> Option<i64> {
         self.inner.lock().tracker.position()
+    }
+
+    /// Whether the partition is being given back (no new task starts).
+    pub(crate) fn is_revoked(&self) -> bool {
+        self.inner.lock().revoked
+    }
+
+    /// Whether the partition was closed: completions count for nothing any more.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.inner.lock().closed
     }
 
     /// Stops tasks from starting.

@@ -12,13 +12,14 @@ use std::sync::Arc;
 use super::partition::{PartitionContext, PauseControl};
 use super::partition_core::PartitionCore;
 use super::recorder::SubscriptionRecorder;
+use super::topics::PartitionId;
 
 /// The owned partitions of one subscription.
 pub(crate) struct Partitions<T> {
-    owned: HashMap<i32, PartitionContext<T>>,
+    owned: HashMap<PartitionId, PartitionContext<T>>,
     /// Closed cores of released partitions whose abandoned tasks still run, until the
     /// partition's next context here takes them as its predecessor.
-    zombies: HashMap<i32, Arc<PartitionCore>>,
+    zombies: HashMap<PartitionId, Arc<PartitionCore>>,
 }
 
 impl<T> Default for Partitions<T> {
@@ -31,11 +32,11 @@ impl<T> Default for Partitions<T> {
 }
 
 impl<T: Send + 'static> Partitions<T> {
-    pub(crate) fn get_mut(&mut self, partition: i32) -> Option<&mut PartitionContext<T>> {
+    pub(crate) fn get_mut(&mut self, partition: PartitionId) -> Option<&mut PartitionContext<T>> {
         self.owned.get_mut(&partition)
     }
 
-    pub(crate) fn contains(&self, partition: i32) -> bool {
+    pub(crate) fn contains(&self, partition: PartitionId) -> bool {
         self.owned.contains_key(&partition)
     }
 
@@ -43,7 +44,7 @@ impl<T: Send + 'static> Partitions<T> {
         self.owned.len()
     }
 
-    pub(crate) fn ids(&self) -> Vec<i32> {
+    pub(crate) fn ids(&self) -> Vec<PartitionId> {
         self.owned.keys().copied().collect()
     }
 
@@ -51,30 +52,33 @@ impl<T: Send + 'static> Partitions<T> {
         self.owned.values()
     }
 
-    pub(crate) fn insert(&mut self, partition: i32, context: PartitionContext<T>) {
+    pub(crate) fn insert(&mut self, partition: PartitionId, context: PartitionContext<T>) {
         self.owned.insert(partition, context);
     }
 
-    pub(crate) fn remove(&mut self, partition: i32) -> Option<PartitionContext<T>> {
+    pub(crate) fn remove(&mut self, partition: PartitionId) -> Option<PartitionContext<T>> {
         self.owned.remove(&partition)
     }
 
     /// The closed core of `partition`'s previous assignment, if its tasks still run.
-    pub(crate) fn take_predecessor(&mut self, partition: i32) -> Option<Arc<PartitionCore>> {
+    pub(crate) fn take_predecessor(
+        &mut self,
+        partition: PartitionId,
+    ) -> Option<Arc<PartitionCore>> {
         self.zombies.retain(|_, core| core.running() > 0);
         self.zombies.remove(&partition)
     }
 
     pub(crate) fn add_zombie(&mut self, core: Arc<PartitionCore>) {
         self.zombies.retain(|_, core| core.running() > 0);
-        self.zombies.insert(core.partition(), core);
+        self.zombies.insert(core.id(), core);
     }
 
     /// Runs flow control for `which` partitions (all when None); [`Self::throttled`]
     /// tells the result.
     pub(crate) fn flow(
         &mut self,
-        which: Option<&[i32]>,
+        which: Option<&[PartitionId]>,
         control: &dyn PauseControl,
         recorder: &SubscriptionRecorder,
         now_ms: i64,
@@ -108,6 +112,15 @@ impl<T: Send + 'static> Partitions<T> {
                 ctx.release_due(now_ms);
             }
         }
+    }
+
+    /// The partitions with a task waiting for a rate token that is due by now.
+    pub(crate) fn rate_due(&self, now_ms: i64) -> Vec<PartitionId> {
+        self.owned
+            .iter()
+            .filter(|(_, c)| c.rate_due_by(now_ms))
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// When the earliest delayed task is due.

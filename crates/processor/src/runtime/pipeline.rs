@@ -1,27 +1,37 @@
 //! Running one task: from a lane picking it up to its offset counting as done.
 //!
 //! 1. The partition is asked whether the task may start (not if it was revoked).
-//! 2. `process` runs; a panic is caught and counted as a failure.
+//! 2. `process` runs; a panic is caught and counted as a failure. A failure is tried
+//!    again in the lane while the retry configuration allows it.
 //! 3. The task is settled — now, or later through its [`Completion`](crate::Completion).
 //! 4. If the task wrote partition-local state, the lane holds the key until the writes are
 //!    acknowledged by the changelog and applied locally (see [`super::state`]); a deferred
 //!    task that wrote state holds its key until it completes. The key's next task reads
 //!    those writes, and one key's writes are applied in offset order.
-//! 5. The offset is marked done — or, if the partition was released meanwhile, nothing is.
+//! 5. A failed task is forwarded to the retry or dead-letter topic if the subscription
+//!    has one (see [`super::forward`]).
+//! 6. The offset is marked done — or, if the partition was released meanwhile, nothing is.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::FutureExt;
 use tokio::sync::oneshot;
+use tracing::Instrument as _;
 
 use super::completion::{CompletionInner, Outcome};
+use super::forward::{Forwarder, RawRecord};
 use super::state::StateRuntime;
 use super::task::TaskUnit;
 use crate::context::ProcessingContext;
-use crate::TaskProcessor;
+use crate::retry::Backoff;
+use crate::LiveProperties;
+use crate::{FailureKind, TaskProcessor};
+
+/// How often a task held by rate 0 looks again (a wakeup normally comes first).
+const HALT_CHECK: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Runs tasks; one per subscription, shared by its lanes.
 #[async_trait::async_trait]
@@ -29,17 +39,21 @@ pub(crate) trait TaskRunner<T>: Send + Sync + 'static {
     async fn run(&self, unit: TaskUnit<T>);
 }
 
-/// The runner of a subscription: its processor, and its state runtime if it has one.
+/// The runner of a subscription: its processor, its state runtime and failure forwarder
+/// if it has them.
 pub(crate) struct Pipeline<T, P> {
     pub(crate) processor: Arc<P>,
     pub(crate) subscription: Arc<str>,
-    pub(crate) deferred_timeout: Option<Duration>,
+    pub(crate) live: LiveProperties,
     pub(crate) state: Option<Arc<StateRuntime>>,
+    pub(crate) forwarder: Option<Arc<Forwarder>>,
+    /// Attempts in the lane after a failure, and the backoff between them.
+    pub(crate) in_process: (u32, Backoff),
     pub(crate) _task: std::marker::PhantomData<fn(T)>,
 }
 
 #[async_trait::async_trait]
-impl<T: Send + 'static, P: TaskProcessor<T>> TaskRunner<T> for Pipeline<T, P> {
+impl<T: prost::Message + Default + 'static, P: TaskProcessor<T>> TaskRunner<T> for Pipeline<T, P> {
     async fn run(&self, unit: TaskUnit<T>) {
         let TaskUnit {
             partition,
@@ -48,10 +62,26 @@ impl<T: Send + 'static, P: TaskProcessor<T>> TaskRunner<T> for Pipeline<T, P> {
             metadata,
             task,
             state,
+            trace,
+            raw,
         } = unit;
+        // Rate 0: no task starts until it changes (checked here, not only at dispatch, so
+        // tasks already queued in the lanes stop too).
+        while self.live.is_stopped() && !partition.is_revoked() {
+            let _ = tokio::time::timeout(HALT_CHECK, self.live.resumed()).await;
+        }
         if !partition.try_start() {
             return;
         }
+        let span = crate::task_span::task_span(
+            &self.subscription,
+            partition.topic(),
+            partition.partition(),
+            offset,
+            key.as_deref(),
+            &metadata,
+            trace.as_ref(),
+        );
         let (handoff, outcome) = match state {
             Some(_) => {
                 let (tx, rx) = oneshot::channel();
@@ -60,44 +90,27 @@ impl<T: Send + 'static, P: TaskProcessor<T>> TaskRunner<T> for Pipeline<T, P> {
             None => (None, None),
         };
         let completion = CompletionInner::new(partition.clone(), offset, handoff);
+        if let (Some(f), Some(raw)) = (&self.forwarder, &raw) {
+            completion.forward_failures(f.clone(), raw.clone());
+        }
         let mut ctx = ProcessingContext {
             subscription: self.subscription.clone(),
             key,
             metadata,
             completion: completion.clone(),
             deferred: AtomicBool::new(false),
-            deferred_timeout: self.deferred_timeout,
+            deferred_timeout: self.live.deferred_timeout(),
             state,
         };
-        let started = Instant::now();
-        let result = AssertUnwindSafe(self.processor.process(&ctx, task))
-            .catch_unwind()
+        let failure = self
+            .process(&mut ctx, task, raw.as_deref())
+            .instrument(span)
             .await;
-        let recorder = partition.recorder();
-        let ok = match result {
-            Ok(Ok(())) => {
-                recorder.processed(started.elapsed());
-                true
-            }
-            Ok(Err(e)) => {
-                recorder.process_failed(started.elapsed());
-                tracing::warn!(subscription = %self.subscription, topic = %partition.topic(),
-                    partition = partition.partition(), offset, "task failed: {e}");
-                false
-            }
-            Err(_) => {
-                recorder.process_failed(started.elapsed());
-                tracing::error!(subscription = %self.subscription, topic = %partition.topic(),
-                    partition = partition.partition(), offset, "processor panicked; task counted as failed");
-                false
-            }
-        };
         // Settled now unless deferred (a deferred task that failed in `process` fails).
-        let now = (!ctx.is_deferred() || !ok).then_some(if ok {
-            Outcome::Done
-        } else {
-            Outcome::FailedCounted
-        });
+        let now = match failure {
+            Some(f) => Some(f),
+            None => (!ctx.is_deferred()).then_some(Outcome::Done),
+        };
         let state = ctx.state.take();
         drop(ctx);
         let (Some(state), Some(outcome_rx), Some(runtime)) = (state, outcome, &self.state) else {
@@ -106,9 +119,21 @@ impl<T: Send + 'static, P: TaskProcessor<T>> TaskRunner<T> for Pipeline<T, P> {
             }
             return;
         };
-        let settled_here = now.filter(|o| completion.settle(*o));
+        let settled_here = now.filter(|o| !o.is_success() || completion.settle(*o));
         let outcome = match settled_here {
-            Some(o) => o,
+            Some(o) if o.is_success() => o,
+            // A failure goes through `finish` (it may be forwarded first), which hands
+            // the outcome back here.
+            Some(o) => {
+                completion.finish(o);
+                match outcome_rx.await {
+                    Ok(o) => o,
+                    Err(_) => {
+                        partition.release();
+                        return;
+                    }
+                }
+            }
             None if state.is_empty() && now.is_none() => {
                 // Deferred without state writes: nothing to order, do not hold the key.
                 tokio::spawn(async move {
@@ -132,4 +157,92 @@ impl<T: Send + 'static, P: TaskProcessor<T>> TaskRunner<T> for Pipeline<T, P> {
             .finish_task(&partition, offset, state, outcome)
             .await;
     }
+}
+
+impl<T: prost::Message + Default + 'static, P: TaskProcessor<T>> Pipeline<T, P> {
+    /// Calls `process`, again in the lane while the retry configuration allows it (the
+    /// task decoded anew from `raw` for each attempt); the failure it ends with, if any
+    /// (its reason recorded in the completion).
+    async fn process(
+        &self,
+        ctx: &mut ProcessingContext,
+        task: T,
+        raw: Option<&RawRecord>,
+    ) -> Option<Outcome> {
+        let (attempts, backoff) = self.in_process;
+        let partition = ctx.completion.partition().clone();
+        let recorder = partition.recorder();
+        let mut task = Some(task);
+        let mut attempt = 0u32;
+        loop {
+            let current = match task.take() {
+                Some(t) => t,
+                // Decoded once already, so it decodes again.
+                None => raw.and_then(RawRecord::decode::<T>)?,
+            };
+            let started = Instant::now();
+            let result = AssertUnwindSafe(self.processor.process(ctx, current))
+                .catch_unwind()
+                .await;
+            let took = started.elapsed();
+            let (outcome, reason) = match result {
+                Ok(Ok(())) => {
+                    recorder.processed(took);
+                    return None;
+                }
+                Ok(Err(e)) => {
+                    recorder.process_time(took);
+                    let outcome = match e.kind() {
+                        FailureKind::Permanent => Outcome::Permanent,
+                        FailureKind::Retry => Outcome::RetryAsked,
+                        _ => Outcome::Error,
+                    };
+                    (outcome, e.to_string())
+                }
+                Err(panic) => {
+                    recorder.process_time(took);
+                    (
+                        Outcome::Panicked,
+                        format!("panic: {}", panic_message(&*panic)),
+                    )
+                }
+            };
+            let again = attempt < attempts
+                && raw.is_some()
+                && outcome != Outcome::Permanent
+                && !ctx.is_deferred()
+                && !ctx.completion.is_done()
+                && !partition.is_revoked();
+            if again {
+                tracing::debug!(subscription = %self.subscription, topic = %partition.topic(),
+                    partition = partition.partition(), offset = ctx.completion.offset(), attempt,
+                    "task failed; trying again in the lane: {reason}");
+                recorder.retried_in_process();
+                tokio::time::sleep(backoff.delay(attempt)).await;
+                attempt += 1;
+                ctx.state = ctx.state.take().and_then(|s| s.restarted());
+                continue;
+            }
+            if outcome == Outcome::Panicked {
+                tracing::error!(subscription = %self.subscription, topic = %partition.topic(),
+                    partition = partition.partition(), offset = ctx.completion.offset(),
+                    "processor panicked; task failed: {reason}");
+            } else {
+                tracing::warn!(subscription = %self.subscription, topic = %partition.topic(),
+                    partition = partition.partition(), offset = ctx.completion.offset(),
+                    "task failed: {reason}");
+            }
+            ctx.completion.set_reason(reason);
+            return Some(outcome);
+        }
+    }
+}
+
+/// The message a panic was raised with, when it is text.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }

@@ -83,6 +83,10 @@ pub(crate) struct PartitionRecorder {
     leaked: Counter,
     abandoned: Counter,
     state_write_failures: Counter,
+    panicked: Counter,
+    retried_in_process: Counter,
+    retried: Counter,
+    dead_lettered: Counter,
     process_seconds: Histogram,
     complete_seconds: Histogram,
     pending: Gauge,
@@ -108,6 +112,10 @@ impl PartitionRecorder {
             leaked: counter!(names::COMPLETIONS_LEAKED, &labels),
             abandoned: counter!(names::ABANDONED, &labels),
             state_write_failures: counter!(names::STATE_WRITE_FAILURES, &labels),
+            panicked: counter!(names::PANICKED, &labels),
+            retried_in_process: counter!(names::RETRIED_IN_PROCESS, &labels),
+            retried: counter!(names::RETRIED, &labels),
+            dead_lettered: counter!(names::DEAD_LETTERED, &labels),
             process_seconds: histogram!(names::PROCESS_SECONDS, &labels),
             complete_seconds: histogram!(names::COMPLETE_SECONDS, &labels),
             pending: gauge!(names::PENDING, &labels),
@@ -122,10 +130,35 @@ impl PartitionRecorder {
         self.counters.processed.fetch_add(1, Relaxed);
     }
 
-    /// `process` returned an error or panicked.
-    pub(crate) fn process_failed(&self, took: Duration) {
+    /// `process` returned an error or panicked (the failure is counted when the task
+    /// settles: it may still be tried again in the lane).
+    pub(crate) fn process_time(&self, took: Duration) {
         self.process_seconds.record(took.as_secs_f64());
+    }
+
+    /// `process` panicked, or a panic dropped a deferred task's `Completion`.
+    pub(crate) fn panicked(&self) {
+        self.panicked.increment(1);
+        self.counters.panicked.fetch_add(1, Relaxed);
         self.failed();
+    }
+
+    /// A failed attempt is tried again in the lane.
+    pub(crate) fn retried_in_process(&self) {
+        self.retried_in_process.increment(1);
+        self.counters.retried_in_process.fetch_add(1, Relaxed);
+    }
+
+    /// A failed task was produced to the retry topic.
+    pub(crate) fn retried(&self) {
+        self.retried.increment(1);
+        self.counters.retried.fetch_add(1, Relaxed);
+    }
+
+    /// A failed task was produced to the dead-letter topic.
+    pub(crate) fn dead_lettered(&self) {
+        self.dead_lettered.increment(1);
+        self.counters.dead_lettered.fetch_add(1, Relaxed);
     }
 
     pub(crate) fn failed(&self) {

@@ -39,6 +39,7 @@ use super::completion::Outcome;
 use super::kafka_config;
 use super::partition_core::PartitionCore;
 use super::recorder::{PartitionRecorder, SubscriptionRecorder};
+use super::topics::PartitionId;
 use super::wakeup::Wakeup;
 
 /// One assignment of one partition's store.
@@ -117,6 +118,11 @@ pub(crate) struct TaskState {
 }
 
 impl TaskState {
+    /// A fresh view for another attempt of the same task: this attempt's writes dropped.
+    pub(crate) fn restarted(self) -> Option<TaskState> {
+        self.slot.task_state()
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.batch.is_empty()
     }
@@ -252,10 +258,11 @@ impl StateRuntime {
     pub(crate) fn open_partition(
         &self,
         topic: &str,
-        partition: i32,
+        id: PartitionId,
         committed: Option<i64>,
         wakeup: Arc<Wakeup>,
     ) -> Arc<StateSlot> {
+        let partition = id.partition;
         let slot = Arc::new(StateSlot {
             partition,
             store: OnceLock::new(),
@@ -307,7 +314,7 @@ impl StateRuntime {
                         recorder.state_restored(r.records_read);
                         slot.next_changelog_offset.store(r.next_offset, Ordering::Release);
                         slot.ready.store(true, Ordering::Release);
-                        wakeup.notify(partition);
+                        wakeup.notify(id);
                         return;
                     }
                     Err(StateError::Closed(_)) => return,

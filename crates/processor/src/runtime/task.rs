@@ -2,8 +2,9 @@
 
 use std::sync::Arc;
 
-use decaton_protocol::TaskMetadata;
+use decaton_protocol::{TaskMetadata, TraceParent};
 
+use super::forward::RawRecord;
 use super::partition_core::PartitionCore;
 use super::state::TaskState;
 
@@ -15,6 +16,11 @@ pub(crate) struct TaskUnit<T> {
     pub(crate) metadata: TaskMetadata,
     pub(crate) task: T,
     pub(crate) state: Option<TaskState>,
+    /// The producer's trace context (`traceparent` header), if it sent one.
+    pub(crate) trace: Option<TraceParent>,
+    /// The record as fetched, kept only when the subscription forwards failed tasks to a
+    /// retry or dead-letter topic.
+    pub(crate) raw: Option<Arc<RawRecord>>,
 }
 
 #[cfg(test)]
@@ -30,7 +36,10 @@ pub(crate) mod tests {
         let rec = SubscriptionRecorder::new(Arc::from("s"), Arc::default());
         Arc::new(PartitionCore::new(
             Arc::from("t"),
-            0,
+            crate::runtime::topics::PartitionId {
+                topic: 0,
+                partition: 0,
+            },
             OffsetTracker::starting_at(Some(0), DoneRanges::default()),
             rec.partition("t", 0),
             Arc::new(Wakeup::default()),
@@ -49,6 +58,8 @@ pub(crate) mod tests {
             },
             task: offset as u64,
             state: None,
+            trace: None,
+            raw: None,
         }
     }
 }

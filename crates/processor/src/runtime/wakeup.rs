@@ -11,16 +11,18 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
+use super::topics::PartitionId;
+
 /// Partitions that need the consumer thread's attention; at most one entry per partition.
 #[derive(Default)]
 pub(crate) struct Wakeup {
-    flagged: Mutex<Vec<i32>>,
+    flagged: Mutex<Vec<PartitionId>>,
     cv: Condvar,
 }
 
 impl Wakeup {
     /// Records `partition` and wakes a waiting consumer thread.
-    pub(crate) fn notify(&self, partition: i32) {
+    pub(crate) fn notify(&self, partition: PartitionId) {
         let mut flagged = self.flagged.lock();
         if !flagged.contains(&partition) {
             flagged.push(partition);
@@ -30,12 +32,12 @@ impl Wakeup {
     }
 
     /// The partitions flagged since the last call (possibly none).
-    pub(crate) fn take(&self) -> Vec<i32> {
+    pub(crate) fn take(&self) -> Vec<PartitionId> {
         std::mem::take(&mut *self.flagged.lock())
     }
 
     /// Waits up to `timeout` for a partition to be flagged, then takes them.
-    pub(crate) fn wait(&self, timeout: Duration) -> Vec<i32> {
+    pub(crate) fn wait(&self, timeout: Duration) -> Vec<PartitionId> {
         let mut flagged = self.flagged.lock();
         if flagged.is_empty() {
             let _ = self.cv.wait_for(&mut flagged, timeout);

@@ -1,0 +1,215 @@
+//! Handing tasks to a processor in batches, each task still completing on its own.
+//!
+//! [`Batching`] is a [`TaskProcessor`] that defers every task it is given and collects
+//! it into a batch; a batch goes to the [`BatchProcessor`] when it holds `capacity`
+//! tasks or when its first task has waited `linger`, whichever comes first. The batch
+//! processor completes, fails or retries each [`BatchedTask`] separately, so offsets
+//! commit only as their own task completes, and a task that fails in a batch is retried
+//! (or dead-lettered) alone. A panic inside `process_batch` fails every task of that
+//! batch that was not completed yet, each as a panic.
+//!
+//! Per-key order: tasks of one key enter batches in offset order and a batch keeps that
+//! order, but two batches may run at the same time; a batch processor that must apply
+//! one key's writes in order should not let its batches overlap (for example, hold a
+//! lock across `process_batch`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use decaton_protocol::TaskMetadata;
+use parking_lot::Mutex;
+
+use crate::{Completion, ProcessError, ProcessingContext, TaskProcessor};
+
+/// One task in a batch: the task, where it came from, and its completion.
+#[derive(Debug)]
+pub struct BatchedTask<T> {
+    /// The task.
+    pub task: T,
+    /// Where it came from.
+    pub info: BatchedInfo,
+    completion: Completion,
+}
+
+/// Where a batched task came from and when it joined its batch.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct BatchedInfo {
+    /// The record key.
+    pub key: Option<Vec<u8>>,
+    /// The task's metadata.
+    pub metadata: TaskMetadata,
+    /// Source topic.
+    pub topic: String,
+    /// Source partition.
+    pub partition: i32,
+    /// Offset in the partition.
+    pub offset: i64,
+    /// When the task joined its batch.
+    pub enqueued: std::time::Instant,
+}
+
+impl<T> BatchedTask<T> {
+    /// Completes this task.
+    pub fn complete(self) {
+        self.completion.complete();
+    }
+
+    /// Fails this task (then retried or dead-lettered alone, as the subscription says).
+    pub fn fail(self, reason: impl std::fmt::Display) {
+        self.completion.fail(reason);
+    }
+
+    /// Sends this task alone to the retry topic; gives it back when the subscription has
+    /// none.
+    // The task itself comes back, so the caller can complete or fail it instead.
+    #[allow(clippy::result_large_err)]
+    pub fn retry(self) -> Result<(), Self> {
+        let BatchedTask {
+            task,
+            info,
+            completion,
+        } = self;
+        completion.retry().map_err(|completion| BatchedTask {
+            task,
+            info,
+            completion,
+        })
+    }
+}
+
+/// Processes a batch of tasks; implement this and wrap it in [`Batching`].
+#[async_trait::async_trait]
+pub trait BatchProcessor<T>: Send + Sync + 'static {
+    /// Processes `batch` (at most the configured capacity, in arrival order) and
+    /// completes, fails or retries each task. A task dropped without either fails (counted
+    /// as leaked), so nothing stalls.
+    async fn process_batch(&self, batch: Vec<BatchedTask<T>>);
+}
+
+struct Buffer<T> {
+    tasks: Vec<BatchedTask<T>>,
+    /// Bumped whenever a batch leaves, so a linger timer flushes only its own batch.
+    generation: u64,
+}
+
+struct Shared<T, B> {
+    inner: B,
+    capacity: usize,
+    linger: Duration,
+    buffer: Mutex<Buffer<T>>,
+    batches: AtomicU64,
+}
+
+/// A [`TaskProcessor`] that collects tasks into batches for a [`BatchProcessor`].
+///
+/// ```
+/// use std::time::Duration;
+/// use decaton_processor::{async_trait, BatchProcessor, BatchedTask, Batching};
+/// use decaton_protocol::ChatOp;
+///
+/// struct BulkIndex;
+///
+/// #[async_trait]
+/// impl BatchProcessor<ChatOp> for BulkIndex {
+///     async fn process_batch(&self, batch: Vec<BatchedTask<ChatOp>>) {
+///         // one bulk request for the whole batch, then each task on its own:
+///         for t in batch {
+///             t.complete();
+///         }
+///     }
+/// }
+///
+/// let processor = Batching::new(BulkIndex, 100, Duration::from_millis(50));
+/// // Subscription::builder("indexer", processor)...
+/// ```
+pub struct Batching<T, B> {
+    shared: Arc<Shared<T, B>>,
+}
+
+impl<T: Send + 'static, B: BatchProcessor<T>> Batching<T, B> {
+    /// Batches of at most `capacity` tasks (at least 1), each sent at the latest `linger`
+    /// after its first task arrived.
+    pub fn new(inner: B, capacity: usize, linger: Duration) -> Self {
+        Batching {
+            shared: Arc::new(Shared {
+                inner,
+                capacity: capacity.max(1),
+                linger,
+                buffer: Mutex::new(Buffer {
+                    tasks: Vec::new(),
+                    generation: 0,
+                }),
+                batches: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// How many batches were handed to the batch processor so far.
+    pub fn batches(&self) -> u64 {
+        self.shared.batches.load(Ordering::Relaxed)
+    }
+}
+
+impl<T: Send + 'static, B: BatchProcessor<T>> Shared<T, B> {
+    /// Takes the buffered batch if it is still generation `generation` (any when None).
+    fn take(&self, generation: Option<u64>) -> Vec<BatchedTask<T>> {
+        let mut b = self.buffer.lock();
+        if generation.is_some_and(|g| g != b.generation) || b.tasks.is_empty() {
+            return Vec::new();
+        }
+        b.generation += 1;
+        std::mem::take(&mut b.tasks)
+    }
+
+    fn send(self: &Arc<Self>, batch: Vec<BatchedTask<T>>) {
+        if batch.is_empty() {
+            return;
+        }
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        let this = self.clone();
+        // A panic in the batch processor drops the batch's completions during the
+        // unwind: each not completed yet fails as a panic.
+        tokio::spawn(async move { this.inner.process_batch(batch).await });
+    }
+}
+
+#[async_trait::async_trait]
+impl<T: Send + 'static, B: BatchProcessor<T>> TaskProcessor<T> for Batching<T, B> {
+    async fn process(&self, ctx: &ProcessingContext, task: T) -> Result<(), ProcessError> {
+        let item = BatchedTask {
+            task,
+            info: BatchedInfo {
+                key: ctx.key().map(<[u8]>::to_vec),
+                metadata: ctx.metadata().clone(),
+                topic: ctx.topic().to_string(),
+                partition: ctx.partition(),
+                offset: ctx.offset(),
+                enqueued: std::time::Instant::now(),
+            },
+            completion: ctx.defer(),
+        };
+        let shared = &self.shared;
+        let (full, start_timer) = {
+            let mut b = shared.buffer.lock();
+            b.tasks.push(item);
+            if b.tasks.len() >= shared.capacity {
+                b.generation += 1;
+                (std::mem::take(&mut b.tasks), None)
+            } else {
+                (Vec::new(), (b.tasks.len() == 1).then_some(b.generation))
+            }
+        };
+        shared.send(full);
+        if let Some(generation) = start_timer {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(shared.linger).await;
+                let batch = shared.take(Some(generation));
+                shared.send(batch);
+            });
+        }
+        Ok(())
+    }
+}
