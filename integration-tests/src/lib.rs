@@ -1,6 +1,8 @@
 //! Shared pieces of the end-to-end tests: producing keyed, sequenced tasks, a recording
 //! processor, and waiting for conditions without sleeping.
 
+pub mod replication;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;

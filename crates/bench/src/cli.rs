@@ -7,6 +7,7 @@
 //!               [--out-dir DIR] [--format text|json]
 //! decaton bench produce [--producer put|raw-producer]... [WORKLOAD]
 //!               [--format text|json] [--output FILE]
+//! decaton bench replicate [WORKLOAD] [--format text|json] [--output FILE]
 //!
 //! WORKLOAD: [--tasks N] [--warmup N] [--partitions N] [--keys N] [--payload-bytes N]
 //!           [--bootstrap HOST:PORT] [--runs N] [--in-flight N] [--stall-timeout SECS]
@@ -43,6 +44,8 @@ pub enum BenchSubcommand {
     Matrix(MatrixArgs),
     /// Producer throughput: TaskClient::put against a raw rdkafka FutureProducer.
     Produce(ProduceArgs),
+    /// Replicator throughput into 3 derived topics, next to a raw rdkafka loop.
+    Replicate(crate::replicate::ReplicateArgs),
 }
 
 /// Output format.
@@ -244,6 +247,17 @@ async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             let reports = run_produce(&config).await?;
             let text = match a.format {
                 Format::Text => reports_to_text(&reports),
+                Format::Json => json(&reports)?,
+            };
+            emit(text, a.output.as_ref())
+        }
+        Some(BenchSubcommand::Replicate(a)) => {
+            let config = crate::replicate::ReplicateConfig {
+                workload: a.workload.workload(false)?,
+            };
+            let reports = crate::replicate::run_replicate(&config).await?;
+            let text = match a.format {
+                Format::Text => crate::replicate::replicate_reports_to_text(&reports),
                 Format::Json => json(&reports)?,
             };
             emit(text, a.output.as_ref())

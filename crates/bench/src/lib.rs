@@ -83,6 +83,7 @@ mod matrix;
 pub mod produce;
 mod progress;
 mod recorder;
+pub mod replicate;
 mod report;
 mod runner;
 

@@ -11,6 +11,7 @@
 //!   partition.
 //! * `decaton dlq list` summarises a dead-letter topic (count, first and last, reasons);
 //!   `decaton dlq replay` puts its tasks back on the topic they came from.
+//! * `decaton replicate --config FILE` runs the loopback replicator a TOML file describes.
 //! * `decaton dev-broker` runs an in-process Kafka mock cluster for local development.
 //! * `decaton bench` runs the benchmark harness (`decaton-bench`).
 //! * `decaton config check FILE` validates a processor service's configuration file.
@@ -25,6 +26,7 @@ mod lag;
 mod offset_map;
 mod options;
 mod put;
+mod replicate;
 mod schema;
 mod tail;
 
@@ -57,6 +59,8 @@ enum Command {
     Lag(lag::LagArgs),
     /// Summarise a dead-letter topic, or put its tasks back where they came from.
     Dlq(dlq::DlqArgs),
+    /// Replicate a topic into derived topics, as a TOML file describes.
+    Replicate(replicate::ReplicateArgs),
     /// Run an embedded Kafka mock cluster until Ctrl-C / SIGTERM.
     DevBroker(dev_broker::DevBrokerArgs),
     /// Run the benchmark harness.
@@ -94,6 +98,7 @@ fn run_async(command: Command) -> anyhow::Result<()> {
             Command::Tail(args) => tail::run(args).await,
             Command::Lag(args) => lag::run(args).await,
             Command::Dlq(args) => dlq::run(args).await,
+            Command::Replicate(args) => replicate::run(args).await,
             Command::DevBroker(args) => dev_broker::run(args).await,
             Command::Bench(_) | Command::Config(_) => {
                 anyhow::bail!("runs outside the tokio runtime")

@@ -62,6 +62,7 @@ pub use health::{NotReady, PartitionHealth, SubscriptionHealth};
 pub use live::{FileProperties, LiveProperties, PropertySupplier};
 pub use processor::{FailureKind, ProcessError, TaskProcessor};
 pub use retry::{Backoff, DeadLetterConfig, RetryConfig};
+pub use runtime::offsets::{decode_offset_map, DoneRanges, OffsetTracker, Registration};
 pub use stats::SubscriptionStats;
 pub use subscription::{Subscription, SubscriptionBuilder, SubscriptionError, SubscriptionHandle};
 pub use task_span::{set_trace_continuation, TraceContinuation};

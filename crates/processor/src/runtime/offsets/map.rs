@@ -92,7 +92,7 @@ fn read_varint(input: &[u8], pos: &mut usize) -> Option<u64> {
 /// The finished offsets a committed offset map lists, if `metadata` is a valid map for the
 /// committed `position`. Anything else (empty, foreign, corrupt, for another position)
 /// gives None: the position alone is used.
-pub(crate) fn decode_offset_map(position: i64, metadata: &str) -> Option<DoneRanges> {
+pub fn decode_offset_map(position: i64, metadata: &str) -> Option<DoneRanges> {
     let mut parts = metadata.splitn(4, ':');
     if parts.next()? != MAP_PREFIX {
         return None;

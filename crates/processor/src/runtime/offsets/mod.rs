@@ -21,6 +21,6 @@ mod map;
 mod ranges;
 mod tracker;
 
-pub(crate) use map::decode_offset_map;
-pub(crate) use ranges::DoneRanges;
-pub(crate) use tracker::{OffsetTracker, Registration};
+pub use map::decode_offset_map;
+pub use ranges::DoneRanges;
+pub use tracker::{OffsetTracker, Registration};

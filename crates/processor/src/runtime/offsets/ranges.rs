@@ -7,14 +7,14 @@
 
 /// Sorted, disjoint, non-adjacent half-open ranges `[start, end)` of offsets.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct DoneRanges {
+pub struct DoneRanges {
     ranges: Vec<(i64, i64)>,
 }
 
 impl DoneRanges {
     /// Builds the set from ranges given in increasing order (as a decoder produces them);
     /// empty ranges are dropped and touching ranges merged.
-    pub(crate) fn from_sorted(ranges: impl IntoIterator<Item = (i64, i64)>) -> Self {
+    pub fn from_sorted(ranges: impl IntoIterator<Item = (i64, i64)>) -> Self {
         let mut out: Vec<(i64, i64)> = Vec::new();
         for (start, end) in ranges {
             if start >= end {
@@ -29,7 +29,7 @@ impl DoneRanges {
     }
 
     /// Whether `offset` is in the set.
-    pub(crate) fn contains(&self, offset: i64) -> bool {
+    pub fn contains(&self, offset: i64) -> bool {
         let idx = self.ranges.partition_point(|&(_, end)| end <= offset);
         self.ranges
             .get(idx)
@@ -37,7 +37,7 @@ impl DoneRanges {
     }
 
     /// Forgets every offset below `offset`.
-    pub(crate) fn forget_below(&mut self, offset: i64) {
+    pub fn forget_below(&mut self, offset: i64) {
         let idx = self.ranges.partition_point(|&(_, end)| end <= offset);
         self.ranges.drain(..idx);
         if let Some(first) = self.ranges.first_mut() {
@@ -46,12 +46,12 @@ impl DoneRanges {
     }
 
     /// The ranges, in increasing order.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (i64, i64)> + '_ {
+    pub fn iter(&self) -> impl Iterator<Item = (i64, i64)> + '_ {
         self.ranges.iter().copied()
     }
 
     /// Number of offsets in the set.
-    pub(crate) fn count(&self) -> u64 {
+    pub fn count(&self) -> u64 {
         self.ranges.iter().map(|(s, e)| (e - s) as u64).sum()
     }
 

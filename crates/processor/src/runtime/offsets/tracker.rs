@@ -7,7 +7,7 @@ use super::DoneRanges;
 
 /// What [`OffsetTracker::register`] made of a fetched record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Registration {
+pub enum Registration {
     /// Registered, unfinished: run it.
     New,
     /// Registered and already done: the inherited offset map lists it. Skip it.
@@ -18,8 +18,15 @@ pub(crate) enum Registration {
 }
 
 /// Registered records from the watermark to the newest fetched one, with a done flag each.
+///
+/// The out-of-order commit of one partition: register each fetched record in offset
+/// order, mark it done in any order, and commit [`position`](Self::position) (the lowest
+/// unfinished offset) with [`offset_map`](Self::offset_map) as the commit metadata. A new
+/// owner starts from the committed position and the map decoded by
+/// [`decode_offset_map`](crate::decode_offset_map), and skips the records registered as
+/// [`Registration::Inherited`]. Memory is one entry per registered record in flight.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct OffsetTracker {
+pub struct OffsetTracker {
     /// One past the newest registered offset; before any, the committed position.
     next: Option<i64>,
     /// Registered offsets in increasing order; the front is always unfinished.
@@ -32,7 +39,7 @@ pub(crate) struct OffsetTracker {
 impl OffsetTracker {
     /// A tracker whose position starts at `position` (the committed offset, if any), with
     /// the finished offsets above it that the committed offset map listed.
-    pub(crate) fn starting_at(position: Option<i64>, mut inherited: DoneRanges) -> Self {
+    pub fn starting_at(position: Option<i64>, mut inherited: DoneRanges) -> Self {
         match position {
             Some(p) => inherited.forget_below(p),
             None => inherited = DoneRanges::default(),
@@ -46,7 +53,7 @@ impl OffsetTracker {
     }
 
     /// Registers a fetched record at `offset`.
-    pub(crate) fn register(&mut self, offset: i64) -> Registration {
+    pub fn register(&mut self, offset: i64) -> Registration {
         if self.next.is_some_and(|n| offset < n) {
             return Registration::Rewound;
         }
@@ -66,7 +73,7 @@ impl OffsetTracker {
     }
 
     /// Marks `offset` done. False if it is not registered and unfinished.
-    pub(crate) fn complete(&mut self, offset: i64) -> bool {
+    pub fn complete(&mut self, offset: i64) -> bool {
         let Ok(idx) = self.entries.binary_search_by_key(&offset, |e| e.0) else {
             return false;
         };
@@ -85,25 +92,25 @@ impl OffsetTracker {
 
     /// The offset to commit: the lowest unfinished registered offset, or one past the
     /// newest registered one when everything is done. None before anything is known.
-    pub(crate) fn position(&self) -> Option<i64> {
+    pub fn position(&self) -> Option<i64> {
         self.entries.front().map(|e| e.0).or(self.next)
     }
 
     /// Registered records from the watermark to the newest one, finished or not: what
     /// `max_pending` bounds, and the tracker's memory.
-    pub(crate) fn in_flight(&self) -> usize {
+    pub fn in_flight(&self) -> usize {
         self.entries.len()
     }
 
     /// Registered records not yet done.
-    pub(crate) fn unfinished(&self) -> usize {
+    pub fn unfinished(&self) -> usize {
         self.unfinished
     }
 
     /// Finished offsets above the position (its own and the inherited ones not fetched
     /// yet), as commit metadata no longer than `max_len`; empty when there are none or the
     /// map would be too long.
-    pub(crate) fn offset_map(&self, max_len: usize) -> String {
+    pub fn offset_map(&self, max_len: usize) -> String {
         let Some(base) = self.position() else {
             return String::new();
         };
