@@ -209,7 +209,7 @@ fn dead_letters(bootstrap: &str) -> anyhow::Result<Vec<(String, String)>> {
                     .headers()
                     .and_then(|h| {
                         h.iter()
-                            .find(|h| h.key == "dt_replicator_error")
+                            .find(|h| h.key == decaton_protocol::dead_letter::REASON)
                             .and_then(|h| h.value)
                     })
                     .map(|v| String::from_utf8_lossy(v).into_owned())

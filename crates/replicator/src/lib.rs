@@ -216,8 +216,9 @@ impl ReplicatorBuilder {
         self.transactional_id = Some(id.into());
         self
     }
-    /// Where bad records go (source key, value and headers, plus a `dt_replicator_error`
-    /// header); without one they are only counted.
+    /// Where bad records go (source key, value and headers, plus the dead-letter headers
+    /// of `decaton_protocol::dead_letter`, so `decaton dlq` reads them); without one they
+    /// are only counted.
     pub fn dead_letter_topic(mut self, topic: impl Into<String>) -> Self {
         self.dead_letter_topic = Some(topic.into());
         self

@@ -35,10 +35,6 @@ use rdkafka::{ClientConfig, ClientContext, Message as _};
 use crate::route::{Out, RecordView};
 use crate::{Replicator, ReplicatorError, ReplicatorHandle, SourceFormat};
 
-/// Header on dead letters: why the record could not be replicated.
-pub(crate) const ERROR_HEADER: &str = "dt_replicator_error";
-/// Header on dead letters: `topic/partition/offset` of the source record.
-pub(crate) const SOURCE_HEADER: &str = "dt_replicator_source";
 /// Longest offset map put into commit metadata (Kafka's default limit is 4096).
 const OFFSET_MAP_MAX_BYTES: usize = 4000;
 /// A transaction closes after this many source records even before commit_interval.
@@ -807,12 +803,23 @@ impl Pipeline {
         if !errors.is_empty() {
             tracing::debug!(partition, offset, errors = ?errors, "bad record");
             if let Some(dlq) = &self.replicator.builder.dead_letter_topic {
-                let mut hs: Vec<(String, Vec<u8>)> = Vec::new();
-                hs.push((ERROR_HEADER.into(), errors.join("; ").into_bytes()));
-                hs.push((
-                    SOURCE_HEADER.into(),
-                    format!("{}/{partition}/{offset}", self.topic).into_bytes(),
-                ));
+                // The processor's dead-letter headers, so `decaton dlq list` shows why and
+                // `decaton dlq replay` puts the record back on the source topic.
+                use decaton_protocol::dead_letter as dl;
+                let hs: Vec<(String, Vec<u8>)> = [
+                    (dl::REASON, errors.join("; ")),
+                    (dl::KIND, "discarded".to_string()),
+                    (dl::ATTEMPTS, "1".to_string()),
+                    (dl::TOPIC, self.topic.to_string()),
+                    (dl::PARTITION, partition.to_string()),
+                    (dl::OFFSET, offset.to_string()),
+                    (dl::ORIGIN_TOPIC, self.topic.to_string()),
+                    (dl::SUBSCRIPTION, self.replicator.builder.group.clone()),
+                    (dl::TIME_MILLIS, decaton_protocol::now_millis().to_string()),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.into_bytes()))
+                .collect();
                 outs.push((
                     Dest::DeadLetter,
                     Out {
