@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use crate::cluster::Cluster;
 use crate::config::BenchConfig;
+use crate::figures::RssSamples;
 use crate::progress::{self, Progress};
-use crate::recorder::Recorder;
+use crate::recorder::{sample_rss, Recorder};
 use crate::report::BenchReport;
 use crate::runner::{self, RunEnv};
 use crate::{produce, BenchError};
@@ -33,7 +34,7 @@ pub(crate) async fn run_bench_on(
         },
         w.partitions,
         config.simulate_latency,
-        w.keys,
+        w.keys.distinct(),
     );
     let label = config.runner.label();
     let mut runs = Vec::new();
@@ -58,12 +59,16 @@ pub(crate) async fn run_bench_on(
             recorder.total(),
             format!("{label} run {run}/{}", w.runs),
         );
+        let rss = std::sync::Mutex::new(Vec::new());
         tokio::select! {
             r = runner.run(&env, recorder.clone()) => r?,
             e = progress::stall_watch(&recorder, &progress, w.stall_timeout) => return Err(e),
+            _ = sample_rss(&rss) => {}
         }
         progress.finish();
-        runs.push(recorder.figures(ideal)?);
+        let mut figures = recorder.figures(ideal, config.simulate_latency)?;
+        figures.rss = RssSamples::of(&rss.lock().unwrap_or_else(|p| p.into_inner()));
+        runs.push(figures);
     }
     Ok(BenchReport::new(
         label,

@@ -92,10 +92,7 @@ pub(crate) fn render(report: &MatrixReport, path: &Path) -> Result<(), BenchErro
             "decaton bench matrix — {} tasks, {} partitions, {}",
             e.workload.tasks,
             e.workload.partitions,
-            match e.workload.keys {
-                Some(k) => format!("{k} keys"),
-                None => "a key per task".into(),
-            }
+            e.workload.keys.describe()
         ),
         None => "decaton bench matrix".into(),
     };

@@ -9,7 +9,7 @@
 //!               [--format text|json] [--output FILE]
 //! decaton bench replicate [WORKLOAD] [--format text|json] [--output FILE]
 //!
-//! WORKLOAD: [--tasks N] [--warmup N] [--partitions N] [--keys N] [--payload-bytes N]
+//! WORKLOAD: [--tasks N] [--warmup N] [--partitions N] [--keys null|unique|N] [--payload-bytes N]
 //!           [--bootstrap HOST:PORT] [--runs N] [--in-flight N] [--stall-timeout SECS]
 //!           [--producer-param NAME=VALUE]...
 //! ```
@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
 
-use crate::config::{parse_param, BenchConfig, RunnerKind, RunnerSpec, Workload};
+use crate::config::{parse_param, BenchConfig, Keys, RunnerKind, RunnerSpec, Workload};
 use crate::matrix::{run_matrix, MatrixConfig};
 use crate::produce::{run_produce, ProduceConfig, ProducerKind};
 use crate::report::reports_to_text;
@@ -70,9 +70,10 @@ pub struct WorkloadArgs {
     /// Partitions of the benchmark topic.
     #[arg(long, default_value_t = 3)]
     pub partitions: i32,
-    /// Distinct keys [default: a key per task, i.e. no ordering constraint].
-    #[arg(long)]
-    pub keys: Option<u64>,
+    /// Task keys: `null` (no key, as Decaton's benchmark), `unique` (a key per task) or
+    /// a number of distinct keys.
+    #[arg(long, default_value_t = Keys::Null)]
+    pub keys: Keys,
     /// Bytes of payload per task.
     #[arg(long, default_value_t = 64)]
     pub payload_bytes: usize,
@@ -100,7 +101,6 @@ impl WorkloadArgs {
         anyhow::ensure!(self.tasks > 0, "--tasks must be at least 1");
         anyhow::ensure!(self.partitions > 0, "--partitions must be at least 1");
         anyhow::ensure!(self.runs > 0, "--runs must be at least 1");
-        anyhow::ensure!(self.keys != Some(0), "--keys must be at least 1");
         Ok(Workload {
             tasks: self.tasks,
             warmup: self.warmup.unwrap_or(self.tasks / 10),
@@ -128,7 +128,7 @@ pub struct RunArgs {
     /// for the rdkafka runners.
     #[arg(long = "param", value_name = "NAME=VALUE", value_parser = parse_param)]
     pub params: Vec<(String, String)>,
-    /// Milliseconds the processor waits per task (tokio sleep); 0 = no-op.
+    /// Milliseconds the processor waits per task (a timer precise to about 0.1 ms); 0 = no-op.
     #[arg(long, default_value_t = 0, value_name = "MS")]
     pub simulate_latency: u64,
     /// Workload.
@@ -329,7 +329,7 @@ mod tests {
             b.run.params,
             vec![("fetch.wait.max.ms".to_string(), "10".to_string())]
         );
-        assert_eq!(b.run.workload.keys, Some(7));
+        assert_eq!(b.run.workload.keys, Keys::Distinct(7));
         assert_eq!(b.run.workload.partitions, 3);
         Ok(())
     }

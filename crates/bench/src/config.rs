@@ -161,6 +161,67 @@ pub fn parse_param(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// How the benchmark's tasks are keyed (`--keys null|unique|N`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Keys {
+    /// No key, as Decaton's benchmark produces: no two tasks constrain each other's
+    /// order, and the processor spreads them over its lanes round robin.
+    #[default]
+    Null,
+    /// A key of its own per task (`task-{i}`): no ordering constraint either, but each
+    /// task hashes to a lane, so lanes get uneven shares.
+    Unique,
+    /// `N` distinct keys (`user-{i % N}`): at most `N` tasks can run at once.
+    Distinct(u64),
+}
+
+impl Keys {
+    /// The number of distinct keys, when there is a fixed number.
+    pub fn distinct(self) -> Option<u64> {
+        match self {
+            Keys::Distinct(n) => Some(n),
+            Keys::Null | Keys::Unique => None,
+        }
+    }
+
+    /// In words, for reports: "no keys", "a key per task", "N keys".
+    pub(crate) fn describe(self) -> String {
+        match self {
+            Keys::Null => "no keys".to_string(),
+            Keys::Unique => "a key per task".to_string(),
+            Keys::Distinct(k) => format!("{k} keys"),
+        }
+    }
+}
+
+impl std::str::FromStr for Keys {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "null" | "none" => Ok(Keys::Null),
+            "unique" => Ok(Keys::Unique),
+            n => match n.parse::<u64>() {
+                Ok(0) | Err(_) => Err(format!(
+                    "--keys takes null, unique or a number of keys (at least 1), not {n:?}"
+                )),
+                Ok(n) => Ok(Keys::Distinct(n)),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Keys::Null => f.write_str("null"),
+            Keys::Unique => f.write_str("unique"),
+            Keys::Distinct(n) => write!(f, "{n}"),
+        }
+    }
+}
+
 /// The workload and harness settings shared by every benchmark (consumer runs, the
 /// producer comparison and each cell of a matrix).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,9 +233,10 @@ pub struct Workload {
     pub warmup: u64,
     /// Partitions of the benchmark topic.
     pub partitions: i32,
-    /// Distinct keys; `None` = every task gets a key of its own (no ordering constraint
-    /// between any two tasks, the stand-in for Decaton's null keys).
-    pub keys: Option<u64>,
+    /// How tasks are keyed: no key (the default, as in Decaton's benchmark), a key per
+    /// task, or N distinct keys.
+    #[serde(default)]
+    pub keys: Keys,
     /// Size of each task's payload field in bytes.
     pub payload_bytes: usize,
     /// Kafka cluster; `None` = the embedded librdkafka mock cluster in this process.
@@ -204,7 +266,7 @@ impl Default for Workload {
             tasks: 10_000,
             warmup: 1_000,
             partitions: 3,
-            keys: None,
+            keys: Keys::Null,
             payload_bytes: 64,
             bootstrap: None,
             runs: 1,
@@ -229,8 +291,8 @@ impl Workload {
             format!("--warmup {}", self.warmup),
             format!("--partitions {}", self.partitions),
         ];
-        if let Some(k) = self.keys {
-            f.push(format!("--keys {k}"));
+        if self.keys != Keys::Null {
+            f.push(format!("--keys {}", self.keys));
         }
         let d = Workload::default();
         if self.payload_bytes != d.payload_bytes {
@@ -256,10 +318,7 @@ impl Workload {
 
     /// One line describing the setup, for text reports.
     pub(crate) fn describe(&self) -> String {
-        let keys = match self.keys {
-            Some(k) => format!("{k} keys"),
-            None => "a key per task".to_string(),
-        };
+        let keys = self.keys.describe();
         format!(
             "{} tasks + {} warmup, {} partitions, {keys}, {} B payload",
             self.tasks, self.warmup, self.partitions, self.payload_bytes
@@ -272,7 +331,7 @@ impl Workload {
 pub struct BenchConfig {
     /// The runner and its parameters.
     pub runner: RunnerSpec,
-    /// How long processing one task takes (a tokio sleep); zero = no-op processing.
+    /// How long processing one task takes (a precise sleep); zero = no-op processing.
     #[serde(with = "millis")]
     pub simulate_latency: Duration,
     /// The workload.
@@ -362,7 +421,7 @@ mod tests {
             runner: RunnerSpec::new(RunnerKind::Decaton).param("mode", "per_key"),
             simulate_latency: Duration::from_millis(10),
             workload: Workload {
-                keys: Some(100),
+                keys: Keys::Distinct(100),
                 ..Workload::default()
             },
         };

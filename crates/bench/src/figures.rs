@@ -59,6 +59,42 @@ pub struct Figures {
     pub ideal_throughput_per_sec: Option<f64>,
     /// Throughput as a percentage of the ideal.
     pub pct_of_ideal: Option<f64>,
+    /// Consumer runs: produce timestamp to the end of processing, in ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub complete_latency_ms: Option<LatencyStats>,
+    /// The mean simulated latency the tasks actually slept, in ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub simulated_latency_achieved_ms: Option<f64>,
+    /// Throughput as a percentage of the ideal computed with the achieved latency: what
+    /// is left is the runner's own overhead, not the timer's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pct_of_ideal_achieved: Option<f64>,
+    /// Resident set size sampled while the runner ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss: Option<RssSamples>,
+}
+
+/// Resident set size sampled every 100 ms while a runner ran.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct RssSamples {
+    /// Median over the second half of the run (the steady state once the backlog is
+    /// being drained), KiB.
+    pub steady_kib: u64,
+    /// Largest sample, KiB.
+    pub max_kib: u64,
+}
+
+impl RssSamples {
+    /// From samples in time order; `None` without samples.
+    pub(crate) fn of(samples: &[u64]) -> Option<RssSamples> {
+        let max_kib = *samples.iter().max()?;
+        let mut second: Vec<u64> = samples[samples.len() / 2..].to_vec();
+        second.sort_unstable();
+        Some(RssSamples {
+            steady_kib: second[second.len() / 2],
+            max_kib,
+        })
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -100,6 +136,38 @@ impl Figures {
             peak_rss_kib: runs.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0),
             ideal_throughput_per_sec: opt(|r| r.ideal_throughput_per_sec),
             pct_of_ideal: opt(|r| r.pct_of_ideal),
+            complete_latency_ms: runs
+                .iter()
+                .all(|r| r.complete_latency_ms.is_some())
+                .then(|| {
+                    let c = |f: fn(&LatencyStats) -> f64| {
+                        median(
+                            runs.iter()
+                                .filter_map(|r| r.complete_latency_ms.as_ref().map(f))
+                                .collect(),
+                        )
+                    };
+                    LatencyStats {
+                        avg: c(|l| l.avg),
+                        p50: c(|l| l.p50),
+                        p99: c(|l| l.p99),
+                        max: c(|l| l.max),
+                    }
+                }),
+            simulated_latency_achieved_ms: opt(|r| r.simulated_latency_achieved_ms),
+            pct_of_ideal_achieved: opt(|r| r.pct_of_ideal_achieved),
+            rss: runs.iter().all(|r| r.rss.is_some()).then(|| RssSamples {
+                steady_kib: median(
+                    runs.iter()
+                        .filter_map(|r| r.rss.map(|s| s.steady_kib as f64))
+                        .collect(),
+                ) as u64,
+                max_kib: runs
+                    .iter()
+                    .filter_map(|r| r.rss.map(|s| s.max_kib))
+                    .max()
+                    .unwrap_or(0),
+            }),
         }
     }
 }

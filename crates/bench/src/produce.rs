@@ -3,11 +3,10 @@
 //!
 //! # The tasks
 //!
-//! Every task is a [`ChatOp`] with a payload of `--payload-bytes` bytes. With `--keys N`
-//! task `i` is keyed `user-{i % N}`; without it every task gets a key of its own
-//! (`task-{i}`). Decaton's harness produces null keys; `TaskClient::put` always takes a
-//! key, and a key per task is the same thing for the consumer (no two tasks share an
-//! ordering constraint) and for the producer (keys hash evenly over the partitions).
+//! Every task is a [`ChatOp`] with a payload of `--payload-bytes` bytes. By default it
+//! has no key ([`TaskClient::put_without_key`]), as in Decaton's harness, and the
+//! producer spreads such records over the partitions; `--keys unique` keys task `i`
+//! `task-{i}`, `--keys N` keys it `user-{i % N}`.
 //!
 //! # The producer benchmark
 //!
@@ -16,7 +15,7 @@
 //! idempotence on, `linger.ms=5`), each on a fresh topic, with `--in-flight` sends
 //! outstanding:
 //!
-//! * `put`: [`TaskClient::put`], the decaton-rs client;
+//! * `put`: [`TaskClient::put`] (or `put_without_key`), the decaton-rs client;
 //! * `raw-producer`: an rdkafka `FutureProducer` the caller drives directly.
 //!
 //! The difference is what the client adds per task (metadata, metrics, error mapping).
@@ -27,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use decaton_client::TaskClient;
+use decaton_client::{PutOptions, TaskClient};
 use decaton_protocol::{
     encode_metadata, now_millis, ChatOp, OpType, TaskMetadata, METADATA_HEADER,
 };
@@ -40,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
 use crate::cluster::Cluster;
-use crate::config::Workload;
+use crate::config::{Keys, Workload};
 use crate::figures::Figures;
 use crate::progress::{self, Progress};
 use crate::recorder::Recorder;
@@ -50,14 +49,15 @@ use crate::BenchError;
 /// Application id written into the benchmark tasks' metadata.
 const APPLICATION_ID: &str = "decaton-bench";
 
-/// The key and task number `i` of a workload.
-pub(crate) fn task(i: u64, keys: Option<u64>, payload: &[u8]) -> (String, ChatOp) {
-    let key = match keys {
-        Some(k) => format!("user-{}", i % k.max(1)),
-        None => format!("task-{i}"),
+/// The key (none for [`Keys::Null`]) and task number `i` of a workload.
+pub(crate) fn task(i: u64, keys: Keys, payload: &[u8]) -> (Option<String>, ChatOp) {
+    let user = match keys {
+        Keys::Distinct(k) => format!("user-{}", i % k.max(1)),
+        Keys::Null | Keys::Unique => format!("task-{i}"),
     };
+    let key = (keys != Keys::Null).then(|| user.clone());
     let op = ChatOp {
-        user_id: key.clone(),
+        user_id: user,
         op: OpType::SendMessage as i32,
         target_id: format!("room-{}", i % 97),
         payload: payload.to_vec(),
@@ -65,6 +65,19 @@ pub(crate) fn task(i: u64, keys: Option<u64>, payload: &[u8]) -> (String, ChatOp
         created_at_millis: now_millis(),
     };
     (key, op)
+}
+
+/// Puts `op` with `key`, or without a key.
+pub(crate) async fn put(
+    client: &TaskClient<ChatOp>,
+    key: Option<&str>,
+    op: &ChatOp,
+) -> Result<(), decaton_client::ClientError> {
+    match key {
+        Some(k) => client.put(k, op).await?,
+        None => client.put_without_key(op, PutOptions::default()).await?,
+    };
+    Ok(())
 }
 
 /// Runs `work(i)` for every `i` in `0..total` on `workers` concurrent tasks, so at most
@@ -101,7 +114,11 @@ fn client(
 ) -> Result<TaskClient<ChatOp>, BenchError> {
     let mut builder = TaskClient::<ChatOp>::builder(bootstrap, topic)
         .application_id(APPLICATION_ID)
-        .instance_id("bench");
+        .instance_id("bench")
+        // Tasks without a key go to a random partition each, rather than to one partition
+        // per 10 ms (librdkafka's sticky default), which would leave the partitions of a
+        // quickly filled topic very uneven and the run waiting for the largest one.
+        .set("sticky.partitioning.linger.ms", "0");
     for (k, v) in &workload.producer_params {
         builder = builder.set(k.clone(), v.clone());
     }
@@ -127,7 +144,7 @@ pub(crate) async fn fill(
             let (client, done, payload) = (client.clone(), done.clone(), payload.clone());
             async move {
                 let (key, op) = task(i, keys, &payload);
-                client.put(&key, &op).await?;
+                put(&client, key.as_deref(), &op).await?;
                 done.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
@@ -245,7 +262,7 @@ async fn produce_once(
                             }
                             let (key, op) = task(i, keys, &payload);
                             let sent = Instant::now();
-                            client.put(&key, &op).await?;
+                            put(&client, key.as_deref(), &op).await?;
                             recorder.started(sent.elapsed().as_micros() as i64);
                             recorder.finished();
                             Ok(())
@@ -262,6 +279,7 @@ async fn produce_once(
                         .set("enable.idempotence", "true")
                         .set("linger.ms", "5")
                         .set("partitioner", decaton_client::JAVA_COMPATIBLE_PARTITIONER)
+                        .set("sticky.partitioning.linger.ms", "0")
                         .set("message.timeout.ms", "30000");
                     for (k, v) in &workload.producer_params {
                         config.set(k, v);
@@ -287,14 +305,17 @@ async fn produce_once(
                                 ..TaskMetadata::default()
                             });
                             let value = op.encode_to_vec();
-                            let record = FutureRecord::to(&topic)
-                                .key(key.as_bytes())
-                                .payload(&value)
-                                .timestamp(timestamp)
-                                .headers(OwnedHeaders::new().insert(Header {
-                                    key: METADATA_HEADER,
-                                    value: Some(&meta),
-                                }));
+                            let mut record = FutureRecord::to(&topic).payload(&value);
+                            if let Some(key) = &key {
+                                record = record.key(key.as_bytes());
+                            }
+                            let record =
+                                record
+                                    .timestamp(timestamp)
+                                    .headers(OwnedHeaders::new().insert(Header {
+                                        key: METADATA_HEADER,
+                                        value: Some(&meta),
+                                    }));
                             producer
                                 .send(record, Timeout::Never)
                                 .await
@@ -318,5 +339,5 @@ async fn produce_once(
         e = progress::stall_watch(&recorder, &progress, workload.stall_timeout) => return Err(e),
     }
     progress.finish();
-    recorder.figures(None)
+    recorder.figures(None, Duration::ZERO)
 }

@@ -61,6 +61,29 @@ pub(crate) fn usage() -> Usage {
     }
 }
 
+/// Resident set size of this process now, KiB (`/proc/self/statm`); `None` where there
+/// is no procfs.
+pub(crate) fn current_rss_kib() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no memory effects; it returns -1 for an unknown name.
+    #[allow(unsafe_code)]
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()? / 1024)
+}
+
+/// Samples [`current_rss_kib`] every 100 ms until dropped; at most one sample per
+/// 100 ms of run, so a day-long run keeps under a million.
+pub(crate) async fn sample_rss(samples: &std::sync::Mutex<Vec<u64>>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        if let Some(kib) = current_rss_kib() {
+            samples.lock().unwrap_or_else(|p| p.into_inner()).push(kib);
+        }
+    }
+}
+
 /// Wall-clock microseconds since the Unix epoch.
 pub(crate) fn now_micros() -> i64 {
     std::time::SystemTime::now()
@@ -93,6 +116,11 @@ pub(crate) struct Recorder {
     started: AtomicU64,
     finished: AtomicU64,
     latencies_us: Box<[AtomicI64]>,
+    /// Produce to end of processing, by finish order.
+    complete_us: Box<[AtomicI64]>,
+    /// Simulated latency actually slept, summed over the measured tasks, and how many.
+    slept_us: AtomicU64,
+    slept: AtomicU64,
     window_start: OnceLock<Mark>,
     window_end: OnceLock<Mark>,
     complete: watch::Sender<bool>,
@@ -108,6 +136,9 @@ impl Recorder {
             started: AtomicU64::new(0),
             finished: AtomicU64::new(0),
             latencies_us: (0..tasks).map(|_| AtomicI64::new(NO_LATENCY)).collect(),
+            complete_us: (0..tasks).map(|_| AtomicI64::new(NO_LATENCY)).collect(),
+            slept_us: AtomicU64::new(0),
+            slept: AtomicU64::new(0),
             window_start: OnceLock::new(),
             window_end: OnceLock::new(),
             complete,
@@ -131,6 +162,30 @@ impl Recorder {
                 slot.store(latency_us.max(0), Ordering::Relaxed);
             }
         }
+    }
+
+    /// A task slept `d` of simulated latency (counted once the window is open).
+    pub fn slept(&self, d: Duration) {
+        if self.window_start.get().is_some() {
+            self.slept_us
+                .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+            self.slept.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A task has finished processing, `latency_us` after it was produced. Returns
+    /// whether it was the last one.
+    pub fn finished_after(&self, latency_us: i64) -> bool {
+        let n = self.finished.load(Ordering::Relaxed);
+        let last = self.finished();
+        // Finish order is approximate under concurrency; only the distribution matters.
+        if let Some(slot) = n
+            .checked_sub(self.warmup)
+            .and_then(|i| self.complete_us.get(i as usize))
+        {
+            slot.store(latency_us.max(0), Ordering::Relaxed);
+        }
+        last
     }
 
     /// A task has finished processing. Returns whether it was the last one.
@@ -165,8 +220,8 @@ impl Recorder {
     }
 
     /// The figures of the measured window; `ideal` is the ideal throughput, if the runner
-    /// has one.
-    pub fn figures(&self, ideal: Option<f64>) -> Result<Figures, BenchError> {
+    /// has one, at the `nominal` simulated latency.
+    pub fn figures(&self, ideal: Option<f64>, nominal: Duration) -> Result<Figures, BenchError> {
         let (Some(start), Some(end)) = (self.window_start.get(), self.window_end.get()) else {
             return Err(BenchError::Incomplete {
                 finished: self.finished_count(),
@@ -184,6 +239,21 @@ impl Recorder {
             .filter(|&v| v != NO_LATENCY)
             .collect();
         lat.sort_unstable();
+        let mut complete: Vec<i64> = self
+            .complete_us
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .filter(|&v| v != NO_LATENCY)
+            .collect();
+        complete.sort_unstable();
+        let slept = self.slept.load(Ordering::Relaxed);
+        let achieved_ms =
+            (slept > 0).then(|| self.slept_us.load(Ordering::Relaxed) as f64 / slept as f64 / 1e3);
+        // The ideal had each task taken the latency it actually slept.
+        let ideal_achieved = match (ideal, achieved_ms) {
+            (Some(i), Some(a)) if a > 0.0 => Some(i * nominal.as_secs_f64() * 1e3 / a),
+            _ => None,
+        };
         let cpu = end.usage.cpu.saturating_sub(start.usage.cpu);
         Ok(Figures {
             tasks,
@@ -199,6 +269,13 @@ impl Recorder {
             peak_rss_kib: end.usage.max_rss_kib.max(usage().max_rss_kib),
             ideal_throughput_per_sec: ideal,
             pct_of_ideal: ideal.filter(|i| *i > 0.0).map(|i| throughput / i * 100.0),
+            complete_latency_ms: (!complete.is_empty())
+                .then(|| LatencyStats::from_sorted_micros(&complete)),
+            simulated_latency_achieved_ms: achieved_ms,
+            pct_of_ideal_achieved: ideal_achieved
+                .filter(|i| *i > 0.0)
+                .map(|i| throughput / i * 100.0),
+            rss: None,
         })
     }
 }
@@ -215,7 +292,9 @@ mod tests {
             r.finished();
         }
         assert!(r.is_complete());
-        let f = r.figures(Some(10.0)).unwrap_or_else(|e| panic!("{e}"));
+        let f = r
+            .figures(Some(10.0), Duration::from_millis(100))
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(f.tasks, 3);
         assert_eq!(f.latency_ms.max, 3.0);
         assert_eq!(f.latency_ms.p50, 2.0);
@@ -229,7 +308,7 @@ mod tests {
         r.started(0);
         r.finished();
         assert!(!r.is_complete());
-        assert!(r.figures(None).is_err());
+        assert!(r.figures(None, Duration::ZERO).is_err());
     }
 
     #[test]

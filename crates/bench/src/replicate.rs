@@ -120,7 +120,7 @@ pub async fn run_replicate(config: &ReplicateConfig) -> Result<Vec<ReplicateRepo
     let source = cluster.unique_name("replicate-source");
     cluster.create_topic(&source, w.partitions).await?;
     let total = w.tasks;
-    let keys = w.keys.unwrap_or(10_000).max(1);
+    let keys = w.keys.distinct().unwrap_or(10_000).max(1);
     let mut builder =
         TaskClient::<ChatOp>::builder(cluster.bootstrap(), &source).application_id("decaton-bench");
     for (k, v) in &w.producer_params {

@@ -101,10 +101,13 @@ impl BenchReport {
 }
 
 fn write_figures(out: &mut String, title: &str, f: &Figures, latency_name: &str) {
-    let ideal = match (f.ideal_throughput_per_sec, f.pct_of_ideal) {
+    let mut ideal = match (f.ideal_throughput_per_sec, f.pct_of_ideal) {
         (Some(i), Some(p)) => format!(" = {p:.1}% of ideal {i:.1}/s"),
         _ => String::new(),
     };
+    if let (Some(a), Some(p)) = (f.simulated_latency_achieved_ms, f.pct_of_ideal_achieved) {
+        let _ = write!(ideal, ", {p:.1}% at the {a:.3} ms actually slept");
+    }
     let l = &f.latency_ms;
     let _ = writeln!(
         out,
@@ -116,9 +119,24 @@ fn write_figures(out: &mut String, title: &str, f: &Figures, latency_name: &str)
         "          {latency_name}: avg {:.1} ms, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         l.avg, l.p50, l.p99, l.max
     );
+    if let Some(c) = &f.complete_latency_ms {
+        let _ = writeln!(
+            out,
+            "          produce to complete: avg {:.1} ms, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            c.avg, c.p50, c.p99, c.max
+        );
+    }
+    let rss = match f.rss {
+        Some(r) => format!(
+            ", RSS while running: steady {:.1} MiB, max {:.1} MiB",
+            r.steady_kib as f64 / 1024.0,
+            r.max_kib as f64 / 1024.0
+        ),
+        None => String::new(),
+    };
     let _ = writeln!(
         out,
-        "          cpu: {:.1} µs/task ({:.2} s), peak RSS {:.1} MiB",
+        "          cpu: {:.1} µs/task ({:.2} s), peak RSS {:.1} MiB{rss}",
         f.cpu_micros_per_task,
         f.cpu_secs,
         f.peak_rss_kib as f64 / 1024.0

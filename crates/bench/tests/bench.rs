@@ -103,7 +103,7 @@ async fn raw_consumer_and_producers_report_figures() -> anyhow::Result<()> {
     let produced = run_produce(&ProduceConfig {
         producers: vec![ProducerKind::Put, ProducerKind::RawProducer],
         workload: Workload {
-            keys: Some(10),
+            keys: decaton_bench::Keys::Distinct(10),
             ..tiny(1_000, 100)
         },
     })

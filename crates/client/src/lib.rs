@@ -247,6 +247,41 @@ impl<T: prost::Message> TaskClient<T> {
         task: &T,
         options: PutOptions,
     ) -> Result<Delivered, ClientError> {
+        let (header, timestamp) = self.metadata(options);
+        self.send(
+            Some(key.as_ref()),
+            &header,
+            &task.encode_to_vec(),
+            timestamp,
+            options.traceparent,
+        )
+        .await
+    }
+
+    /// Enqueues `task` without a key and resolves once the broker has acknowledged it.
+    ///
+    /// A task without a key has no ordering constraint: the producer spreads such tasks
+    /// over the partitions, and the processor runs them as soon as a lane is free (round
+    /// robin over the lanes in `bounded` mode). Use it for work where no two tasks need
+    /// to run in order.
+    pub async fn put_without_key(
+        &self,
+        task: &T,
+        options: PutOptions,
+    ) -> Result<Delivered, ClientError> {
+        let (header, timestamp) = self.metadata(options);
+        self.send(
+            None,
+            &header,
+            &task.encode_to_vec(),
+            timestamp,
+            options.traceparent,
+        )
+        .await
+    }
+
+    /// The encoded `dt_meta` header for a new task, and its timestamp.
+    fn metadata(&self, options: PutOptions) -> (Vec<u8>, i64) {
         let timestamp = options.timestamp.map(millis).unwrap_or_else(now_millis);
         let metadata = TaskMetadata {
             timestamp_millis: timestamp,
@@ -255,19 +290,12 @@ impl<T: prost::Message> TaskClient<T> {
             retry_count: 0,
             scheduled_time_millis: options.scheduled_time.map(millis).unwrap_or(0),
         };
-        self.send(
-            key.as_ref(),
-            &encode_metadata(&metadata),
-            &task.encode_to_vec(),
-            timestamp,
-            options.traceparent,
-        )
-        .await
+        (encode_metadata(&metadata), timestamp)
     }
 
     async fn send(
         &self,
-        key: &[u8],
+        key: Option<&[u8]>,
         header: &[u8],
         value: &[u8],
         timestamp: i64,
@@ -287,11 +315,11 @@ impl<T: prost::Message> TaskClient<T> {
                 value: Some(t.as_bytes()),
             });
         }
-        let record = FutureRecord::to(&self.topic)
-            .key(key)
-            .payload(value)
-            .timestamp(timestamp)
-            .headers(headers);
+        let mut record = FutureRecord::to(&self.topic).payload(value);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        let record = record.timestamp(timestamp).headers(headers);
         let result = self.producer.send(record, Timeout::Never).await;
         metrics::histogram!("decaton_client_delivery_seconds", &labels)
             .record(started.elapsed().as_secs_f64());
@@ -301,7 +329,7 @@ impl<T: prost::Message> TaskClient<T> {
                 offset: d.offset,
             }),
             Err((e, _)) => {
-                let err = self.classify(e, key.len() + value.len() + header.len());
+                let err = self.classify(e, key.map_or(0, <[u8]>::len) + value.len() + header.len());
                 metrics::counter!(
                     "decaton_client_errors_total",
                     &[

@@ -214,3 +214,50 @@ async fn put_with_sets_scheduled_time_and_timestamp() -> anyhow::Result<()> {
     assert_eq!(read[0].2.scheduled_time_millis, 1_700_000_005_000);
     Ok(())
 }
+
+#[tokio::test]
+async fn put_without_key_sends_a_record_with_no_key() -> anyhow::Result<()> {
+    let broker = TestBroker::start(BrokerKind::Embedded)?;
+    broker.create_topic("keyless", 3)?;
+    let client = TaskClient::<ChatOp>::builder(broker.bootstrap_servers(), "keyless")
+        .set("sticky.partitioning.linger.ms", "0")
+        .build()?;
+    let mut partitions = std::collections::HashSet::new();
+    for seq in 0..60 {
+        let d = client
+            .put_without_key(&op(seq, seq), PutOptions::default())
+            .await?;
+        partitions.insert(d.partition);
+    }
+    // Keyless records are spread over the partitions, not hashed to one.
+    assert!(partitions.len() > 1, "all 60 went to {partitions:?}");
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap_servers())
+        .set("group.id", "keyless-reader")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..3 {
+        tpl.add_partition_offset("keyless", p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let mut seen = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen < 60 {
+        anyhow::ensure!(Instant::now() < deadline, "read only {seen} of 60");
+        let Some(m) = consumer.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let m = m?;
+        assert!(m.key().is_none(), "record {} has a key", m.offset());
+        let header = m.headers().and_then(|h| {
+            h.iter()
+                .find(|h| h.key == METADATA_HEADER)
+                .and_then(|h| h.value)
+        });
+        let rec = decode_record(header, m.payload())?;
+        assert!(rec.metadata.timestamp_millis > 0);
+        seen += 1;
+    }
+    Ok(())
+}

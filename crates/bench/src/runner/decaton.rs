@@ -37,13 +37,11 @@ struct BenchProcessor {
 #[async_trait]
 impl TaskProcessor<ChatOp> for BenchProcessor {
     async fn process(&self, ctx: &ProcessingContext, task: ChatOp) -> Result<(), ProcessError> {
-        self.recorder
-            .started(now_micros() - ctx.metadata().timestamp_millis * 1_000);
+        let produced = ctx.metadata().timestamp_millis * 1_000;
+        self.recorder.started(now_micros() - produced);
         std::hint::black_box(&task);
-        if !self.latency.is_zero() {
-            tokio::time::sleep(self.latency).await;
-        }
-        self.recorder.finished();
+        super::simulate(self.latency, &self.recorder).await;
+        self.recorder.finished_after(now_micros() - produced);
         Ok(())
     }
 }

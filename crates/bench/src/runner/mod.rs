@@ -24,7 +24,7 @@ use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::ClientConfig;
 
 use crate::config::{RunnerKind, RunnerSpec};
-use crate::recorder::{now_micros, Recorder};
+use crate::recorder::Recorder;
 use crate::BenchError;
 
 pub(crate) mod decaton;
@@ -115,10 +115,18 @@ pub(crate) fn consumer_config(env: &RunEnv) -> ClientConfig {
     config
 }
 
-/// Decodes a task record (metadata header and `ChatOp` value) and returns its delivery
-/// latency so far in microseconds: now minus the produce timestamp (`dt_meta`
-/// `timestamp_millis`, else the record timestamp).
-pub(crate) fn decode_latency_us(msg: &BorrowedMessage<'_>) -> Result<i64, BenchError> {
+/// The simulated processing of one task: sleeps `latency` on the precise timer (nothing
+/// for zero) and tells `recorder` how long it really slept.
+pub(crate) async fn simulate(latency: Duration, recorder: &Recorder) {
+    if !latency.is_zero() {
+        recorder.slept(crate::timer::sleep(latency).await);
+    }
+}
+
+/// Decodes a task record (metadata header and `ChatOp` value) and returns when it was
+/// produced, in microseconds since the epoch (`dt_meta` `timestamp_millis`, else the
+/// record timestamp).
+pub(crate) fn decode_produced_us(msg: &BorrowedMessage<'_>) -> Result<i64, BenchError> {
     let header = msg.headers().and_then(|h| {
         h.iter()
             .find(|h| h.key == METADATA_HEADER)
@@ -145,7 +153,7 @@ pub(crate) fn decode_latency_us(msg: &BorrowedMessage<'_>) -> Result<i64, BenchE
         0 => msg.timestamp().to_millis().unwrap_or(0),
         t => t,
     };
-    Ok(now_micros() - produced_ms * 1_000)
+    Ok(produced_ms * 1_000)
 }
 
 /// Closes a consumer off the async workers (librdkafka's close blocks while it leaves

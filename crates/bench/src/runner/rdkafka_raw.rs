@@ -9,8 +9,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 
-use super::{close, consumer_config, decode_latency_us, RunEnv, Runner};
-use crate::recorder::Recorder;
+use super::{close, consumer_config, decode_produced_us, RunEnv, Runner};
+use crate::recorder::{now_micros, Recorder};
 use crate::BenchError;
 
 /// See the module docs.
@@ -24,8 +24,8 @@ impl Runner for RdkafkaRaw {
         let result = loop {
             match consumer.recv().await {
                 Ok(msg) => {
-                    match decode_latency_us(&msg) {
-                        Ok(latency) => recorder.started(latency),
+                    match decode_produced_us(&msg) {
+                        Ok(produced) => recorder.started(now_micros() - produced),
                         Err(e) => break Err(e),
                     }
                     if let Err(e) = consumer.store_offset_from_message(&msg) {

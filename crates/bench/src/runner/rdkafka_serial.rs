@@ -12,8 +12,8 @@ use async_trait::async_trait;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use tokio::task::JoinSet;
 
-use super::{close, consumer_config, decode_latency_us, RunEnv, Runner};
-use crate::recorder::Recorder;
+use super::{close, consumer_config, decode_produced_us, simulate, RunEnv, Runner};
+use crate::recorder::{now_micros, Recorder};
 use crate::BenchError;
 
 /// See the module docs.
@@ -44,12 +44,11 @@ impl Runner for RdkafkaSerial {
                             continue;
                         }
                     };
-                    recorder.started(decode_latency_us(&msg)?);
-                    if !latency.is_zero() {
-                        tokio::time::sleep(latency).await;
-                    }
+                    let produced = decode_produced_us(&msg)?;
+                    recorder.started(now_micros() - produced);
+                    simulate(latency, &recorder).await;
                     consumer.store_offset_from_message(&msg)?;
-                    recorder.finished();
+                    recorder.finished_after(now_micros() - produced);
                 }
             });
         }
