@@ -104,6 +104,14 @@ impl<T> BatchedTask<T> {
     }
 }
 
+impl<T: Send + 'static> BatchedTask<T> {
+    /// Passes this task on to the next stage of its [`Chain`](crate::Chain) and runs it
+    /// there (see [`Completion::push`]); at the last stage, completes it.
+    pub async fn push(self) {
+        self.completion.push(self.task).await;
+    }
+}
+
 /// Processes a batch of tasks; implement this and wrap it in [`Batching`].
 #[async_trait::async_trait]
 pub trait BatchProcessor<T>: Send + Sync + 'static {
@@ -111,6 +119,38 @@ pub trait BatchProcessor<T>: Send + Sync + 'static {
     /// completes, fails or retries each task. A task dropped without either fails (counted
     /// as leaked), so nothing stalls.
     async fn process_batch(&self, batch: Vec<BatchedTask<T>>);
+}
+
+/// A [`BatchProcessor`] that passes every task of a batch on to the next stage of its
+/// [`Chain`](crate::Chain), one after another in batch order: a
+/// [`Compaction`](crate::Compaction) or [`Batching`] stage whose survivors or batches the
+/// next stage processes one by one.
+///
+/// ```
+/// use std::time::Duration;
+/// use decaton_processor::{Chain, Compaction, PassOn, Survivor};
+/// use decaton_protocol::ChatOp;
+/// # use decaton_processor::{async_trait, ProcessError, ProcessingContext, TaskProcessor};
+/// # struct Save;
+/// # #[async_trait] impl TaskProcessor<ChatOp> for Save {
+/// #   async fn process(&self, _: &ProcessingContext, _: ChatOp) -> Result<(), ProcessError> { Ok(()) } }
+///
+/// // The newest op of each user per second reaches `Save`; the others complete unseen.
+/// let chain = Chain::new(Compaction::new(PassOn, Duration::from_secs(1), |kept, arrived| {
+///     if arrived.info.offset > kept.info.offset { Survivor::Arrived } else { Survivor::Kept }
+/// }))
+/// .then_process(Save);
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PassOn;
+
+#[async_trait::async_trait]
+impl<T: Send + 'static> BatchProcessor<T> for PassOn {
+    async fn process_batch(&self, batch: Vec<BatchedTask<T>>) {
+        for task in batch {
+            task.push().await;
+        }
+    }
 }
 
 struct Buffer<T> {

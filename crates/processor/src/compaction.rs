@@ -5,7 +5,10 @@
 //! function picks which of the two survives, and the other is completed at once without
 //! being processed (counted in `decaton_tasks_compacted_total`). When the window closes
 //! (`window` after its first task), the survivors — at most one per key — go as one
-//! batch to a [`BatchProcessor`], which completes each. A location service that only
+//! batch to a [`BatchProcessor`], which completes each. Windows go to the batch
+//! processor one at a time, in the order they closed, so one key's survivors reach it in
+//! order (with [`PassOn`](crate::PassOn), the next stage of a [`Chain`](crate::Chain)
+//! receives them). A location service that only
 //! needs a user's latest position, for example, processes one update per user per window
 //! however many arrive. Tasks without a key are never compacted: each survives.
 //!
@@ -47,6 +50,18 @@ struct Shared<T, B> {
     choose: Box<Choose<T>>,
     open: Mutex<Window<T>>,
     compacted: AtomicU64,
+    /// The generation of the window whose turn it is at the batch processor.
+    turn: tokio::sync::watch::Sender<u64>,
+}
+
+/// Gives the batch processor's turn to the next window when dropped (even by a panic).
+struct NextTurn<'a>(&'a tokio::sync::watch::Sender<u64>, u64);
+
+impl Drop for NextTurn<'_> {
+    fn drop(&mut self) {
+        let next = self.1;
+        self.0.send_modify(|t| *t = (*t).max(next));
+    }
 }
 
 /// A [`TaskProcessor`] that keeps one task per key per window and hands the survivors to
@@ -100,6 +115,7 @@ impl<T: Send + 'static, B: BatchProcessor<T>> Compaction<T, B> {
                     generation: 0,
                 }),
                 compacted: AtomicU64::new(0),
+                turn: tokio::sync::watch::Sender::new(0),
             }),
         }
     }
@@ -121,11 +137,17 @@ impl<T: Send + 'static, B: BatchProcessor<T>> Shared<T, B> {
             w.by_key.clear();
             std::mem::take(&mut w.tasks)
         };
-        if batch.is_empty() {
-            return;
-        }
+        // Every generation closes exactly once (only `close` moves it), so each waits for
+        // the one before it.
         let this = self.clone();
-        tokio::spawn(async move { this.inner.process_batch(batch).await });
+        tokio::spawn(async move {
+            let mut turn = this.turn.subscribe();
+            let _ = turn.wait_for(|t| *t >= generation).await;
+            let _next = NextTurn(&this.turn, generation + 1);
+            if !batch.is_empty() {
+                this.inner.process_batch(batch).await;
+            }
+        });
     }
 }
 

@@ -37,6 +37,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 mod batching;
+mod chain;
 mod compaction;
 mod config;
 mod context;
@@ -52,7 +53,8 @@ mod task_span;
 pub mod testing;
 
 pub use async_trait::async_trait;
-pub use batching::{BatchProcessor, BatchedInfo, BatchedTask, Batching};
+pub use batching::{BatchProcessor, BatchedInfo, BatchedTask, Batching, PassOn};
+pub use chain::{Chain, ProcessorScope};
 pub use compaction::{Compaction, Survivor};
 pub use config::{ProcessorProperties, PropertyError, SchedulingMode};
 pub use context::{Completion, ProcessingContext};

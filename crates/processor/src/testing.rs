@@ -37,7 +37,7 @@
 //! ```
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -173,18 +173,17 @@ impl<T: Send + 'static, P: TaskProcessor<T>> ProcessorTester<T, P> {
         ));
         let (tx, rx) = oneshot::channel();
         let completion = CompletionInner::new(core, offset, Some(tx));
-        let ctx = ProcessingContext {
-            subscription: self.subscription.clone(),
-            key: key.map(Arc::from),
+        let ctx = ProcessingContext::new(
+            self.subscription.clone(),
+            key.map(Arc::from),
             metadata,
-            completion: completion.clone(),
-            deferred: AtomicBool::new(false),
-            deferred_timeout: Some(self.deferred_timeout),
-            state: self
-                .store
+            completion.clone(),
+            Some(self.deferred_timeout),
+            self.store
                 .as_ref()
                 .and_then(|s| StateSlot::ready_with(s.clone()).task_state()),
-        };
+            Some(0),
+        );
         let ran = AssertUnwindSafe(self.processor.process(&ctx, task))
             .catch_unwind()
             .await;
