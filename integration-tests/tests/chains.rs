@@ -17,6 +17,7 @@ use decaton_processor::{
 use decaton_protocol::ChatOp;
 use decaton_testkit::{checker, wait_until, BrokerKind, Processed, TestBroker};
 use parking_lot::Mutex;
+use rdkafka::Message as _;
 
 /// What the partition-scoped stage's instances report when they are dropped:
 /// (partition, tasks seen, tasks of another partition seen).
@@ -326,3 +327,163 @@ decaton_integration_tests::broker_tests!(
     partition_concurrency_follows_the_property_file,
     crate::concurrency_from_file
 );
+
+/// The last stage: fails `poison` always and `flaky` on its first attempt; records every
+/// attempt as (user, retry count).
+struct Judge(Arc<Mutex<Vec<(String, i64)>>>);
+
+#[async_trait]
+impl TaskProcessor<ChatOp> for Judge {
+    async fn process(&self, ctx: &ProcessingContext, task: ChatOp) -> Result<(), ProcessError> {
+        let retry = ctx.metadata().retry_count;
+        self.0.lock().push((task.user_id.clone(), retry));
+        match task.user_id.as_str() {
+            "poison" => Err(ProcessError::new("storage says no")),
+            "flaky" if retry == 0 => Err(ProcessError::retry("storage busy")),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Passes every task on within `process`, returning what the stages after it say.
+struct Forward;
+
+#[async_trait]
+impl TaskProcessor<ChatOp> for Forward {
+    async fn process(&self, ctx: &ProcessingContext, task: ChatOp) -> Result<(), ProcessError> {
+        ctx.push(task).await
+    }
+}
+
+/// A failure in a later stage — reached through a deferring stage (batching, then
+/// `Completion::push`) and a passing one (`ctx.push`) — takes the single processor's path: the task goes to the retry
+/// topic, runs through the whole chain again, and once its retries are used up lands in
+/// the dead-letter topic; every source offset commits.
+async fn failure_in_a_later_stage(kind: BrokerKind) -> anyhow::Result<()> {
+    const OTHERS: u64 = 200;
+    let broker = TestBroker::start(kind)?;
+    let bootstrap = broker.bootstrap_servers();
+    broker.create_topic("judged", 1)?;
+    broker.create_topic("judged-retry", 1)?;
+    broker.create_topic("judged-dlq", 1)?;
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let chain = Chain::new(decaton_processor::Batching::new(
+        PassOn,
+        10,
+        Duration::from_millis(50),
+    ))
+    .then_process(Forward)
+    .then_process(Judge(attempts.clone()));
+    let mut props = ProcessorProperties::default();
+    props.commit_interval = Duration::from_millis(100);
+    let mut builder = Subscription::builder("judged", chain)
+        .bootstrap_servers(&bootstrap)
+        .topic("judged")
+        .properties(props)
+        .retry(
+            decaton_processor::RetryConfig::new()
+                .backoff(decaton_processor::Backoff::fixed(Duration::from_millis(
+                    300,
+                )))
+                .max_retries(1),
+        )
+        .dead_letter(decaton_processor::DeadLetterConfig::new());
+    for (k, v) in kind.producer_settings() {
+        builder = builder.set(*k, *v);
+    }
+    let sub = builder.build()?;
+    let handle = sub.handle();
+    let running = tokio::spawn(sub.run());
+    put_tasks(
+        &bootstrap,
+        kind.producer_settings(),
+        "judged",
+        0..OTHERS,
+        20,
+    )
+    .await?;
+    let mut client =
+        decaton_client::TaskClient::<ChatOp>::builder(&bootstrap, "judged").application_id("it");
+    for (k, v) in kind.producer_settings() {
+        client = client.set(*k, *v);
+    }
+    let client = client.build()?;
+    for user in ["poison", "flaky"] {
+        let op = ChatOp {
+            user_id: user.into(),
+            ..Default::default()
+        };
+        client.put(user, &op).await?;
+    }
+    client.close().await?;
+    let tries = |user: &str| -> Vec<i64> {
+        attempts
+            .lock()
+            .iter()
+            .filter(|(u, _)| u == user)
+            .map(|(_, r)| *r)
+            .collect()
+    };
+    let judged = wait_until(Duration::from_secs(60), || {
+        tries("poison").len() >= 2 && tries("flaky").len() >= 2
+    })
+    .await;
+    let committed_all = wait_until(Duration::from_secs(30), || {
+        committed(&bootstrap, "judged", "judged", 1)
+            .map(|c| c[0].0 == Some(OTHERS as i64 + 2))
+            .unwrap_or(false)
+    })
+    .await;
+    let dlq = read_all(&bootstrap, "judged-dlq", 1, Duration::from_secs(20))?;
+    handle.shutdown();
+    let stats = tokio::time::timeout(Duration::from_secs(30), running).await???;
+    println!("{}: {stats:?}", kind.name());
+    assert!(
+        judged,
+        "the failing tasks were not retried through the chain"
+    );
+    assert!(committed_all, "not every source offset was committed");
+    assert_eq!(tries("poison"), vec![0, 1], "tried, retried once, given up");
+    assert_eq!(tries("flaky"), vec![0, 1], "failed once, then succeeded");
+    let others = attempts
+        .lock()
+        .iter()
+        .filter(|(u, _)| u.starts_with("user-"))
+        .count();
+    assert_eq!(others as u64, OTHERS, "every other task once");
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0].key(), Some(&b"poison"[..]));
+    assert_eq!(stats.retried, 2);
+    assert_eq!(stats.dead_lettered, 1);
+    Ok(())
+}
+decaton_integration_tests::broker_tests!(
+    a_failure_in_a_later_stage_is_retried_then_dead_lettered,
+    crate::failure_in_a_later_stage
+);
+
+/// Every record of `topic` (one partition), from the start, until `want` arrived or
+/// `within` passed.
+fn read_all(
+    bootstrap: &str,
+    topic: &str,
+    want: usize,
+    within: Duration,
+) -> anyhow::Result<Vec<rdkafka::message::OwnedMessage>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("reader-{topic}"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let deadline = std::time::Instant::now() + within;
+    let mut out = Vec::new();
+    while out.len() < want && std::time::Instant::now() < deadline {
+        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            out.push(m?.detach());
+        }
+    }
+    Ok(out)
+}

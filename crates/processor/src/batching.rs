@@ -126,6 +126,11 @@ pub trait BatchProcessor<T>: Send + Sync + 'static {
 /// [`Compaction`](crate::Compaction) or [`Batching`] stage whose survivors or batches the
 /// next stage processes one by one.
 ///
+/// Per-key order downstream: [`Compaction`](crate::Compaction) hands its windows over one
+/// at a time, in order, so the next stage sees one key's survivors in order. [`Batching`]
+/// may run two batches at once (see its docs), so behind it the next stage sees one
+/// key's tasks in order within a batch, not necessarily across batches.
+///
 /// ```
 /// use std::time::Duration;
 /// use decaton_processor::{Chain, Compaction, PassOn, Survivor};

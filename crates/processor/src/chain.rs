@@ -104,9 +104,12 @@ impl<T: Send + 'static> Stage<T> {
 /// per lane. Per-partition and per-lane instances belong to the partition: they are
 /// dropped when it is revoked, a later assignment of it makes new ones, and per-lane ones
 /// are made anew when the partition's lanes change (`partition_concurrency`). One lane
-/// runs one task at a time, so a per-lane instance is never called concurrently; a
-/// per-partition one is called by the partition's lanes concurrently (and not at all by
-/// other partitions). Per-lane stages need [`Bounded`](crate::SchedulingMode::Bounded)
+/// runs one task at a time, so within the lane a per-lane instance is never called
+/// concurrently; a per-partition one is called by the partition's lanes concurrently (and
+/// never by other partitions). A stage reached through [`Completion::push`](crate::Completion::push)
+/// runs in the pushing task, outside the lane, with the instance of the lane that
+/// deferred the task: behind a deferring stage, a per-lane instance can also be called
+/// from there. Per-lane stages need [`Bounded`](crate::SchedulingMode::Bounded)
 /// mode: in per-key mode, where each key is its own short-lived lane, a subscription with
 /// one does not build.
 ///
