@@ -583,8 +583,14 @@ proptest! {
         h.live.set("partition_concurrency", &to.to_string()).unwrap();
         h.offer(&core, &mut ctx, half as i64, &keys[half..], false);
         if from != to {
-            // Only the first half was dispatched: the rest waits for the old lanes.
+            // Only the first half was dispatched: the rest waits for the old lanes, and
+            // health says so.
             prop_assert_eq!(core.in_flight(), half);
+            let changing = matches!(
+                ctx.health().not_ready,
+                Some(crate::NotReady::ChangingLanes { to: t, .. }) if t == to
+            );
+            prop_assert!(changing, "health: {:?}", ctx.health().not_ready);
         }
         gate.add_permits(keys.len());
         let n = keys.len() as i64;

@@ -198,7 +198,10 @@ impl<T: Send + 'static> PartitionContext<T> {
             _ if self.state.as_ref().is_some_and(|s| !s.is_ready()) => {
                 Some(NotReady::RestoringState)
             }
-            _ => None,
+            _ => self.resize_to.map(|to| NotReady::ChangingLanes {
+                to,
+                tasks: self.lanes.occupied(),
+            }),
         };
         crate::health::PartitionHealth {
             topic: self.core.topic().clone(),
