@@ -627,3 +627,25 @@ fn a_bad_concurrency_keeps_the_old_one() {
     live.set("decaton.partition.concurrency", "5").unwrap();
     assert_eq!(live.get().partition_concurrency, 5);
 }
+
+/// The processor tester runs a chain's per-partition stage on one instance for all its
+/// tasks, as one partition would.
+#[test]
+fn the_tester_keeps_one_partition_instance() {
+    let census = Arc::new(Census::default());
+    let chain = {
+        let census = census.clone();
+        Chain::scoped(ProcessorScope::Partition, move || Counted::make(&census))
+            .then_process(Relay("after", Seen::default()))
+    };
+    let tester = crate::testing::ProcessorTester::new(chain);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for task in 0..3u64 {
+        let out = rt.block_on(tester.process(Some(b"k"), task));
+        assert_eq!(out.result, crate::testing::TaskResult::Completed);
+    }
+    assert_eq!(census.made.load(Ordering::SeqCst), 1);
+}
