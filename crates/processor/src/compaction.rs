@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::batching::{BatchedInfo, BatchedTask};
+use crate::batching::{BatchedInfo, BatchedTask, Turns};
 use crate::{BatchProcessor, ProcessError, ProcessingContext, TaskProcessor};
 
 /// Which of two tasks of one key survives.
@@ -50,18 +50,8 @@ struct Shared<T, B> {
     choose: Box<Choose<T>>,
     open: Mutex<Window<T>>,
     compacted: AtomicU64,
-    /// The generation of the window whose turn it is at the batch processor.
-    turn: tokio::sync::watch::Sender<u64>,
-}
-
-/// Gives the batch processor's turn to the next window when dropped (even by a panic).
-struct NextTurn<'a>(&'a tokio::sync::watch::Sender<u64>, u64);
-
-impl Drop for NextTurn<'_> {
-    fn drop(&mut self) {
-        let next = self.1;
-        self.0.send_modify(|t| *t = (*t).max(next));
-    }
+    /// Windows go to the batch processor in generation order.
+    turns: Turns,
 }
 
 /// A [`TaskProcessor`] that keeps one task per key per window and hands the survivors to
@@ -115,7 +105,7 @@ impl<T: Send + 'static, B: BatchProcessor<T>> Compaction<T, B> {
                     generation: 0,
                 }),
                 compacted: AtomicU64::new(0),
-                turn: tokio::sync::watch::Sender::new(0),
+                turns: Turns::new(),
             }),
         }
     }
@@ -141,9 +131,7 @@ impl<T: Send + 'static, B: BatchProcessor<T>> Shared<T, B> {
         // the one before it.
         let this = self.clone();
         tokio::spawn(async move {
-            let mut turn = this.turn.subscribe();
-            let _ = turn.wait_for(|t| *t >= generation).await;
-            let _next = NextTurn(&this.turn, generation + 1);
+            let _next = this.turns.wait(generation).await;
             if !batch.is_empty() {
                 this.inner.process_batch(batch).await;
             }

@@ -649,3 +649,36 @@ fn the_tester_keeps_one_partition_instance() {
     }
     assert_eq!(census.made.load(Ordering::SeqCst), 1);
 }
+
+/// Records the task, taking longer for the first ones (processing time, so that a later
+/// batch would overtake an earlier one if they overlapped).
+struct SlowFirst(Seen);
+
+#[async_trait::async_trait]
+impl TaskProcessor<u64> for SlowFirst {
+    async fn process(&self, ctx: &ProcessingContext, task: u64) -> Result<(), ProcessError> {
+        note(&self.0, "after", ctx, task);
+        if task < 2 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+}
+
+/// Behind `Batching::in_order` and `PassOn`, the next stage gets one key's tasks in
+/// offset order across batches, and each task completes there.
+#[test]
+fn in_order_batches_keep_key_order_downstream() {
+    let h = Harness::new(bounded(1));
+    let seen: Seen = Arc::default();
+    let chain =
+        Chain::new(crate::Batching::new(crate::PassOn, 2, Duration::from_millis(20)).in_order())
+            .then_process(SlowFirst(seen.clone()));
+    let runner = h.runner(chain, 0);
+    let (core, mut ctx) = h.assign(0, &runner);
+    let keys: Vec<Option<u8>> = (0..12).map(|_| Some(7)).collect();
+    h.offer(&core, &mut ctx, 0, &keys, false);
+    assert!(h.drive(&mut ctx, || core.position() == Some(12)));
+    let after: Vec<u64> = at_stage(&seen, "after").iter().map(|s| s.1).collect();
+    assert_eq!(after, (0..12).collect::<Vec<_>>());
+}
