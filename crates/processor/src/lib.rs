@@ -5,6 +5,8 @@
 //! concurrently and tasks of one key one at a time in offset order, commits only below the
 //! lowest unfinished task (recording finished offsets above it in the commit metadata),
 //! pauses partitions that have `max_pending` uncommitted tasks, and shuts down gracefully.
+//! Several processors can run as the stages of one [`Chain`], each shared or made per
+//! subscription, partition or lane ([`ProcessorScope`]).
 //!
 //! ```no_run
 //! use decaton_processor::{async_trait, ProcessError, ProcessingContext, ProcessorProperties,
