@@ -54,7 +54,8 @@ impl<T: Send + 'static> Stage<T> {
             Make::Shared(p) => return p.clone(),
             Make::Subscription(factory, once) => return once.get_or_init(factory).clone(),
             Make::Partition(factory) => (factory, None),
-            // Without a lane (a processor tester), a lane stage is a partition stage.
+            // Without a lane (per-key mode, where a lane stage inside a factory-made
+            // processor escapes the build check), a lane stage is a partition stage.
             Make::Lane(factory) => (factory, ctx.lane()),
         };
         let any = ctx
@@ -185,16 +186,6 @@ impl<T: Send + 'static> Chain<T> {
         factory: impl Fn() -> P + Send + Sync + 'static,
     ) -> Self {
         self.then(scoped_make(scope, factory))
-    }
-
-    /// How many stages the chain has.
-    pub fn len(&self) -> usize {
-        self.stages.len()
-    }
-
-    /// Always false: a chain has at least one stage.
-    pub fn is_empty(&self) -> bool {
-        self.stages.is_empty()
     }
 
     fn then(self, make: Make<T>) -> Self {

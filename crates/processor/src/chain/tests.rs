@@ -682,3 +682,21 @@ fn in_order_batches_keep_key_order_downstream() {
     let after: Vec<u64> = at_stage(&seen, "after").iter().map(|s| s.1).collect();
     assert_eq!(after, (0..12).collect::<Vec<_>>());
 }
+
+/// A chain used as a stage passes its last stage's tasks on to the outer chain's next
+/// stage.
+#[test]
+fn a_nested_chain_passes_on_to_the_outer_chain() {
+    let h = Harness::new(bounded(2));
+    let seen: Seen = Arc::default();
+    let inner = Chain::new(Relay("a", seen.clone())).then_process(Relay("b", seen.clone()));
+    let chain = Chain::new(inner).then_process(Relay("c", seen.clone()));
+    let runner = h.runner(chain, 0);
+    let (core, mut ctx) = h.assign(0, &runner);
+    let keys: Vec<Option<u8>> = (0..10).map(|i| Some(i % 3)).collect();
+    h.offer(&core, &mut ctx, 0, &keys, false);
+    assert!(h.drive(&mut ctx, || core.position() == Some(10)));
+    for stage in ["a", "b", "c"] {
+        assert_eq!(at_stage(&seen, stage).len(), 10, "stage {stage}");
+    }
+}
