@@ -5,7 +5,10 @@
 //! function picks which of the two survives, and the other is completed at once without
 //! being processed (counted in `decaton_tasks_compacted_total`). When the window closes
 //! (`window` after its first task), the survivors — at most one per key — go as one
-//! batch to a [`BatchProcessor`], which completes each. A location service that only
+//! batch to a [`BatchProcessor`], which completes each. Windows go to the batch
+//! processor one at a time, in the order they closed, so one key's survivors reach it in
+//! order (with [`PassOn`](crate::PassOn), the next stage of a [`Chain`](crate::Chain)
+//! receives them). A location service that only
 //! needs a user's latest position, for example, processes one update per user per window
 //! however many arrive. Tasks without a key are never compacted: each survives.
 //!
@@ -20,7 +23,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::batching::{BatchedInfo, BatchedTask};
+use crate::batching::{BatchedInfo, BatchedTask, Turns};
 use crate::{BatchProcessor, ProcessError, ProcessingContext, TaskProcessor};
 
 /// Which of two tasks of one key survives.
@@ -47,6 +50,8 @@ struct Shared<T, B> {
     choose: Box<Choose<T>>,
     open: Mutex<Window<T>>,
     compacted: AtomicU64,
+    /// Windows go to the batch processor in generation order.
+    turns: Turns,
 }
 
 /// A [`TaskProcessor`] that keeps one task per key per window and hands the survivors to
@@ -100,6 +105,7 @@ impl<T: Send + 'static, B: BatchProcessor<T>> Compaction<T, B> {
                     generation: 0,
                 }),
                 compacted: AtomicU64::new(0),
+                turns: Turns::new(),
             }),
         }
     }
@@ -121,11 +127,15 @@ impl<T: Send + 'static, B: BatchProcessor<T>> Shared<T, B> {
             w.by_key.clear();
             std::mem::take(&mut w.tasks)
         };
-        if batch.is_empty() {
-            return;
-        }
+        // Every generation closes exactly once (only `close` moves it), so each waits for
+        // the one before it.
         let this = self.clone();
-        tokio::spawn(async move { this.inner.process_batch(batch).await });
+        tokio::spawn(async move {
+            let _next = this.turns.wait(generation).await;
+            if !batch.is_empty() {
+                this.inner.process_batch(batch).await;
+            }
+        });
     }
 }
 

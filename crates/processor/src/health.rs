@@ -30,6 +30,14 @@ pub enum NotReady {
         /// How many still run.
         tasks: usize,
     },
+    /// Its number of lanes changed (`partition_concurrency`): it waits until its current
+    /// lanes are empty, then runs on the new ones.
+    ChangingLanes {
+        /// The new number of lanes.
+        to: usize,
+        /// Tasks still queued in or run by the current lanes.
+        tasks: usize,
+    },
 }
 
 impl fmt::Display for NotReady {
@@ -39,6 +47,10 @@ impl fmt::Display for NotReady {
             NotReady::PredecessorRunning { tasks } => write!(
                 f,
                 "waiting for {tasks} tasks of its previous assignment to end"
+            ),
+            NotReady::ChangingLanes { to, tasks } => write!(
+                f,
+                "changing to {to} lanes once its current lanes' {tasks} tasks are done"
             ),
         }
     }

@@ -5,6 +5,8 @@
 //! concurrently and tasks of one key one at a time in offset order, commits only below the
 //! lowest unfinished task (recording finished offsets above it in the commit metadata),
 //! pauses partitions that have `max_pending` uncommitted tasks, and shuts down gracefully.
+//! Several processors can run as the stages of one [`Chain`], each shared or made per
+//! subscription, partition or lane ([`ProcessorScope`]).
 //!
 //! ```no_run
 //! use decaton_processor::{async_trait, ProcessError, ProcessingContext, ProcessorProperties,
@@ -37,6 +39,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 mod batching;
+mod chain;
 mod compaction;
 mod config;
 mod context;
@@ -52,7 +55,8 @@ mod task_span;
 pub mod testing;
 
 pub use async_trait::async_trait;
-pub use batching::{BatchProcessor, BatchedInfo, BatchedTask, Batching};
+pub use batching::{BatchProcessor, BatchedInfo, BatchedTask, Batching, PassOn};
+pub use chain::{Chain, ProcessorScope};
 pub use compaction::{Compaction, Survivor};
 pub use config::{ProcessorProperties, PropertyError, SchedulingMode};
 pub use context::{Completion, ProcessingContext};

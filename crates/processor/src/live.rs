@@ -9,6 +9,7 @@
 //! | `processing_rate_per_partition`, `decaton.processing.rate.per.partition` | at the partition's next dispatch |
 //! | `max_pending`, `decaton.max.pending.records` | at the partition's next flow-control round |
 //! | `ignore_keys`, `decaton.ignore.keys` | for the next record fetched |
+//! | `partition_concurrency`, `decaton.partition.concurrency` | bounded mode: each partition stops dispatching, waits until its lanes are empty, then runs on the new number of lanes (per-lane stage instances are made anew); per-key order holds throughout |
 //! | `deferred_complete_timeout`, `decaton.deferred.complete.timeout.ms` | for tasks deferred from then on |
 //!
 //! Every change is logged with its old and new value; a value that does not parse, or a
@@ -27,8 +28,9 @@ use parking_lot::RwLock;
 use crate::config::{ProcessorProperties, PropertyError};
 
 /// The properties [`LiveProperties`] accepts changes of, by their short names.
-const RELOADABLE: [&str; 4] = [
+const RELOADABLE: [&str; 5] = [
     "processing_rate_per_partition",
+    "partition_concurrency",
     "max_pending",
     "ignore_keys",
     "deferred_complete_timeout",
@@ -39,6 +41,7 @@ fn reloadable(name: &str) -> Option<&'static str> {
     let short = match name {
         "decaton.processing.rate.per.partition" => "processing_rate_per_partition",
         "decaton.max.pending.records" => "max_pending",
+        "decaton.partition.concurrency" => "partition_concurrency",
         "decaton.ignore.keys" => "ignore_keys",
         "decaton.deferred.complete.timeout.ms" | "deferred_complete_timeout_ms" => {
             "deferred_complete_timeout"
@@ -73,7 +76,9 @@ fn deferred_ms(p: &ProcessorProperties) -> i64 {
 /// live.set("decaton.processing.rate.per.partition", "200").unwrap();
 /// assert_eq!(live.get().processing_rate_per_partition, 200);
 /// // Not reloadable: rejected, the running value stays.
-/// assert!(live.set("decaton.partition.concurrency", "8").is_err());
+/// assert!(live.set("mode", "per_key").is_err());
+/// // A bad value is rejected too.
+/// assert!(live.set("decaton.partition.concurrency", "0").is_err());
 /// assert_eq!(live.get().partition_concurrency, 1);
 /// ```
 #[derive(Clone)]
@@ -197,6 +202,7 @@ fn describe(p: &ProcessorProperties, short: &str) -> String {
     match short {
         "processing_rate_per_partition" => p.processing_rate_per_partition.to_string(),
         "max_pending" => p.max_pending.to_string(),
+        "partition_concurrency" => p.partition_concurrency.to_string(),
         "ignore_keys" => format!("{:?}", p.ignore_keys),
         "deferred_complete_timeout" => format!("{:?}", p.deferred_complete_timeout),
         _ => String::new(),

@@ -31,6 +31,14 @@ use crate::context::ProcessingContext;
 pub trait TaskProcessor<T>: Send + Sync + 'static {
     /// Processes one task.
     async fn process(&self, ctx: &ProcessingContext, task: T) -> Result<(), ProcessError>;
+
+    /// Whether this processor needs each key to stay on one of a fixed number of lanes:
+    /// true for a [`Chain`](crate::Chain) with a [`ProcessorScope::Lane`](crate::ProcessorScope::Lane)
+    /// stage. A subscription in per-key mode refuses to build with such a processor.
+    /// Other processors need not implement it.
+    fn needs_lanes(&self) -> bool {
+        false
+    }
 }
 
 /// A processing failure: any error, with its message kept for logs and dead-letter

@@ -168,6 +168,13 @@ where
         self.properties
             .validate()
             .map_err(|e| SubscriptionError::Config(e.to_string()))?;
+        if self.properties.mode == crate::SchedulingMode::PerKey && self.processor.needs_lanes() {
+            return Err(SubscriptionError::Config(
+                "a per-lane processor scope needs bounded mode: in per-key mode every key is \
+                 a lane of its own"
+                    .into(),
+            ));
+        }
         let retry_topic = self
             .retry
             .as_ref()

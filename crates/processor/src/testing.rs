@@ -5,7 +5,9 @@
 //! timeout, partition-local state in memory — and reports what happened to each task:
 //! completed, failed (with the error), panicked, timed out or leaked, whether it was
 //! deferred, and which state writes it made. No Kafka is involved; tasks run one at a time
-//! in the order given, as one key's tasks would.
+//! in the order given, as one key's tasks would, on lane 0 of one partition (so a
+//! [`Chain`](crate::Chain) stage scoped per partition or per lane has one instance for
+//! the tester).
 //!
 //! ```
 //! use decaton_processor::testing::{ProcessorTester, TaskResult};
@@ -37,7 +39,7 @@
 //! ```
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -99,6 +101,10 @@ pub struct ProcessorTester<T, P> {
     store: Option<PartitionStore>,
     next_offset: AtomicI64,
     recorder: SubscriptionRecorder,
+    /// The partition every task appears to come from, made on the first task (after
+    /// [`source`](Self::source)): it holds the instances of per-partition and per-lane
+    /// [`Chain`](crate::Chain) stages.
+    core: std::sync::OnceLock<Arc<PartitionCore>>,
     _task: std::marker::PhantomData<fn(T)>,
 }
 
@@ -115,6 +121,7 @@ impl<T: Send + 'static, P: TaskProcessor<T>> ProcessorTester<T, P> {
             store: None,
             next_offset: AtomicI64::new(0),
             recorder: SubscriptionRecorder::new(Arc::from("test"), Arc::new(Counters::default())),
+            core: std::sync::OnceLock::new(),
             _task: std::marker::PhantomData,
         }
     }
@@ -133,7 +140,7 @@ impl<T: Send + 'static, P: TaskProcessor<T>> ProcessorTester<T, P> {
         self
     }
 
-    /// The topic and partition tasks appear to come from.
+    /// The topic and partition tasks appear to come from (set it before the first task).
     pub fn source(mut self, topic: &str, partition: i32) -> Self {
         self.topic = Arc::from(topic);
         self.partition = partition;
@@ -161,30 +168,36 @@ impl<T: Send + 'static, P: TaskProcessor<T>> ProcessorTester<T, P> {
         task: T,
     ) -> TaskOutcome {
         let offset = self.next_offset.fetch_add(1, Ordering::Relaxed);
-        let core = Arc::new(PartitionCore::new(
-            self.topic.clone(),
-            PartitionId {
-                topic: 0,
-                partition: self.partition,
-            },
-            OffsetTracker::starting_at(Some(offset), DoneRanges::default()),
-            self.recorder.partition(&self.topic, self.partition),
-            Arc::new(Wakeup::default()),
-        ));
+        // The lane is handed each outcome (below), so the core's offsets stay untouched:
+        // it only carries the partition's identity, recorder and scoped stage instances.
+        let core = self
+            .core
+            .get_or_init(|| {
+                Arc::new(PartitionCore::new(
+                    self.topic.clone(),
+                    PartitionId {
+                        topic: 0,
+                        partition: self.partition,
+                    },
+                    OffsetTracker::starting_at(Some(0), DoneRanges::default()),
+                    self.recorder.partition(&self.topic, self.partition),
+                    Arc::new(Wakeup::default()),
+                ))
+            })
+            .clone();
         let (tx, rx) = oneshot::channel();
         let completion = CompletionInner::new(core, offset, Some(tx));
-        let ctx = ProcessingContext {
-            subscription: self.subscription.clone(),
-            key: key.map(Arc::from),
+        let ctx = ProcessingContext::new(
+            self.subscription.clone(),
+            key.map(Arc::from),
             metadata,
-            completion: completion.clone(),
-            deferred: AtomicBool::new(false),
-            deferred_timeout: Some(self.deferred_timeout),
-            state: self
-                .store
+            completion.clone(),
+            Some(self.deferred_timeout),
+            self.store
                 .as_ref()
                 .and_then(|s| StateSlot::ready_with(s.clone()).task_state()),
-        };
+            Some(0),
+        );
         let ran = AssertUnwindSafe(self.processor.process(&ctx, task))
             .catch_unwind()
             .await;

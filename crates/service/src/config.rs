@@ -115,8 +115,8 @@ pub struct SubscriptionConfig {
     /// `dead_letter.enabled` is not false).
     pub dead_letter: Option<DeadLetterConfig>,
     /// A file of reloadable properties (`live_properties_file`): edits to it change the
-    /// processing rate, `max_pending`, `ignore_keys` or the deferred timeout while the
-    /// subscription runs (see `decaton_processor::FileProperties`).
+    /// processing rate, `max_pending`, `ignore_keys`, `partition_concurrency` or the
+    /// deferred timeout while the subscription runs (see `decaton_processor::FileProperties`).
     pub live_properties_file: Option<std::path::PathBuf>,
     /// The retry topic the subscription also consumes, if it retries through one.
     retry_topic: Option<String>,

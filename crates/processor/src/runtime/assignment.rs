@@ -114,7 +114,7 @@ impl<T: Send + 'static> RuntimeCore<T> {
                 tracing::warn!(partition = p, running = pred.running(),
                     "tasks of this partition's previous assignment still run; it starts when they end");
             }
-            let lanes = Lanes::new(&self.props, self.runner.clone(), self.runtime.clone());
+            let lanes = Lanes::new(&self.live.get(), self.runner.clone(), self.runtime.clone());
             parts.insert(
                 id,
                 PartitionContext::new(

@@ -53,6 +53,8 @@ pub(crate) struct CompletionInner {
     started: Instant,
     done: AtomicBool,
     handles: AtomicUsize,
+    /// `defer` calls so far, by any stage.
+    defers: AtomicUsize,
     timer: Mutex<Option<tokio::task::AbortHandle>>,
     /// Present when the lane finishes the task itself (it wrote state): settling sends the
     /// outcome there instead of marking the offset done.
@@ -76,6 +78,7 @@ impl CompletionInner {
             started: Instant::now(),
             done: AtomicBool::new(false),
             handles: AtomicUsize::new(0),
+            defers: AtomicUsize::new(0),
             timer: Mutex::new(None),
             handoff: Mutex::new(handoff),
             reason: Mutex::new(None),
@@ -172,6 +175,21 @@ impl CompletionInner {
 
     pub(crate) fn is_done(&self) -> bool {
         self.done.load(Ordering::Acquire)
+    }
+
+    /// A stage deferred the task.
+    pub(crate) fn mark_deferred(&self) {
+        self.defers.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// How often the task was deferred so far (a later stage deferred it when this moves).
+    pub(crate) fn defers(&self) -> usize {
+        self.defers.load(Ordering::Acquire)
+    }
+
+    /// Whether some stage deferred the task.
+    pub(crate) fn is_deferred(&self) -> bool {
+        self.defers() > 0
     }
 
     /// A new `Completion` handle; returns whether it is the first.

@@ -7,12 +7,18 @@
 //!   idle key spawns its lane; the lane runs the key's queue dry and disappears. Any number
 //!   of keys run concurrently; `max_pending` bounds them.
 //!
+//! In bounded mode the number of lanes can change while running (`partition_concurrency`
+//! is reloadable): the partition stops dispatching, waits until its lanes hold no task
+//! ([`Lanes::occupied`]), then replaces them with [`Lanes::resized`] — a key moving to
+//! another lane never overtakes its previous task.
+//!
 //! Tasks without a key (null or empty) carry no ordering constraint: bounded mode spreads
 //! them round-robin over the lanes, per-key mode runs each on its own. Every queue here
 //! holds only registered tasks, so `max_pending` bounds it.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, BuildHasherDefault};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -43,6 +49,8 @@ pub(crate) struct Lanes<T> {
     mode: Mode<T>,
     runner: Arc<dyn TaskRunner<T>>,
     runtime: Handle,
+    /// Tasks queued in or run by the lanes (bounded mode).
+    occupied: Arc<AtomicUsize>,
 }
 
 impl<T: Send + 'static> Lanes<T> {
@@ -51,15 +59,22 @@ impl<T: Send + 'static> Lanes<T> {
         runner: Arc<dyn TaskRunner<T>>,
         runtime: Handle,
     ) -> Self {
+        let occupied = Arc::new(AtomicUsize::new(0));
         let mode = match props.mode {
             SchedulingMode::Bounded => Mode::Bounded {
                 lanes: (0..props.partition_concurrency.max(1))
                     .map(|_| {
                         let (tx, mut rx) = mpsc::unbounded_channel::<TaskUnit<T>>();
                         let runner = runner.clone();
+                        let occupied = occupied.clone();
                         runtime.spawn(async move {
                             while let Some(unit) = rx.recv().await {
+                                let partition = unit.partition.clone();
                                 runner.run(unit).await;
+                                if occupied.fetch_sub(1, Ordering::AcqRel) == 1 {
+                                    // A partition changing its lanes waits for this.
+                                    partition.notify_if_waiting();
+                                }
                             }
                         });
                         tx
@@ -75,11 +90,36 @@ impl<T: Send + 'static> Lanes<T> {
             mode,
             runner,
             runtime,
+            occupied,
         }
     }
 
+    /// The number of lanes (bounded mode).
+    pub(crate) fn concurrency(&self) -> Option<usize> {
+        match &self.mode {
+            Mode::Bounded { lanes, .. } => Some(lanes.len()),
+            Mode::PerKey { .. } => None,
+        }
+    }
+
+    /// Tasks queued in or run by the lanes now (bounded mode; 0 in per-key mode).
+    pub(crate) fn occupied(&self) -> usize {
+        self.occupied.load(Ordering::Acquire)
+    }
+
+    /// New bounded lanes, `concurrency` of them, for the same partition; dropping these
+    /// (empty) ones ends their tasks.
+    pub(crate) fn resized(&self, concurrency: usize) -> Lanes<T> {
+        let props = ProcessorProperties {
+            mode: SchedulingMode::Bounded,
+            partition_concurrency: concurrency,
+            ..ProcessorProperties::default()
+        };
+        Lanes::new(&props, self.runner.clone(), self.runtime.clone())
+    }
+
     /// Queues a registered task on its key's lane.
-    pub(crate) fn dispatch(&mut self, unit: TaskUnit<T>) {
+    pub(crate) fn dispatch(&mut self, mut unit: TaskUnit<T>) {
         match &mut self.mode {
             Mode::Bounded {
                 lanes,
@@ -92,8 +132,11 @@ impl<T: Send + 'static> Lanes<T> {
                         *next_unkeyed
                     }
                 };
+                unit.lane = Some(lane);
+                self.occupied.fetch_add(1, Ordering::AcqRel);
                 if let Err(mpsc::error::SendError(unit)) = lanes[lane].send(unit) {
                     // The lane task is gone (its runtime is shutting down): it cannot run.
+                    self.occupied.fetch_sub(1, Ordering::AcqRel);
                     if unit.partition.try_start() {
                         unit.partition.release();
                     }
@@ -240,6 +283,7 @@ mod tests {
                 state: None,
                 trace: None,
                 raw: None,
+                lane: None,
             };
             assert!(!ctx.offer(crate::runtime::extract::Incoming::Task(unit), 0));
         }

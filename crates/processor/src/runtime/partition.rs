@@ -61,6 +61,9 @@ pub(crate) struct PartitionContext<T> {
     rate: PartitionRate,
     /// When the next token of the rate is due (epoch ms), while a task waits for it.
     rate_due: Option<i64>,
+    /// A new number of lanes (`partition_concurrency` changed): nothing is dispatched
+    /// until the current lanes are empty, then they are replaced.
+    resize_to: Option<usize>,
 }
 
 impl<T: Send + 'static> PartitionContext<T> {
@@ -86,6 +89,7 @@ impl<T: Send + 'static> PartitionContext<T> {
             live: None,
             rate: PartitionRate::new(-1),
             rate_due: None,
+            resize_to: None,
         }
     }
 
@@ -110,6 +114,29 @@ impl<T: Send + 'static> PartitionContext<T> {
         self.max_pending = props.max_pending;
         self.rate.set(props.processing_rate_per_partition);
         self.rate_due = None;
+        let lanes = props.partition_concurrency.max(1);
+        self.resize_to = match self.lanes.concurrency() {
+            Some(now) if now != lanes => Some(lanes),
+            _ => None,
+        };
+    }
+
+    /// Replaces the lanes once they are empty, when their number changed; whether the
+    /// partition may dispatch (no change is waiting).
+    fn lanes_settled(&mut self) -> bool {
+        let Some(lanes) = self.resize_to else {
+            return true;
+        };
+        if self.lanes.occupied() > 0 {
+            return false;
+        }
+        // Per-lane stage instances belong to the old lanes.
+        self.core.drop_lane_instances();
+        tracing::info!(topic = %self.core.topic(), partition = self.core.partition(),
+            from = self.lanes.concurrency(), to = lanes, "partition lanes changed");
+        self.lanes = self.lanes.resized(lanes);
+        self.resize_to = None;
+        true
     }
 
     /// Whether `incoming` may go to the lanes now as far as the rate is concerned (a task
@@ -148,6 +175,9 @@ impl<T: Send + 'static> PartitionContext<T> {
     }
 
     fn is_ready(&mut self) -> bool {
+        if !self.lanes_settled() {
+            return false;
+        }
         if self.predecessor.as_ref().is_some_and(|p| p.running() > 0) {
             return false;
         }
@@ -168,7 +198,10 @@ impl<T: Send + 'static> PartitionContext<T> {
             _ if self.state.as_ref().is_some_and(|s| !s.is_ready()) => {
                 Some(NotReady::RestoringState)
             }
-            _ => None,
+            _ => self.resize_to.map(|to| NotReady::ChangingLanes {
+                to,
+                tasks: self.lanes.occupied(),
+            }),
         };
         crate::health::PartitionHealth {
             topic: self.core.topic().clone(),
@@ -184,6 +217,7 @@ impl<T: Send + 'static> PartitionContext<T> {
 
     /// Takes one fetched record; true when it had to wait (flow control should run).
     pub(crate) fn offer(&mut self, incoming: Incoming<T>, now_ms: i64) -> bool {
+        self.refresh();
         if self.overflow.is_empty()
             && self.is_ready()
             && self.has_room()

@@ -7,6 +7,8 @@
 //! task starts and a late completion marks nothing done. A throttled partition asks to be
 //! woken, so the first completion that frees room tells the consumer thread.
 
+use std::any::Any;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -32,6 +34,13 @@ struct Inner {
     completed: u64,
 }
 
+/// A chain stage's processor instance owned by this partition (per partition: lane
+/// `None`; per lane: its lane), as `Arc<dyn TaskProcessor<T>>`.
+pub(crate) type ScopedInstance = Arc<dyn Any + Send + Sync>;
+
+/// Key of a scoped instance: the stage's id and, for a per-lane stage, the lane.
+type ScopeKey = (u64, Option<usize>);
+
 /// The half of a partition that lanes and completions use.
 pub(crate) struct PartitionCore {
     topic: Arc<str>,
@@ -41,6 +50,9 @@ pub(crate) struct PartitionCore {
     recorder: PartitionRecorder,
     wakeup: Arc<Wakeup>,
     wants_wakeup: AtomicBool,
+    /// Per-partition and per-lane stage instances; `None` once closed. At most one per
+    /// stage and lane.
+    scoped: Mutex<Option<HashMap<ScopeKey, ScopedInstance>>>,
 }
 
 impl PartitionCore {
@@ -66,7 +78,37 @@ impl PartitionCore {
             recorder,
             wakeup,
             wants_wakeup: AtomicBool::new(false),
+            scoped: Mutex::new(Some(HashMap::new())),
         }
+    }
+
+    /// The instance of `stage` for `lane` (`None`: the partition's), made by `make` the
+    /// first time. Once the partition is closed, a task still running gets an instance
+    /// of its own that is not kept.
+    pub(crate) fn scoped(
+        &self,
+        stage: u64,
+        lane: Option<usize>,
+        make: impl FnOnce() -> ScopedInstance,
+    ) -> ScopedInstance {
+        let mut scoped = self.scoped.lock();
+        match scoped.as_mut() {
+            Some(map) => map.entry((stage, lane)).or_insert_with(make).clone(),
+            None => make(),
+        }
+    }
+
+    /// Drops the per-lane instances (the lanes are being replaced).
+    pub(crate) fn drop_lane_instances(&self) {
+        let dropped: Vec<ScopedInstance> = {
+            let mut scoped = self.scoped.lock();
+            let Some(map) = scoped.as_mut() else {
+                return;
+            };
+            let lanes: Vec<ScopeKey> = map.keys().filter(|(_, l)| l.is_some()).copied().collect();
+            lanes.iter().filter_map(|k| map.remove(k)).collect()
+        };
+        drop(dropped);
     }
 
     pub(crate) fn topic(&self) -> &Arc<str> {
@@ -229,10 +271,21 @@ impl PartitionCore {
         inner.closed = true;
         let running = inner.running;
         drop(inner);
+        // The partition's stage instances go with it (outside the lock: they are the
+        // user's to drop).
+        let instances = self.scoped.lock().take();
+        drop(instances);
         // Whoever waits for the abandoned tasks (the next context of this partition) is
         // woken when they end.
         self.wants_wakeup.store(running > 0, Ordering::Release);
         running
+    }
+
+    /// Wakes the consumer thread for this partition if it waits for something.
+    pub(crate) fn notify_if_waiting(&self) {
+        if self.wants_wakeup.load(Ordering::Acquire) {
+            self.wakeup.notify(self.id);
+        }
     }
 
     pub(crate) fn set_wants_wakeup(&self, wants: bool) {

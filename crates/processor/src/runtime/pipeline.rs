@@ -13,7 +13,6 @@
 //! 6. The offset is marked done — or, if the partition was released meanwhile, nothing is.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -64,6 +63,7 @@ impl<T: prost::Message + Default + 'static, P: TaskProcessor<T>> TaskRunner<T> f
             state,
             trace,
             raw,
+            lane,
         } = unit;
         // Rate 0: no task starts until it changes (checked here, not only at dispatch, so
         // tasks already queued in the lanes stop too).
@@ -93,15 +93,15 @@ impl<T: prost::Message + Default + 'static, P: TaskProcessor<T>> TaskRunner<T> f
         if let (Some(f), Some(raw)) = (&self.forwarder, &raw) {
             completion.forward_failures(f.clone(), raw.clone());
         }
-        let mut ctx = ProcessingContext {
-            subscription: self.subscription.clone(),
+        let mut ctx = ProcessingContext::new(
+            self.subscription.clone(),
             key,
             metadata,
-            completion: completion.clone(),
-            deferred: AtomicBool::new(false),
-            deferred_timeout: self.live.deferred_timeout(),
+            completion.clone(),
+            self.live.deferred_timeout(),
             state,
-        };
+            lane,
+        );
         let failure = self
             .process(&mut ctx, task, raw.as_deref())
             .instrument(span)
@@ -111,7 +111,8 @@ impl<T: prost::Message + Default + 'static, P: TaskProcessor<T>> TaskRunner<T> f
             Some(f) => Some(f),
             None => (!ctx.is_deferred()).then_some(Outcome::Done),
         };
-        let state = ctx.state.take();
+        // The contexts of later stages are gone with `process`: the writes are the lane's.
+        let state = ctx.state.take().and_then(|s| Arc::try_unwrap(s).ok());
         drop(ctx);
         let (Some(state), Some(outcome_rx), Some(runtime)) = (state, outcome, &self.state) else {
             if let Some(o) = now {
@@ -220,7 +221,7 @@ impl<T: prost::Message + Default + 'static, P: TaskProcessor<T>> Pipeline<T, P> 
                 recorder.retried_in_process();
                 tokio::time::sleep(backoff.delay(attempt)).await;
                 attempt += 1;
-                ctx.state = ctx.state.take().and_then(|s| s.restarted());
+                ctx.state = ctx.state.take().and_then(|s| s.restarted()).map(Arc::new);
                 continue;
             }
             if outcome == Outcome::Panicked {

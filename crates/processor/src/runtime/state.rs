@@ -119,7 +119,7 @@ pub(crate) struct TaskState {
 
 impl TaskState {
     /// A fresh view for another attempt of the same task: this attempt's writes dropped.
-    pub(crate) fn restarted(self) -> Option<TaskState> {
+    pub(crate) fn restarted(&self) -> Option<TaskState> {
         self.slot.task_state()
     }
 

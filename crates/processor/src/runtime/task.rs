@@ -21,6 +21,8 @@ pub(crate) struct TaskUnit<T> {
     /// The record as fetched, kept only when the subscription forwards failed tasks to a
     /// retry or dead-letter topic.
     pub(crate) raw: Option<Arc<RawRecord>>,
+    /// The lane it was dispatched to (bounded mode).
+    pub(crate) lane: Option<usize>,
 }
 
 #[cfg(test)]
@@ -60,6 +62,7 @@ pub(crate) mod tests {
             state: None,
             trace: None,
             raw: None,
+            lane: None,
         }
     }
 }
