@@ -7,6 +7,7 @@
 //! | property (short or Decaton name) | takes effect |
 //! |---|---|
 //! | `processing_rate_per_partition`, `decaton.processing.rate.per.partition` | at the partition's next dispatch |
+//! | `per_key_quota_processing_rate`, `decaton.per.key.quota.processing.rate` | at the partition's next dispatch |
 //! | `max_pending`, `decaton.max.pending.records` | at the partition's next flow-control round |
 //! | `ignore_keys`, `decaton.ignore.keys` | for the next record fetched |
 //! | `deferred_complete_timeout`, `decaton.deferred.complete.timeout.ms` | for tasks deferred from then on |
@@ -27,8 +28,9 @@ use parking_lot::RwLock;
 use crate::config::{ProcessorProperties, PropertyError};
 
 /// The properties [`LiveProperties`] accepts changes of, by their short names.
-const RELOADABLE: [&str; 4] = [
+const RELOADABLE: [&str; 5] = [
     "processing_rate_per_partition",
+    "per_key_quota_processing_rate",
     "max_pending",
     "ignore_keys",
     "deferred_complete_timeout",
@@ -38,6 +40,7 @@ const RELOADABLE: [&str; 4] = [
 fn reloadable(name: &str) -> Option<&'static str> {
     let short = match name {
         "decaton.processing.rate.per.partition" => "processing_rate_per_partition",
+        "decaton.per.key.quota.processing.rate" => "per_key_quota_processing_rate",
         "decaton.max.pending.records" => "max_pending",
         "decaton.ignore.keys" => "ignore_keys",
         "decaton.deferred.complete.timeout.ms" | "deferred_complete_timeout_ms" => {
@@ -196,6 +199,7 @@ impl LiveProperties {
 fn describe(p: &ProcessorProperties, short: &str) -> String {
     match short {
         "processing_rate_per_partition" => p.processing_rate_per_partition.to_string(),
+        "per_key_quota_processing_rate" => p.per_key_quota_processing_rate.to_string(),
         "max_pending" => p.max_pending.to_string(),
         "ignore_keys" => format!("{:?}", p.ignore_keys),
         "deferred_complete_timeout" => format!("{:?}", p.deferred_complete_timeout),

@@ -199,6 +199,7 @@ impl Extractor {
             state: None,
             trace: None,
             raw: None,
+            over_quota: false,
         })
     }
 }

@@ -7,6 +7,9 @@
 //! instead of losing it. A produce that fails is tried again (with backoff) until it
 //! succeeds or the partition is closed at revocation; then the offset stays unfinished
 //! and the partition's next owner runs the task again.
+//!
+//! A task of a key over its quota is *shaped* the same way: produced unchanged to the
+//! shaping topic, its offset done once the broker acknowledged it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +24,7 @@ use tokio::runtime::Handle;
 
 use super::completion::Outcome;
 use super::partition_core::PartitionCore;
+use super::quota::SHAPED_BY;
 use crate::retry::Backoff;
 
 /// What a task's record looked like when it was fetched: kept only when the subscription
@@ -53,7 +57,7 @@ impl RawRecord {
         T::decode(&*record.task).ok()
     }
 
-    fn header(&self, name: &str) -> Option<&[u8]> {
+    pub(crate) fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers
             .iter()
             .find(|(k, _)| k == name)
@@ -76,7 +80,8 @@ struct Forward {
     retry: bool,
 }
 
-/// Produces failed tasks to the retry or dead-letter topic; one per subscription.
+/// Produces failed tasks to the retry or dead-letter topic, and tasks of keys over their
+/// quota to the shaping topic; one per subscription.
 pub(crate) struct Forwarder {
     pub(crate) producer: FutureProducer,
     pub(crate) subscription: Arc<str>,
@@ -84,6 +89,8 @@ pub(crate) struct Forwarder {
     pub(crate) origin: Arc<str>,
     pub(crate) retry: Option<RetryQueue>,
     pub(crate) dead_letter: Option<String>,
+    /// The shaping topic of a per-key quota.
+    pub(crate) shaping: Option<String>,
     pub(crate) runtime: Handle,
 }
 
@@ -120,6 +127,80 @@ impl Forwarder {
         let Some(forward) = self.destination(partition, offset, record, failure) else {
             return true;
         };
+        let acked = self
+            .produce(
+                partition,
+                offset,
+                &forward.topic,
+                record.key.as_deref(),
+                forward.payload.as_deref(),
+                &forward.headers,
+            )
+            .await;
+        if acked {
+            let rec = partition.recorder();
+            if forward.retry {
+                rec.retried();
+            } else {
+                rec.dead_lettered();
+            }
+        }
+        acked
+    }
+
+    /// Produces a task of a key over its quota to the shaping topic as it was fetched
+    /// (same key, value and headers), marked with `shaped_by`; true once acknowledged,
+    /// false if there is no shaping topic or the partition was closed first.
+    pub(crate) async fn shape(
+        &self,
+        partition: &PartitionCore,
+        offset: i64,
+        record: &RawRecord,
+        shaped_by: &[u8],
+    ) -> bool {
+        let Some(topic) = &self.shaping else {
+            return false;
+        };
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in &record.headers {
+            if k != SHAPED_BY {
+                headers = headers.insert(Header {
+                    key: k,
+                    value: Some(v),
+                });
+            }
+        }
+        headers = headers.insert(Header {
+            key: SHAPED_BY,
+            value: Some(shaped_by),
+        });
+        let acked = self
+            .produce(
+                partition,
+                offset,
+                topic,
+                record.key.as_deref(),
+                record.payload.as_deref(),
+                &headers,
+            )
+            .await;
+        if acked {
+            partition.recorder().shaped();
+        }
+        acked
+    }
+
+    /// Produces one record, trying again with backoff until the broker acknowledges it
+    /// (true) or the partition is closed (false).
+    async fn produce(
+        &self,
+        partition: &PartitionCore,
+        offset: i64,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: &OwnedHeaders,
+    ) -> bool {
         let mut delays = backon::ExponentialBuilder::new()
             .with_min_delay(Duration::from_millis(100))
             .with_max_delay(Duration::from_secs(5))
@@ -129,27 +210,19 @@ impl Forwarder {
             if partition.is_closed() {
                 return false;
             }
-            let mut r = FutureRecord::to(&forward.topic).headers(forward.headers.clone());
-            if let Some(k) = &record.key {
-                r = r.key(k.as_slice());
+            let mut r = FutureRecord::to(topic).headers(headers.clone());
+            if let Some(k) = key {
+                r = r.key(k);
             }
-            if let Some(p) = &forward.payload {
-                r = r.payload(p.as_slice());
+            if let Some(p) = payload {
+                r = r.payload(p);
             }
             match self.producer.send(r, Timeout::After(PRODUCE_TIMEOUT)).await {
-                Ok(_) => {
-                    let rec = partition.recorder();
-                    if forward.retry {
-                        rec.retried();
-                    } else {
-                        rec.dead_lettered();
-                    }
-                    return true;
-                }
+                Ok(_) => return true,
                 Err((e, _)) => {
                     tracing::warn!(subscription = %self.subscription, topic = %partition.topic(),
-                        partition = partition.partition(), offset, to = %forward.topic,
-                        "could not produce the failed task; trying again: {e}");
+                        partition = partition.partition(), offset, to = %topic,
+                        "could not produce the task; trying again: {e}");
                     tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(5))).await;
                 }
             }

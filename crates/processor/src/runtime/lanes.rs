@@ -216,6 +216,7 @@ mod tests {
             state: None,
             forwarder: None,
             in_process: (0, crate::Backoff::fixed(std::time::Duration::ZERO)),
+            shaping: None,
             _task: std::marker::PhantomData,
         });
         let mut props = ProcessorProperties::default();
@@ -240,6 +241,7 @@ mod tests {
                 state: None,
                 trace: None,
                 raw: None,
+                over_quota: false,
             };
             assert!(!ctx.offer(crate::runtime::extract::Incoming::Task(unit), 0));
         }

@@ -24,6 +24,7 @@ use super::forward::Failure;
 use super::lanes::Lanes;
 use super::offsets::Registration;
 use super::partition_core::PartitionCore;
+use super::quota::KeyQuota;
 use super::rate::{Gate, PartitionRate};
 use super::recorder::SubscriptionRecorder;
 use super::state::StateSlot;
@@ -61,6 +62,10 @@ pub(crate) struct PartitionContext<T> {
     rate: PartitionRate,
     /// When the next token of the rate is due (epoch ms), while a task waits for it.
     rate_due: Option<i64>,
+    /// A rate of its own instead of `processing_rate_per_partition` (the shaping topic).
+    fixed_rate: Option<i64>,
+    /// The per-key quota check (source partitions of a subscription with a quota).
+    quota: Option<KeyQuota>,
 }
 
 impl<T: Send + 'static> PartitionContext<T> {
@@ -86,7 +91,27 @@ impl<T: Send + 'static> PartitionContext<T> {
             live: None,
             rate: PartitionRate::new(-1),
             rate_due: None,
+            fixed_rate: None,
+            quota: None,
         }
+    }
+
+    /// Starts tasks at `rate` per second (-1 unlimited) whatever the live processing
+    /// rate says.
+    pub(crate) fn with_fixed_rate(mut self, rate: i64) -> Self {
+        self.fixed_rate = Some(rate);
+        self.rate.set(rate);
+        self
+    }
+
+    /// Checks every task's key against the per-key quota.
+    pub(crate) fn with_quota(mut self, quota: KeyQuota) -> Self {
+        self.quota = Some(quota);
+        if let Some((_, seen)) = &mut self.live {
+            *seen = u64::MAX;
+        }
+        self.refresh();
+        self
     }
 
     /// Reads `max_pending` and the processing rate from `live` from now on.
@@ -108,7 +133,11 @@ impl<T: Send + 'static> PartitionContext<T> {
         *seen = version;
         let props = live.get();
         self.max_pending = props.max_pending;
-        self.rate.set(props.processing_rate_per_partition);
+        self.rate
+            .set(self.fixed_rate.unwrap_or(props.processing_rate_per_partition));
+        if let Some(q) = &mut self.quota {
+            q.set_rate(props.per_key_quota_processing_rate);
+        }
         self.rate_due = None;
     }
 
@@ -238,7 +267,10 @@ impl<T: Send + 'static> PartitionContext<T> {
                     self.core.complete_registered(offset);
                     recorder.skipped();
                 }
-                Incoming::Task(unit) => {
+                Incoming::Task(mut unit) => {
+                    if let (Some(q), Some(key)) = (&mut self.quota, &unit.key) {
+                        unit.over_quota = q.check(key, self.core.partition(), now_ms);
+                    }
                     let before = self.delayed.len();
                     match self.delayed.offer(unit, now_ms) {
                         Some(unit) => self.send_to_lane(unit),

@@ -19,8 +19,11 @@ pub(crate) struct TaskUnit<T> {
     /// The producer's trace context (`traceparent` header), if it sent one.
     pub(crate) trace: Option<TraceParent>,
     /// The record as fetched, kept only when the subscription forwards failed tasks to a
-    /// retry or dead-letter topic.
+    /// retry or dead-letter topic, or shapes tasks.
     pub(crate) raw: Option<Arc<RawRecord>>,
+    /// Its key was over its quota when it was fetched, and the quota's callback asked
+    /// for it to be shaped.
+    pub(crate) over_quota: bool,
 }
 
 #[cfg(test)]
@@ -60,6 +63,7 @@ pub(crate) mod tests {
             state: None,
             trace: None,
             raw: None,
+            over_quota: false,
         }
     }
 }
