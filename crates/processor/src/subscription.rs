@@ -208,10 +208,11 @@ where
                 )));
             }
         }
-        let shaping_topic = self
-            .quota
-            .as_ref()
-            .map(|q| q.topic.clone().unwrap_or_else(|| format!("{topic}-shaping")));
+        let shaping_topic = self.quota.as_ref().map(|q| {
+            q.topic
+                .clone()
+                .unwrap_or_else(|| format!("{topic}-shaping"))
+        });
         if let (Some(q), Some(st)) = (&self.quota, &shaping_topic) {
             if self.state.is_some() {
                 return Err(SubscriptionError::Config(
@@ -457,13 +458,10 @@ where
             state: state.clone(),
             forwarder: forwarder.clone(),
             in_process,
-            shaping: quota
-                .as_ref()
-                .zip(shaping_index)
-                .map(|(q, topic)| Shaping {
-                    state: q.state.clone(),
-                    topic,
-                }),
+            shaping: quota.as_ref().zip(shaping_index).map(|(q, topic)| Shaping {
+                state: q.state.clone(),
+                topic,
+            }),
             _task: std::marker::PhantomData,
         });
         let core = Arc::new(RuntimeCore {

@@ -133,8 +133,10 @@ impl<T: Send + 'static> PartitionContext<T> {
         *seen = version;
         let props = live.get();
         self.max_pending = props.max_pending;
-        self.rate
-            .set(self.fixed_rate.unwrap_or(props.processing_rate_per_partition));
+        self.rate.set(
+            self.fixed_rate
+                .unwrap_or(props.processing_rate_per_partition),
+        );
         if let Some(q) = &mut self.quota {
             q.set_rate(props.per_key_quota_processing_rate);
         }

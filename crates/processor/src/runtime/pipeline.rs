@@ -68,7 +68,8 @@ impl<T: prost::Message + Default + 'static, P: TaskProcessor<T>> TaskRunner<T> f
     /// it goes (see [`super::quota`]); a shaping task of this instance lowers its key's
     /// outstanding count once it has run.
     async fn run(&self, unit: TaskUnit<T>) {
-        let (Some(shaping), Some(key), Some(raw)) = (&self.shaping, unit.key.clone(), unit.raw.clone())
+        let (Some(shaping), Some(key), Some(raw)) =
+            (&self.shaping, unit.key.clone(), unit.raw.clone())
         else {
             return self.run_task(unit).await;
         };

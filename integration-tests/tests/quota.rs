@@ -1,0 +1,315 @@
+#![allow(clippy::unwrap_used, clippy::field_reassign_with_default)]
+//! Per-key quota: a key far busier than the others is shaped to the shaping topic, so the
+//! others keep their latency, and its own tasks still run in order, none lost.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use decaton_integration_tests::chat_op;
+use decaton_processor::{
+    async_trait, FileProperties, ProcessError, ProcessingContext, ProcessorProperties, QuotaConfig,
+    SchedulingMode, Subscription, SubscriptionHandle, SubscriptionStats, TaskProcessor,
+};
+use decaton_protocol::{now_millis, ChatOp};
+use decaton_testkit::{checker, wait_until, BrokerKind, Processed, TestBroker};
+use parking_lot::Mutex;
+
+/// Time each task takes: the busy key alone needs 1.5 s of work per second.
+const WORK: Duration = Duration::from_millis(30);
+
+/// The busy key's user number.
+const HOT: u64 = 1_000_000;
+
+#[derive(Default)]
+struct Log {
+    processed: Vec<Processed>,
+    /// Produce-to-start delay of the other keys' tasks, ms.
+    delays: Vec<i64>,
+    /// Tasks of the busy key started from the shaping topic.
+    hot_from_shaping: u64,
+}
+
+/// Records each task, then works on it for a fixed time.
+struct Worker {
+    log: Arc<Mutex<Log>>,
+    work: Duration,
+}
+
+#[async_trait]
+impl TaskProcessor<ChatOp> for Worker {
+    async fn process(&self, ctx: &ProcessingContext, task: ChatOp) -> Result<(), ProcessError> {
+        {
+            let mut log = self.log.lock();
+            if task.user_id == format!("user-{HOT}") {
+                if ctx.topic().ends_with("-shaping") {
+                    log.hot_from_shaping += 1;
+                }
+            } else {
+                log.delays.push(now_millis() - task.created_at_millis);
+            }
+            log.processed.push(Processed {
+                key: task.user_id.clone(),
+                sequence: task.sequence,
+                instance: "a".into(),
+            });
+        }
+        // The task's work (a call to a slow store).
+        tokio::time::sleep(self.work).await;
+        Ok(())
+    }
+}
+
+fn client(
+    kind: BrokerKind,
+    bootstrap: &str,
+    topic: &str,
+) -> anyhow::Result<decaton_client::TaskClient<ChatOp>> {
+    let mut b =
+        decaton_client::TaskClient::<ChatOp>::builder(bootstrap, topic).application_id("it");
+    for (k, v) in kind.producer_settings() {
+        b = b.set(*k, *v);
+    }
+    Ok(b.build()?)
+}
+
+/// Puts, every 100 ms for `ticks` ticks, `others` tasks of the next users out of `users`
+/// and `hot` tasks of the busy key; returns key -> tasks put.
+async fn paced(
+    client: &decaton_client::TaskClient<ChatOp>,
+    ticks: u64,
+    users: u64,
+    others: u64,
+    hot: u64,
+) -> anyhow::Result<HashMap<String, u64>> {
+    let mut counts: HashMap<String, u64> = HashMap::new();
+    let mut next_user = 0u64;
+    let mut every = tokio::time::interval(Duration::from_millis(100));
+    for _ in 0..ticks {
+        every.tick().await; // pacing the load, not synchronising
+        let mut tasks = Vec::new();
+        for _ in 0..others {
+            let user = next_user % users;
+            next_user += 1;
+            let seq = counts.entry(format!("user-{user}")).or_default();
+            tasks.push(chat_op(user, *seq));
+            *seq += 1;
+        }
+        for _ in 0..hot {
+            let seq = counts.entry(format!("user-{HOT}")).or_default();
+            tasks.push(chat_op(HOT, *seq));
+            *seq += 1;
+        }
+        let puts = tasks.iter().map(|t| client.put(t.user_id.clone(), t));
+        for r in futures::future::join_all(puts).await {
+            r?;
+        }
+    }
+    Ok(counts)
+}
+
+fn subscription(
+    kind: BrokerKind,
+    bootstrap: &str,
+    id: &str,
+    topic: &str,
+    props: ProcessorProperties,
+    log: Arc<Mutex<Log>>,
+    work: Duration,
+) -> anyhow::Result<Subscription<ChatOp, Worker>> {
+    let mut b = Subscription::builder(id, Worker { log, work })
+        .bootstrap_servers(bootstrap)
+        .topic(topic)
+        .properties(props)
+        .per_key_quota(QuotaConfig::new().window(Duration::from_secs(1)));
+    for (k, v) in kind.producer_settings() {
+        b = b.set(*k, *v);
+    }
+    Ok(b.build()?)
+}
+
+async fn stop(
+    handle: &SubscriptionHandle,
+    running: tokio::task::JoinHandle<
+        Result<SubscriptionStats, decaton_processor::SubscriptionError>,
+    >,
+) -> anyhow::Result<SubscriptionStats> {
+    handle.shutdown();
+    Ok(tokio::time::timeout(Duration::from_secs(30), running).await???)
+}
+
+fn p99(mut delays: Vec<i64>) -> i64 {
+    delays.sort_unstable();
+    delays[(delays.len() * 99 / 100).min(delays.len() - 1)]
+}
+
+/// One run: 1 000 users at one task per second each for 5 s, and, when `hot`, one user
+/// at 50 per second; the others' p99 delay, the stats, and the check of everything.
+async fn run(
+    kind: BrokerKind,
+    broker: &TestBroker,
+    name: &str,
+    hot: bool,
+    quota: i64,
+) -> anyhow::Result<(i64, SubscriptionStats, Log)> {
+    let bootstrap = broker.bootstrap_servers();
+    broker.create_topic(name, 4)?;
+    broker.create_topic(&format!("{name}-shaping"), 4)?;
+    let mut props = ProcessorProperties::default();
+    props.mode = SchedulingMode::Bounded;
+    props.partition_concurrency = 16;
+    props.commit_interval = Duration::from_millis(200);
+    props.per_key_quota_processing_rate = quota;
+    let log = Arc::new(Mutex::new(Log::default()));
+    let sub = subscription(kind, &bootstrap, name, name, props, log.clone(), WORK)?;
+    let handle = sub.handle();
+    let running = tokio::spawn(sub.run());
+    assert!(
+        wait_until(Duration::from_secs(60), || handle
+            .stats()
+            .assigned_partitions
+            == 8)
+        .await,
+        "never assigned: {:?}",
+        handle.stats()
+    );
+    let client = client(kind, &bootstrap, name)?;
+    let expected = paced(&client, 50, 1_000, 100, if hot { 5 } else { 0 }).await?;
+    client.close().await?;
+    let total: u64 = expected.values().sum();
+    let done = wait_until(Duration::from_secs(60), || {
+        log.lock().processed.len() as u64 >= total
+    })
+    .await;
+    let stats = stop(&handle, running).await?;
+    let log = std::mem::take(&mut *log.lock());
+    assert!(
+        done,
+        "{name}: {} of {total} processed; {stats:?}",
+        log.processed.len()
+    );
+    let report = checker::check(&expected, &log.processed);
+    assert!(report.ok(), "{name}: {report}");
+    Ok((p99(log.delays.clone()), stats, log))
+}
+
+/// One key putting 50 times more tasks than each of 1 000 others: it is shaped, the
+/// others' p99 delay (put to start) stays within 2x of a run without it, and every task of
+/// the busy key still runs, in order.
+async fn busy_key_is_shaped(kind: BrokerKind) -> anyhow::Result<()> {
+    let broker = TestBroker::start(kind)?;
+    let (base, _, _) = run(kind, &broker, "calm", false, 10).await?;
+    let t = Instant::now();
+    let (with_hot, stats, log) = run(kind, &broker, "busy", true, 10).await?;
+    let took = t.elapsed();
+    let (unshaped, _, _) = run(kind, &broker, "unshaped", true, -1).await?;
+    println!(
+        "{}: others' p99 delay {base} ms alone, {with_hot} ms beside the busy key ({:.2}x), \
+         {unshaped} ms beside it without a quota; {} busy-key tasks shaped, {} run from the \
+         shaping topic; run took {took:?}",
+        kind.name(),
+        with_hot as f64 / base.max(1) as f64,
+        stats.shaped,
+        log.hot_from_shaping,
+    );
+    assert!(stats.shaped > 0, "nothing was shaped: {stats:?}");
+    assert_eq!(
+        stats.shaped, log.hot_from_shaping,
+        "shaped tasks not run from the shaping topic"
+    );
+    // The measure sees the busy key: without shaping it delays the others.
+    assert!(
+        unshaped > with_hot,
+        "others' p99 {unshaped} ms without a quota, {with_hot} ms with it"
+    );
+    assert!(
+        with_hot <= 2 * base.max(1),
+        "others' p99 {with_hot} ms beside the busy key, {base} ms alone"
+    );
+    Ok(())
+}
+decaton_integration_tests::broker_tests!(
+    busy_key_is_shaped_others_keep_their_latency,
+    crate::busy_key_is_shaped
+);
+
+/// The quota read from a property file: unlimited at first (nothing shaped), then set to
+/// 5 per second by editing the file of the running subscription, shaping within 2 s.
+async fn quota_from_file(kind: BrokerKind) -> anyhow::Result<()> {
+    let broker = TestBroker::start(kind)?;
+    let bootstrap = broker.bootstrap_servers();
+    broker.create_topic("reload", 2)?;
+    broker.create_topic("reload-shaping", 2)?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("processor.toml");
+    let write_quota = |q: i64| {
+        std::fs::write(
+            &file,
+            format!("\"decaton.per.key.quota.processing.rate\" = {q}\n"),
+        )
+    };
+    write_quota(-1)?;
+    let mut props = ProcessorProperties::default();
+    props.partition_concurrency = 4;
+    let log = Arc::new(Mutex::new(Log::default()));
+    let mut b = Subscription::builder(
+        "reload",
+        Worker {
+            log: log.clone(),
+            work: Duration::ZERO,
+        },
+    )
+    .bootstrap_servers(&bootstrap)
+    .topic("reload")
+    .properties(props)
+    .per_key_quota(QuotaConfig::new())
+    .property_supplier(FileProperties::new(&file));
+    for (k, v) in kind.producer_settings() {
+        b = b.set(*k, *v);
+    }
+    let sub = b.build()?;
+    let handle = sub.handle();
+    let running = tokio::spawn(sub.run());
+    assert!(
+        wait_until(Duration::from_secs(60), || handle
+            .stats()
+            .assigned_partitions
+            == 4)
+        .await
+    );
+    let client = client(kind, &bootstrap, "reload")?;
+    // The busy key at 100 tasks per second for 6 s, in the background.
+    let producing = tokio::spawn(async move {
+        let r = paced(&client, 60, 1, 0, 10).await;
+        client.close().await?;
+        r
+    });
+    assert!(
+        wait_until(Duration::from_secs(30), || log.lock().processed.len()
+            >= 100)
+        .await,
+        "nothing processed"
+    );
+    assert_eq!(handle.stats().shaped, 0, "shaped while unlimited");
+    write_quota(5)?;
+    let edited = Instant::now();
+    let took_effect = wait_until(Duration::from_secs(2), || handle.stats().shaped > 0).await;
+    let after = edited.elapsed();
+    let expected = producing.await??;
+    let total: u64 = expected.values().sum();
+    let done = wait_until(Duration::from_secs(60), || {
+        log.lock().processed.len() as u64 >= total
+    })
+    .await;
+    let stats = stop(&handle, running).await?;
+    println!(
+        "{}: quota edit took effect after {after:?}; {stats:?}",
+        kind.name()
+    );
+    assert!(took_effect, "the quota edit took no effect within 2 s");
+    assert!(done, "{} of {total} processed", log.lock().processed.len());
+    let report = checker::check(&expected, &log.lock().processed);
+    assert!(report.ok(), "{report}");
+    Ok(())
+}
+decaton_integration_tests::broker_tests!(quota_follows_the_property_file, crate::quota_from_file);
