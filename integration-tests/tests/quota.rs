@@ -313,3 +313,46 @@ async fn quota_from_file(kind: BrokerKind) -> anyhow::Result<()> {
     Ok(())
 }
 decaton_integration_tests::broker_tests!(quota_follows_the_property_file, crate::quota_from_file);
+
+/// What cannot work is refused: a quota with a state store (a shaped task may run on
+/// another instance than its state partition), a shaping topic that is the source topic,
+/// a shaping rate of 0, and a shaping topic that does not exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impossible_quotas_are_refused() -> anyhow::Result<()> {
+    decaton_integration_tests::init_tracing();
+    let broker = TestBroker::start(BrokerKind::Embedded)?;
+    let bootstrap = broker.bootstrap_servers();
+    broker.create_topic("alone", 1)?;
+    let build = |quota: QuotaConfig, state: bool| {
+        let worker = Worker {
+            log: Arc::default(),
+            work: Duration::ZERO,
+        };
+        let mut b = Subscription::builder("alone", worker)
+            .bootstrap_servers(&bootstrap)
+            .topic("alone")
+            .per_key_quota(quota);
+        if state {
+            b = b.state_store(decaton_state::StateConfig::default());
+        }
+        b.build()
+    };
+    let refused = |r: Result<Subscription<ChatOp, Worker>, _>| {
+        r.err()
+            .map(|e: decaton_processor::SubscriptionError| e.to_string())
+            .unwrap_or_default()
+    };
+    let err = refused(build(QuotaConfig::new(), true));
+    assert!(err.contains("state store"), "{err}");
+    let err = refused(build(QuotaConfig::new().topic("alone"), false));
+    assert!(err.contains("shaping topic must differ"), "{err}");
+    let err = refused(build(QuotaConfig::new().shaping_rate(0), false));
+    assert!(err.contains("shaping_rate"), "{err}");
+    let err = build(QuotaConfig::new(), false)?
+        .run()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("alone-shaping"), "{err}");
+    Ok(())
+}

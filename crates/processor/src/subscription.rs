@@ -237,6 +237,14 @@ where
                     q.shaping_rate
                 )));
             }
+            if let Some(strategy) = self.kafka.get("partition.assignment.strategy") {
+                if !strategy.trim_start().starts_with("range") {
+                    tracing::warn!(subscription = %self.id, strategy = %strategy,
+                        "with a per-key quota, an assignor other than range may give a key's \
+                         source and shaping partitions to different instances: its order then \
+                         holds only while neither moves (see docs/shaping.md)");
+                }
+            }
             if q.max_shaped_keys == 0 {
                 return Err(SubscriptionError::Config(
                     "max_shaped_keys must be at least 1".into(),

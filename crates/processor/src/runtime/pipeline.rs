@@ -1,5 +1,8 @@
 //! Running one task: from a lane picking it up to its offset counting as done.
 //!
+//! 0. With a per-key quota, a source task whose key is shaped is produced to the shaping
+//!    topic instead, its offset done once acknowledged (see [`super::quota`]); the rest
+//!    does not apply to it.
 //! 1. The partition is asked whether the task may start (not if it was revoked).
 //! 2. `process` runs; a panic is caught and counted as a failure. A failure is tried
 //!    again in the lane while the retry configuration allows it.
@@ -82,6 +85,7 @@ impl<T: prost::Message + Default + 'static, P: TaskProcessor<T>> TaskRunner<T> f
                 Route::Direct => self.run_task(unit).await,
                 Route::Shape => {
                     let (partition, offset) = (unit.partition, unit.offset);
+                    self.hold_while_stopped(&partition).await;
                     if !partition.try_start() {
                         shaping.state.settled(&key);
                         return;
@@ -107,6 +111,14 @@ impl<T: prost::Message + Default + 'static, P: TaskProcessor<T>> TaskRunner<T> f
 }
 
 impl<T: prost::Message + Default + 'static, P: TaskProcessor<T>> Pipeline<T, P> {
+    /// Rate 0: no task starts, nor is shaped, until it changes (checked here, not only at
+    /// dispatch, so tasks already queued in the lanes stop too).
+    async fn hold_while_stopped(&self, partition: &super::partition_core::PartitionCore) {
+        while self.live.is_stopped() && !partition.is_revoked() {
+            let _ = tokio::time::timeout(HALT_CHECK, self.live.resumed()).await;
+        }
+    }
+
     /// Runs one task through the steps of the module doc.
     async fn run_task(&self, unit: TaskUnit<T>) {
         let TaskUnit {
@@ -120,11 +132,7 @@ impl<T: prost::Message + Default + 'static, P: TaskProcessor<T>> Pipeline<T, P> 
             raw,
             over_quota: _,
         } = unit;
-        // Rate 0: no task starts until it changes (checked here, not only at dispatch, so
-        // tasks already queued in the lanes stop too).
-        while self.live.is_stopped() && !partition.is_revoked() {
-            let _ = tokio::time::timeout(HALT_CHECK, self.live.resumed()).await;
-        }
+        self.hold_while_stopped(&partition).await;
         if !partition.try_start() {
             return;
         }
