@@ -134,7 +134,7 @@ impl QuotaConfig {
 
     /// Decides what happens to a task whose key is over quota (default: shape it). It
     /// runs on the consumer thread for every such task, so it must be quick and must
-    /// not block.
+    /// not block. If it panics, the task is shaped (and the panic logged).
     pub fn on_over_quota(
         mut self,
         decide: impl Fn(&QuotaUsage<'_>) -> QuotaAction + Send + Sync + 'static,

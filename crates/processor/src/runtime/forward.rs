@@ -8,8 +8,10 @@
 //! succeeds or the partition is closed at revocation; then the offset stays unfinished
 //! and the partition's next owner runs the task again.
 //!
-//! A task of a key over its quota is *shaped* the same way: produced unchanged to the
-//! shaping topic, its offset done once the broker acknowledged it.
+//! A task of a key over its quota is *shaped* much the same way: produced unchanged to
+//! the shaping topic, its offset done once the broker acknowledged it. The lane waits
+//! only until the record is queued in the producer, not for the acknowledgement, so a
+//! busy key's lane keeps pace; the idempotent producer keeps the queued order.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +19,7 @@ use std::time::Duration;
 use backon::BackoffBuilder;
 use decaton_protocol::TaskMetadata;
 use decaton_protocol::{dead_letter, decode_record, encode_metadata, now_millis, METADATA_HEADER};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
@@ -94,6 +97,9 @@ pub(crate) struct Forwarder {
     pub(crate) runtime: Handle,
 }
 
+/// How long a shaped task waits before trying again to queue in a full producer.
+const QUEUE_FULL_WAIT: Duration = Duration::from_millis(10);
+
 /// How long one produce may wait for its acknowledgement before it is tried again.
 const PRODUCE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -149,17 +155,22 @@ impl Forwarder {
     }
 
     /// Produces a task of a key over its quota to the shaping topic as it was fetched
-    /// (same key, value and headers), marked with `shaped_by`; true once acknowledged,
-    /// false if there is no shaping topic or the partition was closed first.
+    /// (same key, value and headers), marked with `shaped_by`. Returns once the record
+    /// is queued in the producer, so records queued one after another keep that order in
+    /// their partition (the producer is idempotent); the acknowledgement is awaited in the
+    /// background, then `then(true)` — or `then(false)` if there is no shaping topic or
+    /// the partition was closed before the record was stored. A record the broker
+    /// refused is produced again, after any queued behind it.
     pub(crate) async fn shape(
-        &self,
-        partition: &PartitionCore,
+        self: &Arc<Self>,
+        partition: Arc<PartitionCore>,
         offset: i64,
-        record: &RawRecord,
+        record: Arc<RawRecord>,
         shaped_by: &[u8],
-    ) -> bool {
-        let Some(topic) = &self.shaping else {
-            return false;
+        then: impl FnOnce(bool) + Send + 'static,
+    ) {
+        let Some(topic) = self.shaping.clone() else {
+            return then(false);
         };
         let mut headers = OwnedHeaders::new();
         for (k, v) in &record.headers {
@@ -174,20 +185,62 @@ impl Forwarder {
             key: SHAPED_BY,
             value: Some(shaped_by),
         });
-        let acked = self
-            .produce(
-                partition,
-                offset,
-                topic,
-                record.key.as_deref(),
-                record.payload.as_deref(),
-                &headers,
-            )
-            .await;
-        if acked {
-            partition.recorder().shaped();
-        }
-        acked
+        let queued = loop {
+            if partition.is_closed() {
+                return then(false);
+            }
+            let mut r = FutureRecord::to(&topic).headers(headers.clone());
+            if let Some(k) = &record.key {
+                r = r.key(k.as_slice());
+            }
+            if let Some(p) = &record.payload {
+                r = r.payload(p.as_slice());
+            }
+            match self.producer.send_result(r) {
+                Ok(delivery) => break Some(delivery),
+                // The producer's queue is full: the lane waits for room (backpressure).
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(QUEUE_FULL_WAIT).await;
+                }
+                Err((e, _)) => {
+                    tracing::warn!(subscription = %self.subscription, topic = %partition.topic(),
+                        partition = partition.partition(), offset, to = %topic,
+                        "could not queue the shaped task; producing it in the background: {e}");
+                    break None;
+                }
+            }
+        };
+        let this = self.clone();
+        self.runtime.spawn(async move {
+            let acked = match queued {
+                Some(delivery) => match delivery.await {
+                    Ok(Ok(_)) => true,
+                    Ok(Err((e, _))) => {
+                        tracing::warn!(subscription = %this.subscription, topic = %partition.topic(),
+                            partition = partition.partition(), offset, to = %topic,
+                            "the shaped task was not stored; producing it again: {e}");
+                        false
+                    }
+                    Err(_) => false,
+                },
+                None => false,
+            };
+            let acked = acked
+                || this
+                    .produce(
+                        &partition,
+                        offset,
+                        &topic,
+                        record.key.as_deref(),
+                        record.payload.as_deref(),
+                        &headers,
+                    )
+                    .await;
+            if acked {
+                partition.recorder().shaped();
+            }
+            then(acked);
+        });
     }
 
     /// Produces one record, trying again with backoff until the broker acknowledges it

@@ -1,6 +1,6 @@
 //! Running one task: from a lane picking it up to its offset counting as done.
 //!
-//! 0. With a per-key quota, a source task whose key is shaped is produced to the shaping
+//! 0. With a per-key quota, a source task whose key is shaped is queued for the shaping
 //!    topic instead, its offset done once acknowledged (see [`super::quota`]); the rest
 //!    does not apply to it.
 //! 1. The partition is asked whether the task may start (not if it was revoked).
@@ -90,15 +90,18 @@ impl<T: prost::Message + Default + 'static, P: TaskProcessor<T>> TaskRunner<T> f
                         shaping.state.settled(&key);
                         return;
                     }
-                    let acked = forwarder
-                        .shape(&partition, offset, &raw, shaping.state.incarnation())
+                    let (state, core) = (shaping.state.clone(), partition.clone());
+                    let then = move |acked| {
+                        if acked {
+                            core.finish(offset);
+                        } else {
+                            state.settled(&key);
+                            core.release();
+                        }
+                    };
+                    forwarder
+                        .shape(partition, offset, raw, shaping.state.incarnation(), then)
                         .await;
-                    if acked {
-                        partition.finish(offset);
-                    } else {
-                        shaping.state.settled(&key);
-                        partition.release();
-                    }
                 }
             }
         } else if id.topic == shaping.topic && shaping.state.is_own(raw.header(SHAPED_BY)) {

@@ -182,7 +182,16 @@ impl KeyQuota {
             limit,
             window,
         };
-        (self.config.decide)(&usage) == QuotaAction::Shape
+        // The callback is the user's and runs on the consumer thread: a panic there must
+        // not take the subscription down. Shaping loses nothing, so it is the fallback.
+        let decide = &self.config.decide;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decide(&usage))) {
+            Ok(action) => action == QuotaAction::Shape,
+            Err(_) => {
+                tracing::error!(partition, "the quota callback panicked; shaping the task");
+                true
+            }
+        }
     }
 }
 
@@ -444,6 +453,13 @@ mod tests {
         assert!((0..20).all(|_| !q.check(b"vip", 0, 5_000)));
         assert!((0..10).all(|_| !q.check(b"calm", 0, 5_000)));
         assert!(q.check(b"calm", 0, 5_000));
+    }
+
+    #[test]
+    fn a_panicking_callback_shapes() {
+        let config = QuotaConfig::new().on_over_quota(|_| panic!("bad callback"));
+        let mut q = KeyQuota::new(config, 0);
+        assert!(q.check(b"k", 0, 1_000));
     }
 
     #[test]
