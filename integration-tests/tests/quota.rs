@@ -28,6 +28,8 @@ struct Log {
     delays: Vec<i64>,
     /// Tasks of the busy key started from the shaping topic.
     hot_from_shaping: u64,
+    /// Whether each task of the busy key, in start order, came from the shaping topic.
+    hot_topics: Vec<bool>,
 }
 
 /// Records each task, then works on it for a fixed time.
@@ -42,9 +44,9 @@ impl TaskProcessor<ChatOp> for Worker {
         {
             let mut log = self.log.lock();
             if task.user_id == format!("user-{HOT}") {
-                if ctx.topic().ends_with("-shaping") {
-                    log.hot_from_shaping += 1;
-                }
+                let shaped = ctx.topic().ends_with("-shaping");
+                log.hot_from_shaping += u64::from(shaped);
+                log.hot_topics.push(shaped);
             } else {
                 log.delays.push(now_millis() - task.created_at_millis);
             }
@@ -74,15 +76,16 @@ fn client(
 }
 
 /// Puts, every 100 ms for `ticks` ticks, `others` tasks of the next users out of `users`
-/// and `hot` tasks of the busy key; returns key -> tasks put.
-async fn paced(
+/// and `hot` tasks of the busy key, numbering each key's tasks on from `counts` (key ->
+/// tasks put so far), which it updates.
+async fn paced_on(
     client: &decaton_client::TaskClient<ChatOp>,
     ticks: u64,
     users: u64,
     others: u64,
     hot: u64,
-) -> anyhow::Result<HashMap<String, u64>> {
-    let mut counts: HashMap<String, u64> = HashMap::new();
+    counts: &mut HashMap<String, u64>,
+) -> anyhow::Result<()> {
     let mut next_user = 0u64;
     let mut every = tokio::time::interval(Duration::from_millis(100));
     for _ in 0..ticks {
@@ -105,6 +108,19 @@ async fn paced(
             r?;
         }
     }
+    Ok(())
+}
+
+/// [`paced_on`] from nothing put; returns key -> tasks put.
+async fn paced(
+    client: &decaton_client::TaskClient<ChatOp>,
+    ticks: u64,
+    users: u64,
+    others: u64,
+    hot: u64,
+) -> anyhow::Result<HashMap<String, u64>> {
+    let mut counts = HashMap::new();
+    paced_on(client, ticks, users, others, hot, &mut counts).await?;
     Ok(counts)
 }
 
@@ -356,3 +372,94 @@ async fn impossible_quotas_are_refused() -> anyhow::Result<()> {
     assert!(err.contains("alone-shaping"), "{err}");
     Ok(())
 }
+
+/// A key that bursts and then calms down: its burst goes to the shaping topic, and once
+/// every shaped task has run and the key is under quota again, it is processed from the
+/// source topic again — all of its tasks in order across both moves.
+async fn burst_then_calm(kind: BrokerKind) -> anyhow::Result<()> {
+    let broker = TestBroker::start(kind)?;
+    let bootstrap = broker.bootstrap_servers();
+    broker.create_topic("burst", 2)?;
+    broker.create_topic("burst-shaping", 2)?;
+    let mut props = ProcessorProperties::default();
+    props.partition_concurrency = 4;
+    props.per_key_quota_processing_rate = 20;
+    let log = Arc::new(Mutex::new(Log::default()));
+    let sub = subscription(
+        kind,
+        &bootstrap,
+        "burst",
+        "burst",
+        props,
+        log.clone(),
+        Duration::from_millis(5),
+    )?;
+    let handle = sub.handle();
+    let running = tokio::spawn(sub.run());
+    assert!(
+        wait_until(Duration::from_secs(60), || handle
+            .stats()
+            .assigned_partitions
+            == 4)
+        .await
+    );
+    let client = client(kind, &bootstrap, "burst")?;
+    let mut expected = HashMap::new();
+    // 150 tasks at once; then 30 more, each once the previous one has run and at most
+    // 10 per second (half the quota): a key stays shaped while a task of it is on its
+    // way through the shaping topic, so a calm key is one whose tasks do not overlap.
+    paced_on(&client, 1, 1, 0, 150, &mut expected).await?;
+    let mut every = tokio::time::interval(Duration::from_millis(100));
+    for _ in 0..30 {
+        every.tick().await; // pacing the load, not synchronising
+        let before: u64 = expected.values().sum();
+        assert!(
+            wait_until(Duration::from_secs(30), || log.lock().processed.len()
+                as u64
+                >= before)
+            .await,
+            "the key's tasks stopped running"
+        );
+        paced_on(&client, 1, 1, 0, 1, &mut expected).await?;
+    }
+    client.close().await?;
+    let total: u64 = expected.values().sum();
+    let done = wait_until(Duration::from_secs(60), || {
+        log.lock().processed.len() as u64 >= total
+    })
+    .await;
+    let stats = stop(&handle, running).await?;
+    let log = std::mem::take(&mut *log.lock());
+    assert!(
+        done,
+        "{} of {total} processed; {stats:?}",
+        log.processed.len()
+    );
+    let report = checker::check(&expected, &log.processed);
+    assert!(report.ok(), "{report}");
+    // Source, then shaping, then source again.
+    let first_shaped = log.hot_topics.iter().position(|s| *s);
+    let back =
+        first_shaped.and_then(|i| log.hot_topics[i..].iter().position(|s| !*s).map(|j| i + j));
+    let direct_after = back.map_or(0, |b| log.hot_topics[b..].iter().filter(|s| !**s).count());
+    println!(
+        "{}: {} tasks shaped, first at {first_shaped:?}, direct again from {back:?} ({direct_after} direct after it)",
+        kind.name(),
+        stats.shaped
+    );
+    assert!(
+        first_shaped.is_some_and(|i| i > 0),
+        "the burst was not shaped after its quota"
+    );
+    assert!(
+        back.is_some(),
+        "the key never came back from the shaping topic"
+    );
+    assert!(
+        log.hot_topics[back.unwrap()..].iter().all(|s| !*s),
+        "the key went back and forth: {:?}",
+        log.hot_topics
+    );
+    Ok(())
+}
+decaton_integration_tests::broker_tests!(a_calmed_key_comes_back_in_order, crate::burst_then_calm);
