@@ -463,3 +463,74 @@ async fn burst_then_calm(kind: BrokerKind) -> anyhow::Result<()> {
     Ok(())
 }
 decaton_integration_tests::broker_tests!(a_calmed_key_comes_back_in_order, crate::burst_then_calm);
+
+/// The source and shaping partitions with the same number go to the same instance: with
+/// two instances of one subscription (the default assignor), each owns partition p of the
+/// shaping topic exactly when it owns partition p of the source.
+async fn shaping_partitions_follow_their_source(kind: BrokerKind) -> anyhow::Result<()> {
+    let broker = TestBroker::start(kind)?;
+    let bootstrap = broker.bootstrap_servers();
+    broker.create_topic("pair", 4)?;
+    broker.create_topic("pair-shaping", 4)?;
+    let start = || -> anyhow::Result<_> {
+        let sub = subscription(
+            kind,
+            &bootstrap,
+            "pair",
+            "pair",
+            ProcessorProperties::default(),
+            Arc::default(),
+            Duration::ZERO,
+        )?;
+        let handle = sub.handle();
+        Ok((handle, tokio::spawn(sub.run())))
+    };
+    let (a, run_a) = start()?;
+    let (b, run_b) = start()?;
+    let owned = |h: &SubscriptionHandle, topic: &str| {
+        let mut p: Vec<i32> = h
+            .health()
+            .partitions
+            .iter()
+            .filter(|p| &*p.topic == topic)
+            .map(|p| p.partition)
+            .collect();
+        p.sort_unstable();
+        p
+    };
+    // Both members hold partitions and together all eight.
+    let settled = wait_until(Duration::from_secs(60), || {
+        let (sa, sb) = (a.stats().assigned_partitions, b.stats().assigned_partitions);
+        sa > 0
+            && sb > 0
+            && sa + sb == 8
+            && a.health().partitions.len() + b.health().partitions.len() == 8
+    })
+    .await;
+    let (a_src, a_sh, b_src, b_sh) = (
+        owned(&a, "pair"),
+        owned(&a, "pair-shaping"),
+        owned(&b, "pair"),
+        owned(&b, "pair-shaping"),
+    );
+    stop(&a, run_a).await?;
+    stop(&b, run_b).await?;
+    println!(
+        "{}: a owns {a_src:?} / {a_sh:?}, b owns {b_src:?} / {b_sh:?}",
+        kind.name()
+    );
+    assert!(settled, "the two members never split the partitions");
+    assert_eq!(
+        a_src, a_sh,
+        "instance a: source and shaping partitions differ"
+    );
+    assert_eq!(
+        b_src, b_sh,
+        "instance b: source and shaping partitions differ"
+    );
+    Ok(())
+}
+decaton_integration_tests::broker_tests!(
+    shaping_partitions_are_co_located,
+    crate::shaping_partitions_follow_their_source
+);
