@@ -539,6 +539,36 @@ mod tests {
         Incoming::Task(u)
     }
 
+    /// A shaping partition starts tasks at its own rate, whatever the live processing
+    /// rate of the source partitions says.
+    #[test]
+    fn a_shaping_partition_keeps_its_own_rate() {
+        let live = LiveProperties::new(ProcessorProperties {
+            processing_rate_per_partition: 5,
+            ..Default::default()
+        });
+        let waits = |fixed: Option<i64>| {
+            let f = fixture(0, 100, None);
+            let lanes = Lanes::new(
+                &ProcessorProperties::default(),
+                Arc::new(Instant0(f.ran.clone())),
+                f._rt.handle().clone(),
+            );
+            let mut ctx = PartitionContext::new(f.core.clone(), lanes, 100, None, None, None)
+                .with_live(live.clone());
+            if let Some(r) = fixed {
+                ctx = ctx.with_fixed_rate(r);
+            }
+            (0..20).filter(|&o| ctx.offer(task(&f, o, b"k"), 0)).count()
+        };
+        assert!(
+            waits(None) > 0,
+            "the live rate of 5/s holds the source partition"
+        );
+        assert_eq!(waits(Some(-1)), 0, "the shaping partition is unlimited");
+        assert!(waits(Some(2)) > 0);
+    }
+
     /// A partition assigned again in this process while its previous assignment's
     /// abandoned task still runs starts nothing until that task ends: one key never runs
     /// twice at once.
