@@ -70,6 +70,12 @@ pub struct ProcessorProperties {
     /// rate holds no lane: records wait in the partition, which is paused when
     /// `max_pending` is reached. Reloadable through [`LiveProperties`](crate::LiveProperties).
     pub processing_rate_per_partition: i64,
+    /// Tasks per second one key may start before its further tasks count as over quota
+    /// (`decaton.per.key.quota.processing.rate`): -1 unlimited (default). Applies only to
+    /// a subscription with a [`QuotaConfig`](crate::QuotaConfig), whose window and
+    /// callback decide what happens then. Reloadable through
+    /// [`LiveProperties`](crate::LiveProperties).
+    pub per_key_quota_processing_rate: i64,
 }
 
 impl Default for ProcessorProperties {
@@ -87,6 +93,7 @@ impl Default for ProcessorProperties {
             offset_map_max_bytes: 4000,
             max_scheduled_delay: Duration::from_secs(30 * 24 * 3600),
             processing_rate_per_partition: -1,
+            per_key_quota_processing_rate: -1,
         }
     }
 }
@@ -137,6 +144,12 @@ impl ProcessorProperties {
             return bad(
                 "processing_rate_per_partition",
                 self.processing_rate_per_partition.to_string(),
+            );
+        }
+        if self.per_key_quota_processing_rate < -1 {
+            return bad(
+                "per_key_quota_processing_rate",
+                self.per_key_quota_processing_rate.to_string(),
             );
         }
         Ok(())
@@ -213,6 +226,12 @@ impl ProcessorProperties {
             "max_scheduled_delay" | "max_scheduled_delay_ms" => self.max_scheduled_delay = ms()?,
             "processing_rate_per_partition" | "decaton.processing.rate.per.partition" => {
                 self.processing_rate_per_partition = match value.trim().parse::<i64>() {
+                    Ok(v) if v >= -1 => v,
+                    _ => return Err(bad()),
+                }
+            }
+            "per_key_quota_processing_rate" | "decaton.per.key.quota.processing.rate" => {
+                self.per_key_quota_processing_rate = match value.trim().parse::<i64>() {
                     Ok(v) if v >= -1 => v,
                     _ => return Err(bad()),
                 }

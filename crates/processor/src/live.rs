@@ -7,6 +7,7 @@
 //! | property (short or Decaton name) | takes effect |
 //! |---|---|
 //! | `processing_rate_per_partition`, `decaton.processing.rate.per.partition` | at the partition's next dispatch |
+//! | `per_key_quota_processing_rate`, `decaton.per.key.quota.processing.rate` | at the partition's next dispatch |
 //! | `max_pending`, `decaton.max.pending.records` | at the partition's next flow-control round |
 //! | `ignore_keys`, `decaton.ignore.keys` | for the next record fetched |
 //! | `partition_concurrency`, `decaton.partition.concurrency` | bounded mode: each partition stops dispatching, waits until its lanes are empty, then runs on the new number of lanes (per-lane stage instances are made anew); per-key order holds throughout |
@@ -28,9 +29,10 @@ use parking_lot::RwLock;
 use crate::config::{ProcessorProperties, PropertyError};
 
 /// The properties [`LiveProperties`] accepts changes of, by their short names.
-const RELOADABLE: [&str; 5] = [
+const RELOADABLE: [&str; 6] = [
     "processing_rate_per_partition",
     "partition_concurrency",
+    "per_key_quota_processing_rate",
     "max_pending",
     "ignore_keys",
     "deferred_complete_timeout",
@@ -40,6 +42,7 @@ const RELOADABLE: [&str; 5] = [
 fn reloadable(name: &str) -> Option<&'static str> {
     let short = match name {
         "decaton.processing.rate.per.partition" => "processing_rate_per_partition",
+        "decaton.per.key.quota.processing.rate" => "per_key_quota_processing_rate",
         "decaton.max.pending.records" => "max_pending",
         "decaton.partition.concurrency" => "partition_concurrency",
         "decaton.ignore.keys" => "ignore_keys",
@@ -201,6 +204,7 @@ impl LiveProperties {
 fn describe(p: &ProcessorProperties, short: &str) -> String {
     match short {
         "processing_rate_per_partition" => p.processing_rate_per_partition.to_string(),
+        "per_key_quota_processing_rate" => p.per_key_quota_processing_rate.to_string(),
         "max_pending" => p.max_pending.to_string(),
         "partition_concurrency" => p.partition_concurrency.to_string(),
         "ignore_keys" => format!("{:?}", p.ignore_keys),

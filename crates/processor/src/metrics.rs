@@ -31,6 +31,12 @@ pub const RETRIED_IN_PROCESS: &str = "decaton_tasks_retried_in_process_total";
 pub const RETRIED: &str = "decaton_tasks_retried_total";
 /// Failed tasks produced to the dead-letter topic.
 pub const DEAD_LETTERED: &str = "decaton_tasks_dead_lettered_total";
+/// Tasks of a key over its quota produced to the shaping topic.
+pub const SHAPED: &str = "decaton_tasks_shaped_total";
+/// Keys with shaped tasks not yet processed, in this instance (gauge).
+pub const KEYS_SHAPED: &str = "decaton_quota_keys_shaped";
+/// Keys over quota processed directly because `max_shaped_keys` keys were shaped already.
+pub const SHAPING_FULL: &str = "decaton_quota_shaping_full_total";
 /// Tasks dropped by a `Compaction` stage because a later task of their key superseded them.
 pub const COMPACTED: &str = "decaton_tasks_compacted_total";
 /// Time inside process (histogram).

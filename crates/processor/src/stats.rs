@@ -24,6 +24,7 @@ pub(crate) struct Counters {
     pub(crate) retried_in_process: AtomicU64,
     pub(crate) retried: AtomicU64,
     pub(crate) dead_lettered: AtomicU64,
+    pub(crate) shaped: AtomicU64,
 }
 
 /// A snapshot of a subscription's counters.
@@ -73,6 +74,8 @@ pub struct SubscriptionStats {
     pub retried: u64,
     /// Failed tasks produced to the dead-letter topic.
     pub dead_lettered: u64,
+    /// Tasks of keys over their quota produced to the shaping topic.
+    pub shaped: u64,
 }
 
 impl Counters {
@@ -96,6 +99,7 @@ impl Counters {
             retried_in_process: self.retried_in_process.load(Relaxed),
             retried: self.retried.load(Relaxed),
             dead_lettered: self.dead_lettered.load(Relaxed),
+            shaped: self.shaped.load(Relaxed),
         }
     }
 }

@@ -27,14 +27,17 @@ use crate::runtime::extract::Extractor;
 use crate::runtime::forward::{Forwarder, RetryQueue};
 use crate::runtime::kafka_config;
 use crate::runtime::partitions::Partitions;
-use crate::runtime::pipeline::Pipeline;
+use crate::runtime::pipeline::{Pipeline, Shaping};
+use crate::runtime::quota::{QuotaRuntime, ShapingState};
 use crate::runtime::recorder::SubscriptionRecorder;
 use crate::runtime::state::StateRuntime;
 use crate::runtime::topics::Topics;
 use crate::runtime::wakeup::Wakeup;
 use crate::runtime::RuntimeCore;
 use crate::stats::{Counters, SubscriptionStats};
-use crate::{DeadLetterConfig, LiveProperties, PropertySupplier, RetryConfig, TaskProcessor};
+use crate::{
+    DeadLetterConfig, LiveProperties, PropertySupplier, QuotaConfig, RetryConfig, TaskProcessor,
+};
 
 /// Why a subscription could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +68,7 @@ pub struct SubscriptionBuilder<T, P> {
     state: Option<decaton_state::StateConfig>,
     retry: Option<RetryConfig>,
     dead_letter: Option<DeadLetterConfig>,
+    quota: Option<QuotaConfig>,
     live: Option<LiveProperties>,
     supplier: Option<Box<dyn PropertySupplier>>,
     _task: std::marker::PhantomData<fn(T)>,
@@ -139,6 +143,14 @@ where
         self
     }
 
+    /// Gives every key a quota (see [`QuotaConfig`]): tasks of a key over it are shaped
+    /// to the shaping topic, which must exist with as many partitions as the source
+    /// topic. The quota is the property `per_key_quota_processing_rate`.
+    pub fn per_key_quota(mut self, config: QuotaConfig) -> Self {
+        self.quota = Some(config);
+        self
+    }
+
     /// Validates and creates the subscription (nothing is contacted yet).
     pub fn build(mut self) -> Result<Subscription<T, P>, SubscriptionError> {
         let bootstrap = self
@@ -203,6 +215,49 @@ where
                 )));
             }
         }
+        let shaping_topic = self.quota.as_ref().map(|q| {
+            q.topic
+                .clone()
+                .unwrap_or_else(|| format!("{topic}-shaping"))
+        });
+        if let (Some(q), Some(st)) = (&self.quota, &shaping_topic) {
+            if self.state.is_some() {
+                return Err(SubscriptionError::Config(
+                    "a per-key quota cannot be combined with a state store: a shaped task may \
+                     be read by another instance than the one owning its state partition"
+                        .into(),
+                ));
+            }
+            if st == &topic || retry_topic.as_ref() == Some(st) {
+                return Err(SubscriptionError::Config(
+                    "the shaping topic must differ from the source and retry topics".into(),
+                ));
+            }
+            if q.window.is_zero() {
+                return Err(SubscriptionError::Config(
+                    "the quota window must not be zero".into(),
+                ));
+            }
+            if q.shaping_rate < -1 || q.shaping_rate == 0 {
+                return Err(SubscriptionError::Config(format!(
+                    "shaping_rate {} would never process the shaping topic (-1 or N > 0)",
+                    q.shaping_rate
+                )));
+            }
+            if let Some(strategy) = self.kafka.get("partition.assignment.strategy") {
+                if !strategy.trim_start().starts_with("range") {
+                    tracing::warn!(subscription = %self.id, strategy = %strategy,
+                        "with a per-key quota, an assignor other than range may give a key's \
+                         source and shaping partitions to different instances: its order then \
+                         holds only while neither moves (see docs/shaping.md)");
+                }
+            }
+            if q.max_shaped_keys == 0 {
+                return Err(SubscriptionError::Config(
+                    "max_shaped_keys must be at least 1".into(),
+                ));
+            }
+        }
         let dead_letter_topic = self
             .dead_letter
             .as_ref()
@@ -224,6 +279,8 @@ where
                 retry: self.retry,
                 retry_topic,
                 dead_letter_topic,
+                quota: self.quota,
+                shaping_topic,
             },
             live,
             supplier: Mutex::new(self.supplier),
@@ -276,11 +333,13 @@ impl std::fmt::Debug for SubscriptionHandle {
     }
 }
 
-/// Where failed tasks go, from the builder.
+/// Where failed and shaped tasks go, from the builder.
 struct Failures {
     retry: Option<RetryConfig>,
     retry_topic: Option<String>,
     dead_letter_topic: Option<String>,
+    quota: Option<QuotaConfig>,
+    shaping_topic: Option<String>,
 }
 
 /// One processor's subscription to one topic: its own consumer group (the subscription
@@ -341,6 +400,7 @@ where
             state: None,
             retry: None,
             dead_letter: None,
+            quota: None,
             live: None,
             supplier: None,
             _task: std::marker::PhantomData,
@@ -361,7 +421,8 @@ where
     /// Must be called within a tokio runtime; lanes run on it.
     pub async fn run(self) -> Result<SubscriptionStats, SubscriptionError> {
         let runtime = Handle::current();
-        let topics = Topics::new(&self.topic, self.failures.retry_topic.as_deref());
+        let topics = Topics::new(&self.topic, self.failures.retry_topic.as_deref())
+            .with_shaping(self.failures.shaping_topic.as_deref());
         let subscription: Arc<str> = Arc::from(self.id.as_str());
         let counters = self.handle.inner.counters.clone();
         let recorder = Arc::new(SubscriptionRecorder::new(subscription.clone(), counters));
@@ -393,6 +454,18 @@ where
             .map_or((0, crate::Backoff::fixed(std::time::Duration::ZERO)), |r| {
                 (r.in_process_attempts, r.in_process_backoff)
             });
+        let quota = self.failures.quota.clone().map(|config| {
+            Arc::new(QuotaRuntime {
+                state: Arc::new(ShapingState::new(config.max_shaped_keys, &self.id)),
+                config,
+            })
+        });
+        let shaping_index = self
+            .failures
+            .shaping_topic
+            .as_deref()
+            .and_then(|t| topics.id(t, 0))
+            .map(|id| id.topic);
         let runner = Arc::new(Pipeline {
             processor: self.processor.clone(),
             subscription: subscription.clone(),
@@ -400,6 +473,10 @@ where
             state: state.clone(),
             forwarder: forwarder.clone(),
             in_process,
+            shaping: quota.as_ref().zip(shaping_index).map(|(q, topic)| Shaping {
+                state: q.state.clone(),
+                topic,
+            }),
             _task: std::marker::PhantomData,
         });
         let core = Arc::new(RuntimeCore {
@@ -411,7 +488,7 @@ where
             ),
             extractor: Extractor::new(
                 &self.properties,
-                forwarder.is_some() || in_process.0 > 0,
+                forwarder.is_some() || in_process.0 > 0 || quota.is_some(),
                 forwarder.clone().filter(|f| f.dead_letter.is_some()),
             )
             .with_live(self.live.clone()),
@@ -422,6 +499,7 @@ where
             runtime,
             state,
             wakeup: Arc::new(Wakeup::default()),
+            quota,
             health: self.handle.inner.health.clone(),
         });
         let consumer: BaseConsumer<RuntimeContext<T>> =
@@ -446,7 +524,7 @@ where
             .map_err(|_| SubscriptionError::Thread("consumer thread panicked".into()))
     }
 
-    /// The producer of retry and dead-letter records, once every topic it writes to is
+    /// The producer of retry, dead-letter and shaping records, once every topic it writes to is
     /// known to exist; none when failures are not forwarded.
     async fn forwarder(
         &self,
@@ -455,7 +533,7 @@ where
         runtime: &Handle,
     ) -> Result<Option<Arc<Forwarder>>, SubscriptionError> {
         let f = &self.failures;
-        if f.retry_topic.is_none() && f.dead_letter_topic.is_none() {
+        if f.retry_topic.is_none() && f.dead_letter_topic.is_none() && f.shaping_topic.is_none() {
             return Ok(None);
         }
         let producer: FutureProducer =
@@ -464,6 +542,7 @@ where
             .retry_topic
             .iter()
             .chain(f.dead_letter_topic.iter())
+            .chain(f.shaping_topic.iter())
             .cloned()
             .collect();
         let probe = kafka_config::probe(&self.bootstrap, &self.kafka);
@@ -505,6 +584,7 @@ where
                     max_retries: r.max_retries,
                 }),
             dead_letter: f.dead_letter_topic.clone(),
+            shaping: f.shaping_topic.clone(),
             runtime: runtime.clone(),
         })))
     }

@@ -91,6 +91,7 @@ impl Harness {
             live: self.live.clone(),
             state: None,
             forwarder: None,
+            shaping: None,
             in_process: (in_process, crate::Backoff::fixed(Duration::ZERO)),
             _task: std::marker::PhantomData,
         })
@@ -140,6 +141,7 @@ impl Harness {
             trace: None,
             raw,
             lane: None,
+            over_quota: false,
         })
     }
 

@@ -23,6 +23,7 @@ use super::lanes::Lanes;
 use super::offsets::{decode_offset_map, DoneRanges, OffsetTracker};
 use super::partition::{PartitionContext, PauseControl};
 use super::partition_core::PartitionCore;
+use super::quota::KeyQuota;
 use super::topics::{PartitionId, Topics};
 use super::RuntimeCore;
 
@@ -115,18 +116,26 @@ impl<T: Send + 'static> RuntimeCore<T> {
                     "tasks of this partition's previous assignment still run; it starts when they end");
             }
             let lanes = Lanes::new(&self.live.get(), self.runner.clone(), self.runtime.clone());
-            parts.insert(
-                id,
-                PartitionContext::new(
-                    core,
-                    lanes,
-                    self.props.max_pending,
-                    position.map(|o| (o, metadata)),
-                    state,
-                    predecessor,
-                )
-                .with_live(self.live.clone()),
-            );
+            let mut context = PartitionContext::new(
+                core,
+                lanes,
+                self.props.max_pending,
+                position.map(|o| (o, metadata)),
+                state,
+                predecessor,
+            )
+            .with_live(self.live.clone());
+            if let Some(q) = &self.quota {
+                if id.topic == 0 {
+                    context = context.with_quota(KeyQuota::new(
+                        q.config.clone(),
+                        self.live.get().per_key_quota_processing_rate,
+                    ));
+                } else if self.topics.is_shaping(id) {
+                    context = context.with_fixed_rate(q.config.shaping_rate);
+                }
+            }
+            parts.insert(id, context);
             self.wakeup.notify(id);
         }
         self.recorder.assigned(parts.len());
@@ -189,6 +198,11 @@ impl<T: Send + 'static> RuntimeCore<T> {
         let mut parts = self.partitions.lock();
         for (p, running) in abandoned {
             let Some(ctx) = parts.remove(p) else { continue };
+            // Shaped tasks of its keys may now run elsewhere: they no longer hold the
+            // keys here (see `quota`).
+            if let (Some(q), 0) = (&self.quota, p.topic) {
+                q.state.forget_partition(p.partition);
+            }
             // The checkpoint keeps the applied offsets the broker may redeliver: those at or
             // above the last position it confirmed (the final commit may have failed).
             let position = ctx.confirmed_position();

@@ -200,6 +200,7 @@ impl Extractor {
             trace: None,
             raw: None,
             lane: None,
+            over_quota: false,
         })
     }
 }

@@ -7,6 +7,11 @@
 //! instead of losing it. A produce that fails is tried again (with backoff) until it
 //! succeeds or the partition is closed at revocation; then the offset stays unfinished
 //! and the partition's next owner runs the task again.
+//!
+//! A task of a key over its quota is *shaped* much the same way: produced unchanged to
+//! the shaping topic, its offset done once the broker acknowledged it. The lane waits
+//! only until the record is queued in the producer, not for the acknowledgement, so a
+//! busy key's lane keeps pace; the idempotent producer keeps the queued order.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +19,7 @@ use std::time::Duration;
 use backon::BackoffBuilder;
 use decaton_protocol::TaskMetadata;
 use decaton_protocol::{dead_letter, decode_record, encode_metadata, now_millis, METADATA_HEADER};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
@@ -21,6 +27,7 @@ use tokio::runtime::Handle;
 
 use super::completion::Outcome;
 use super::partition_core::PartitionCore;
+use super::quota::SHAPED_BY;
 use crate::retry::Backoff;
 
 /// What a task's record looked like when it was fetched: kept only when the subscription
@@ -53,7 +60,7 @@ impl RawRecord {
         T::decode(&*record.task).ok()
     }
 
-    fn header(&self, name: &str) -> Option<&[u8]> {
+    pub(crate) fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers
             .iter()
             .find(|(k, _)| k == name)
@@ -76,7 +83,8 @@ struct Forward {
     retry: bool,
 }
 
-/// Produces failed tasks to the retry or dead-letter topic; one per subscription.
+/// Produces failed tasks to the retry or dead-letter topic, and tasks of keys over their
+/// quota to the shaping topic; one per subscription.
 pub(crate) struct Forwarder {
     pub(crate) producer: FutureProducer,
     pub(crate) subscription: Arc<str>,
@@ -84,8 +92,13 @@ pub(crate) struct Forwarder {
     pub(crate) origin: Arc<str>,
     pub(crate) retry: Option<RetryQueue>,
     pub(crate) dead_letter: Option<String>,
+    /// The shaping topic of a per-key quota.
+    pub(crate) shaping: Option<String>,
     pub(crate) runtime: Handle,
 }
+
+/// How long a shaped task waits before trying again to queue in a full producer.
+const QUEUE_FULL_WAIT: Duration = Duration::from_millis(10);
 
 /// How long one produce may wait for its acknowledgement before it is tried again.
 const PRODUCE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -120,6 +133,127 @@ impl Forwarder {
         let Some(forward) = self.destination(partition, offset, record, failure) else {
             return true;
         };
+        let acked = self
+            .produce(
+                partition,
+                offset,
+                &forward.topic,
+                record.key.as_deref(),
+                forward.payload.as_deref(),
+                &forward.headers,
+            )
+            .await;
+        if acked {
+            let rec = partition.recorder();
+            if forward.retry {
+                rec.retried();
+            } else {
+                rec.dead_lettered();
+            }
+        }
+        acked
+    }
+
+    /// Produces a task of a key over its quota to the shaping topic as it was fetched
+    /// (same key, value and headers), marked with `shaped_by`. Returns once the record
+    /// is queued in the producer, so records queued one after another keep that order in
+    /// their partition (the producer is idempotent); the acknowledgement is awaited in the
+    /// background, then `then(true)` — or `then(false)` if there is no shaping topic or
+    /// the partition was closed before the record was stored. A record the broker
+    /// refused is produced again, after any queued behind it.
+    pub(crate) async fn shape(
+        self: &Arc<Self>,
+        partition: Arc<PartitionCore>,
+        offset: i64,
+        record: Arc<RawRecord>,
+        shaped_by: &[u8],
+        then: impl FnOnce(bool) + Send + 'static,
+    ) {
+        let Some(topic) = self.shaping.clone() else {
+            return then(false);
+        };
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in &record.headers {
+            if k != SHAPED_BY {
+                headers = headers.insert(Header {
+                    key: k,
+                    value: Some(v),
+                });
+            }
+        }
+        headers = headers.insert(Header {
+            key: SHAPED_BY,
+            value: Some(shaped_by),
+        });
+        let queued = loop {
+            if partition.is_closed() {
+                return then(false);
+            }
+            let mut r = FutureRecord::to(&topic).headers(headers.clone());
+            if let Some(k) = &record.key {
+                r = r.key(k.as_slice());
+            }
+            if let Some(p) = &record.payload {
+                r = r.payload(p.as_slice());
+            }
+            match self.producer.send_result(r) {
+                Ok(delivery) => break Some(delivery),
+                // The producer's queue is full: the lane waits for room (backpressure).
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(QUEUE_FULL_WAIT).await;
+                }
+                Err((e, _)) => {
+                    tracing::warn!(subscription = %self.subscription, topic = %partition.topic(),
+                        partition = partition.partition(), offset, to = %topic,
+                        "could not queue the shaped task; producing it in the background: {e}");
+                    break None;
+                }
+            }
+        };
+        let this = self.clone();
+        self.runtime.spawn(async move {
+            let acked = match queued {
+                Some(delivery) => match delivery.await {
+                    Ok(Ok(_)) => true,
+                    Ok(Err((e, _))) => {
+                        tracing::warn!(subscription = %this.subscription, topic = %partition.topic(),
+                            partition = partition.partition(), offset, to = %topic,
+                            "the shaped task was not stored; producing it again: {e}");
+                        false
+                    }
+                    Err(_) => false,
+                },
+                None => false,
+            };
+            let acked = acked
+                || this
+                    .produce(
+                        &partition,
+                        offset,
+                        &topic,
+                        record.key.as_deref(),
+                        record.payload.as_deref(),
+                        &headers,
+                    )
+                    .await;
+            if acked {
+                partition.recorder().shaped();
+            }
+            then(acked);
+        });
+    }
+
+    /// Produces one record, trying again with backoff until the broker acknowledges it
+    /// (true) or the partition is closed (false).
+    async fn produce(
+        &self,
+        partition: &PartitionCore,
+        offset: i64,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: &OwnedHeaders,
+    ) -> bool {
         let mut delays = backon::ExponentialBuilder::new()
             .with_min_delay(Duration::from_millis(100))
             .with_max_delay(Duration::from_secs(5))
@@ -129,27 +263,19 @@ impl Forwarder {
             if partition.is_closed() {
                 return false;
             }
-            let mut r = FutureRecord::to(&forward.topic).headers(forward.headers.clone());
-            if let Some(k) = &record.key {
-                r = r.key(k.as_slice());
+            let mut r = FutureRecord::to(topic).headers(headers.clone());
+            if let Some(k) = key {
+                r = r.key(k);
             }
-            if let Some(p) = &forward.payload {
-                r = r.payload(p.as_slice());
+            if let Some(p) = payload {
+                r = r.payload(p);
             }
             match self.producer.send(r, Timeout::After(PRODUCE_TIMEOUT)).await {
-                Ok(_) => {
-                    let rec = partition.recorder();
-                    if forward.retry {
-                        rec.retried();
-                    } else {
-                        rec.dead_lettered();
-                    }
-                    return true;
-                }
+                Ok(_) => return true,
                 Err((e, _)) => {
                     tracing::warn!(subscription = %self.subscription, topic = %partition.topic(),
-                        partition = partition.partition(), offset, to = %forward.topic,
-                        "could not produce the failed task; trying again: {e}");
+                        partition = partition.partition(), offset, to = %topic,
+                        "could not produce the task; trying again: {e}");
                     tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(5))).await;
                 }
             }

@@ -259,6 +259,7 @@ mod tests {
             state: None,
             forwarder: None,
             in_process: (0, crate::Backoff::fixed(std::time::Duration::ZERO)),
+            shaping: None,
             _task: std::marker::PhantomData,
         });
         let mut props = ProcessorProperties::default();
@@ -284,6 +285,7 @@ mod tests {
                 trace: None,
                 raw: None,
                 lane: None,
+                over_quota: false,
             };
             assert!(!ctx.offer(crate::runtime::extract::Incoming::Task(unit), 0));
         }

@@ -33,6 +33,7 @@ pub(crate) mod partition;
 pub(crate) mod partition_core;
 pub(crate) mod partitions;
 pub(crate) mod pipeline;
+pub(crate) mod quota;
 pub(crate) mod rate;
 pub(crate) mod recorder;
 pub(crate) mod state;
@@ -70,4 +71,6 @@ pub(crate) struct RuntimeCore<T> {
     pub(crate) extractor: Extractor,
     pub(crate) health: Arc<crate::health::HealthBoard>,
     pub(crate) live: crate::LiveProperties,
+    /// The per-key quota, when the subscription has one.
+    pub(crate) quota: Option<Arc<quota::QuotaRuntime>>,
 }

@@ -24,6 +24,7 @@ use super::forward::Failure;
 use super::lanes::Lanes;
 use super::offsets::Registration;
 use super::partition_core::PartitionCore;
+use super::quota::KeyQuota;
 use super::rate::{Gate, PartitionRate};
 use super::recorder::SubscriptionRecorder;
 use super::state::StateSlot;
@@ -64,6 +65,10 @@ pub(crate) struct PartitionContext<T> {
     /// A new number of lanes (`partition_concurrency` changed): nothing is dispatched
     /// until the current lanes are empty, then they are replaced.
     resize_to: Option<usize>,
+    /// A rate of its own instead of `processing_rate_per_partition` (the shaping topic).
+    fixed_rate: Option<i64>,
+    /// The per-key quota check (source partitions of a subscription with a quota).
+    quota: Option<KeyQuota>,
 }
 
 impl<T: Send + 'static> PartitionContext<T> {
@@ -90,7 +95,27 @@ impl<T: Send + 'static> PartitionContext<T> {
             rate: PartitionRate::new(-1),
             rate_due: None,
             resize_to: None,
+            fixed_rate: None,
+            quota: None,
         }
+    }
+
+    /// Starts tasks at `rate` per second (-1 unlimited) whatever the live processing
+    /// rate says.
+    pub(crate) fn with_fixed_rate(mut self, rate: i64) -> Self {
+        self.fixed_rate = Some(rate);
+        self.rate.set(rate);
+        self
+    }
+
+    /// Checks every task's key against the per-key quota.
+    pub(crate) fn with_quota(mut self, quota: KeyQuota) -> Self {
+        self.quota = Some(quota);
+        if let Some((_, seen)) = &mut self.live {
+            *seen = u64::MAX;
+        }
+        self.refresh();
+        self
     }
 
     /// Reads `max_pending` and the processing rate from `live` from now on.
@@ -112,7 +137,13 @@ impl<T: Send + 'static> PartitionContext<T> {
         *seen = version;
         let props = live.get();
         self.max_pending = props.max_pending;
-        self.rate.set(props.processing_rate_per_partition);
+        self.rate.set(
+            self.fixed_rate
+                .unwrap_or(props.processing_rate_per_partition),
+        );
+        if let Some(q) = &mut self.quota {
+            q.set_rate(props.per_key_quota_processing_rate);
+        }
         self.rate_due = None;
         let lanes = props.partition_concurrency.max(1);
         self.resize_to = match self.lanes.concurrency() {
@@ -272,7 +303,10 @@ impl<T: Send + 'static> PartitionContext<T> {
                     self.core.complete_registered(offset);
                     recorder.skipped();
                 }
-                Incoming::Task(unit) => {
+                Incoming::Task(mut unit) => {
+                    if let (Some(q), Some(key)) = (&mut self.quota, &unit.key) {
+                        unit.over_quota = q.check(key, self.core.partition(), now_ms);
+                    }
                     let before = self.delayed.len();
                     match self.delayed.offer(unit, now_ms) {
                         Some(unit) => self.send_to_lane(unit),
@@ -537,6 +571,36 @@ mod tests {
         let mut u = unit(offset, Some(key), 0);
         u.partition = f.core.clone();
         Incoming::Task(u)
+    }
+
+    /// A shaping partition starts tasks at its own rate, whatever the live processing
+    /// rate of the source partitions says.
+    #[test]
+    fn a_shaping_partition_keeps_its_own_rate() {
+        let live = LiveProperties::new(ProcessorProperties {
+            processing_rate_per_partition: 5,
+            ..Default::default()
+        });
+        let waits = |fixed: Option<i64>| {
+            let f = fixture(0, 100, None);
+            let lanes = Lanes::new(
+                &ProcessorProperties::default(),
+                Arc::new(Instant0(f.ran.clone())),
+                f._rt.handle().clone(),
+            );
+            let mut ctx = PartitionContext::new(f.core.clone(), lanes, 100, None, None, None)
+                .with_live(live.clone());
+            if let Some(r) = fixed {
+                ctx = ctx.with_fixed_rate(r);
+            }
+            (0..20).filter(|&o| ctx.offer(task(&f, o, b"k"), 0)).count()
+        };
+        assert!(
+            waits(None) > 0,
+            "the live rate of 5/s holds the source partition"
+        );
+        assert_eq!(waits(Some(-1)), 0, "the shaping partition is unlimited");
+        assert!(waits(Some(2)) > 0);
     }
 
     /// A partition assigned again in this process while its previous assignment's

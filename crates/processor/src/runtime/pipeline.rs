@@ -1,5 +1,8 @@
 //! Running one task: from a lane picking it up to its offset counting as done.
 //!
+//! 0. With a per-key quota, a source task whose key is shaped is queued for the shaping
+//!    topic instead, its offset done once acknowledged (see [`super::quota`]); the rest
+//!    does not apply to it.
 //! 1. The partition is asked whether the task may start (not if it was revoked).
 //! 2. `process` runs; a panic is caught and counted as a failure. A failure is tried
 //!    again in the lane while the retry configuration allows it.
@@ -22,6 +25,7 @@ use tracing::Instrument as _;
 
 use super::completion::{CompletionInner, Outcome};
 use super::forward::{Forwarder, RawRecord};
+use super::quota::{Route, ShapingState, SHAPED_BY};
 use super::state::StateRuntime;
 use super::task::TaskUnit;
 use crate::context::ProcessingContext;
@@ -48,12 +52,77 @@ pub(crate) struct Pipeline<T, P> {
     pub(crate) forwarder: Option<Arc<Forwarder>>,
     /// Attempts in the lane after a failure, and the backoff between them.
     pub(crate) in_process: (u32, Backoff),
+    /// Present when the subscription has a per-key quota.
+    pub(crate) shaping: Option<Shaping>,
     pub(crate) _task: std::marker::PhantomData<fn(T)>,
+}
+
+/// The shaping side of a subscription with a per-key quota.
+pub(crate) struct Shaping {
+    pub(crate) state: Arc<ShapingState>,
+    /// Index of the shaping topic in the subscription's topics.
+    pub(crate) topic: u8,
 }
 
 #[async_trait::async_trait]
 impl<T: prost::Message + Default + 'static, P: TaskProcessor<T>> TaskRunner<T> for Pipeline<T, P> {
+    /// With a per-key quota, a source task at its turn first asks the shaping state where
+    /// it goes (see [`super::quota`]); a shaping task of this instance lowers its key's
+    /// outstanding count once it has run.
     async fn run(&self, unit: TaskUnit<T>) {
+        let (Some(shaping), Some(key), Some(raw)) =
+            (&self.shaping, unit.key.clone(), unit.raw.clone())
+        else {
+            return self.run_task(unit).await;
+        };
+        let id = unit.partition.id();
+        if id.topic == 0 {
+            let Some(forwarder) = &self.forwarder else {
+                return self.run_task(unit).await;
+            };
+            match shaping.state.route(&key, id.partition, unit.over_quota) {
+                Route::Direct => self.run_task(unit).await,
+                Route::Shape => {
+                    let (partition, offset) = (unit.partition, unit.offset);
+                    self.hold_while_stopped(&partition).await;
+                    if !partition.try_start() {
+                        shaping.state.settled(&key);
+                        return;
+                    }
+                    let (state, core) = (shaping.state.clone(), partition.clone());
+                    let then = move |acked| {
+                        if acked {
+                            core.finish(offset);
+                        } else {
+                            state.settled(&key);
+                            core.release();
+                        }
+                    };
+                    forwarder
+                        .shape(partition, offset, raw, shaping.state.incarnation(), then)
+                        .await;
+                }
+            }
+        } else if id.topic == shaping.topic && shaping.state.is_own(raw.header(SHAPED_BY)) {
+            self.run_task(unit).await;
+            shaping.state.settled(&key);
+        } else {
+            self.run_task(unit).await;
+        }
+    }
+}
+
+impl<T: prost::Message + Default + 'static, P: TaskProcessor<T>> Pipeline<T, P> {
+    /// Rate 0: no task starts, nor is shaped, until it changes (checked here, not only at
+    /// dispatch, so tasks already queued in the lanes stop too).
+    async fn hold_while_stopped(&self, partition: &super::partition_core::PartitionCore) {
+        while self.live.is_stopped() && !partition.is_revoked() {
+            let _ = tokio::time::timeout(HALT_CHECK, self.live.resumed()).await;
+        }
+    }
+
+    /// Runs one task through the steps of the module doc.
+    async fn run_task(&self, unit: TaskUnit<T>) {
         let TaskUnit {
             partition,
             offset,
@@ -64,12 +133,9 @@ impl<T: prost::Message + Default + 'static, P: TaskProcessor<T>> TaskRunner<T> f
             trace,
             raw,
             lane,
+            over_quota: _,
         } = unit;
-        // Rate 0: no task starts until it changes (checked here, not only at dispatch, so
-        // tasks already queued in the lanes stop too).
-        while self.live.is_stopped() && !partition.is_revoked() {
-            let _ = tokio::time::timeout(HALT_CHECK, self.live.resumed()).await;
-        }
+        self.hold_while_stopped(&partition).await;
         if !partition.try_start() {
             return;
         }

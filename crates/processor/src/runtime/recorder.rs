@@ -87,6 +87,7 @@ pub(crate) struct PartitionRecorder {
     retried_in_process: Counter,
     retried: Counter,
     dead_lettered: Counter,
+    shaped: Counter,
     process_seconds: Histogram,
     complete_seconds: Histogram,
     pending: Gauge,
@@ -116,6 +117,7 @@ impl PartitionRecorder {
             retried_in_process: counter!(names::RETRIED_IN_PROCESS, &labels),
             retried: counter!(names::RETRIED, &labels),
             dead_lettered: counter!(names::DEAD_LETTERED, &labels),
+            shaped: counter!(names::SHAPED, &labels),
             process_seconds: histogram!(names::PROCESS_SECONDS, &labels),
             complete_seconds: histogram!(names::COMPLETE_SECONDS, &labels),
             pending: gauge!(names::PENDING, &labels),
@@ -159,6 +161,12 @@ impl PartitionRecorder {
     pub(crate) fn dead_lettered(&self) {
         self.dead_lettered.increment(1);
         self.counters.dead_lettered.fetch_add(1, Relaxed);
+    }
+
+    /// A task of a key over its quota was produced to the shaping topic.
+    pub(crate) fn shaped(&self) {
+        self.shaped.increment(1);
+        self.counters.shaped.fetch_add(1, Relaxed);
     }
 
     pub(crate) fn failed(&self) {

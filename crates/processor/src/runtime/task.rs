@@ -19,10 +19,13 @@ pub(crate) struct TaskUnit<T> {
     /// The producer's trace context (`traceparent` header), if it sent one.
     pub(crate) trace: Option<TraceParent>,
     /// The record as fetched, kept only when the subscription forwards failed tasks to a
-    /// retry or dead-letter topic.
+    /// retry or dead-letter topic, or shapes tasks.
     pub(crate) raw: Option<Arc<RawRecord>>,
     /// The lane it was dispatched to (bounded mode).
     pub(crate) lane: Option<usize>,
+    /// Its key was over its quota when it was fetched, and the quota's callback asked
+    /// for it to be shaped.
+    pub(crate) over_quota: bool,
 }
 
 #[cfg(test)]
@@ -63,6 +66,7 @@ pub(crate) mod tests {
             trace: None,
             raw: None,
             lane: None,
+            over_quota: false,
         }
     }
 }

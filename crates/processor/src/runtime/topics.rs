@@ -1,7 +1,7 @@
 //! The topics a subscription reads, and how a partition of one of them is named.
 //!
 //! A subscription reads its source topic and, when it has a retry queue, the retry topic
-//! too. Both are consumed by the same group and treated alike: each partition of either
+//! too, and the shaping topic when it has a per-key quota. All are consumed by the same group and treated alike: each partition of either
 //! has its own context, offsets and commits. A partition is named by a small copyable
 //! [`PartitionId`] (an index into [`Topics`] and the partition number), so the consumer
 //! thread's lookups per record never allocate.
@@ -11,7 +11,8 @@ use std::sync::Arc;
 /// A partition of one of the subscription's topics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) struct PartitionId {
-    /// Index into [`Topics`]: 0 is the source topic, 1 the retry topic.
+    /// Index into [`Topics`]: 0 is the source topic, then the retry and shaping topics
+    /// when the subscription has them.
     pub(crate) topic: u8,
     pub(crate) partition: i32,
 }
@@ -20,6 +21,7 @@ pub(crate) struct PartitionId {
 #[derive(Debug, Clone)]
 pub(crate) struct Topics {
     names: Vec<Arc<str>>,
+    shaping: Option<u8>,
 }
 
 impl Topics {
@@ -29,7 +31,24 @@ impl Topics {
         if let Some(r) = retry {
             names.push(Arc::from(r));
         }
-        Topics { names }
+        Topics {
+            names,
+            shaping: None,
+        }
+    }
+
+    /// Reads `shaping` too, the shaping topic of a per-key quota.
+    pub(crate) fn with_shaping(mut self, shaping: Option<&str>) -> Self {
+        if let Some(s) = shaping {
+            self.shaping = Some(self.names.len() as u8);
+            self.names.push(Arc::from(s));
+        }
+        self
+    }
+
+    /// Whether `id` is a partition of the shaping topic.
+    pub(crate) fn is_shaping(&self, id: PartitionId) -> bool {
+        self.shaping == Some(id.topic)
     }
 
     /// The id of `partition` of topic `name`, if the subscription reads that topic.
@@ -81,5 +100,9 @@ mod tests {
         assert_eq!(&**t.name(b), "ops-retry");
         assert!(t.id("other", 3).is_none());
         assert!(Topics::new("ops", None).id("ops-retry", 0).is_none());
+        let t = Topics::new("ops", None).with_shaping(Some("ops-shaping"));
+        let s = t.id("ops-shaping", 1).unwrap();
+        assert!(t.is_shaping(s));
+        assert!(!t.is_shaping(t.id("ops", 1).unwrap()));
     }
 }
