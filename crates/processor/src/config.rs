@@ -32,8 +32,10 @@ pub struct ProcessorProperties {
     /// Lanes per partition in `bounded` mode (`decaton.partition.concurrency`, default 1).
     pub partition_concurrency: usize,
     /// Uncommitted tasks per partition (from the lowest unfinished offset to the newest
-    /// fetched one) before the partition is paused (`decaton.max.pending.records`,
-    /// default 10000). Bounds memory and the size of the offset map.
+    /// dispatched one) (`decaton.max.pending.records`, default 10000). Records fetched
+    /// beyond it wait; once as many again wait, fetching of the partition pauses, and it
+    /// resumes when half of them have moved on. Bounds memory (at most twice this many
+    /// records per partition) and the size of the offset map.
     pub max_pending: usize,
     /// How often positions are committed (`decaton.commit.interval.ms`, default 1 s).
     #[serde(with = "millis")]

@@ -38,6 +38,7 @@ impl<C: ConsumerContext> PauseControl for ConsumerPause<'_, C> {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(self.topics.name(id), id.partition);
         let partition = id.partition;
+        tracing::debug!(topic = %self.topics.name(id), partition, paused, "fetching paused or resumed");
         let result = if paused {
             self.consumer.pause(&tpl)
         } else {

@@ -378,26 +378,26 @@ impl<T: Send + 'static> PartitionContext<T> {
                 self.dispatch(incoming, now_ms);
             }
         }
-        // Records waiting only for the rate do not pause fetching until `max_pending` of
-        // them wait (pausing drops librdkafka's prefetched records, and fetching again
-        // after a resume costs more than the rate allows); fetching resumes once half of
-        // them are gone. Any other wait pauses at once.
-        let limit = if self.rate_due.is_some() {
-            self.max_pending
-        } else {
-            1
-        };
+        // Records waiting for room under `max_pending` or for the rate do not pause
+        // fetching until `max_pending` of them wait, and fetching resumes once half of
+        // them are gone: a pause drops librdkafka's prefetched records, and the fetch after
+        // a resume takes a round trip, so pausing each time the window fills would leave
+        // the lanes idle for that round trip again and again. A partition that is not
+        // ready (restoring, changing lanes, predecessor running) pauses at once.
+        let limit = if ready { self.max_pending.max(1) } else { 1 };
         let overflowing = if self.paused {
             self.overflow.len() > limit / 2
         } else {
             self.overflow.len() >= limit
         };
-        let throttled = !ready || overflowing || !self.has_room();
-        if throttled != self.paused {
-            control.set_paused(self.core.id(), throttled);
-            self.paused = throttled;
-            subscription.paused(throttled);
+        let pause = !ready || overflowing;
+        if pause != self.paused {
+            control.set_paused(self.core.id(), pause);
+            self.paused = pause;
+            subscription.paused(pause);
         }
+        // Waiting for room: a completion wakes the partition up.
+        let throttled = pause || !self.has_room();
         if !throttled {
             self.core.set_wants_wakeup(false);
         }
@@ -671,7 +671,40 @@ mod tests {
         f.core.finish(1);
         assert_eq!(f.wakeup.take(), vec![f.core.id()]);
         assert!(!f.ctx.flow(&pauses, &f.subscription, 0));
-        assert_eq!(pauses.0.lock().as_slice(), &[(5, true), (5, false)]);
+        assert!(
+            pauses.0.lock().is_empty(),
+            "a full window with nothing fetched waiting does not pause fetching"
+        );
+    }
+
+    /// Fetched records wait for room until `max_pending` of them wait; then fetching
+    /// pauses, and it resumes once half of them are gone.
+    #[test]
+    fn fetching_pauses_when_max_pending_records_wait_and_resumes_at_half() {
+        let mut f = fixture(6, 4, None);
+        let pauses = Pauses::default();
+        for o in 0..4 {
+            assert!(!f.ctx.offer(task(&f, o, b"k"), 0), "room for {o}");
+        }
+        for o in 4..7 {
+            assert!(f.ctx.offer(task(&f, o, b"k"), 0), "{o} waits for room");
+            assert!(f.ctx.flow(&pauses, &f.subscription, 0));
+        }
+        assert!(pauses.0.lock().is_empty(), "3 waiting of 4 allowed");
+        assert!(f.ctx.offer(task(&f, 7, b"k"), 0));
+        assert!(f.ctx.flow(&pauses, &f.subscription, 0));
+        assert_eq!(pauses.0.lock().as_slice(), &[(6, true)], "4 waiting");
+        // The lanes finish the first four: the waiting records move in, fetching resumes.
+        f._rt.block_on(async {
+            while f.ran.load(Ordering::SeqCst) < 4 {
+                tokio::task::yield_now().await;
+            }
+        });
+        assert!(
+            f.ctx.flow(&pauses, &f.subscription, 0),
+            "the window is full again"
+        );
+        assert_eq!(pauses.0.lock().as_slice(), &[(6, true), (6, false)]);
     }
 
     /// Health reports a partition held back by its predecessor's running task, and the
