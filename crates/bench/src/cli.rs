@@ -8,6 +8,8 @@
 //! decaton bench produce [--producer put|raw-producer]... [WORKLOAD]
 //!               [--format text|json] [--output FILE]
 //! decaton bench replicate [WORKLOAD] [--format text|json] [--output FILE]
+//! decaton bench latency [--load PCT,PCT] [--capacity N] [--runner ...] [--param ...]
+//!               [--simulate-latency MS] [WORKLOAD] [--format text|json] [--output FILE]
 //!
 //! WORKLOAD: [--tasks N] [--warmup N] [--partitions N] [--keys null|unique|N] [--payload-bytes N]
 //!           [--bootstrap HOST:PORT] [--runs N] [--in-flight N] [--stall-timeout SECS]
@@ -46,6 +48,28 @@ pub enum BenchSubcommand {
     Produce(ProduceArgs),
     /// Replicator throughput into 3 derived topics, next to a raw rdkafka loop.
     Replicate(crate::replicate::ReplicateArgs),
+    /// Latency under load: tasks put at a fixed share of the runner's capacity while it
+    /// consumes.
+    Latency(LatencyArgs),
+}
+
+/// Arguments of `decaton bench latency`.
+#[derive(Debug, Clone, Args)]
+pub struct LatencyArgs {
+    /// Offered loads in percent of the capacity, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "50,90",
+        value_name = "PCT,PCT,..."
+    )]
+    pub load: Vec<u32>,
+    /// The runner's capacity in tasks/s [default: measured first with a backlog run].
+    #[arg(long)]
+    pub capacity: Option<f64>,
+    /// The runner, its latency and the workload (`--tasks` per load).
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 /// Output format.
@@ -245,6 +269,31 @@ async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 workload: a.workload.workload(a.format == Format::Text)?,
             };
             let reports = run_produce(&config).await?;
+            let text = match a.format {
+                Format::Text => reports_to_text(&reports),
+                Format::Json => json(&reports)?,
+            };
+            emit(text, a.output.as_ref())
+        }
+        Some(BenchSubcommand::Latency(l)) => {
+            anyhow::ensure!(
+                l.load.iter().all(|&p| p > 0),
+                "--load takes percentages above 0"
+            );
+            let a = l.run;
+            let config = crate::LatencyConfig {
+                bench: BenchConfig {
+                    runner: RunnerSpec {
+                        kind: a.runner,
+                        params: a.params,
+                    },
+                    simulate_latency: Duration::from_millis(a.simulate_latency),
+                    workload: a.workload.workload(a.format == Format::Text)?,
+                },
+                loads: l.load,
+                capacity: l.capacity,
+            };
+            let reports = crate::run_latency(&config).await?;
             let text = match a.format {
                 Format::Text => reports_to_text(&reports),
                 Format::Json => json(&reports)?,

@@ -72,6 +72,9 @@ pub struct Figures {
     /// Resident set size sampled while the runner ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rss: Option<RssSamples>,
+    /// Open-loop runs (`decaton bench latency`): the rate the tasks were put at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offered_per_sec: Option<f64>,
 }
 
 /// Resident set size sampled every 100 ms while a runner ran.
@@ -155,6 +158,7 @@ impl Figures {
                     }
                 }),
             simulated_latency_achieved_ms: opt(|r| r.simulated_latency_achieved_ms),
+            offered_per_sec: opt(|r| r.offered_per_sec),
             pct_of_ideal_achieved: opt(|r| r.pct_of_ideal_achieved),
             rss: runs.iter().all(|r| r.rss.is_some()).then(|| RssSamples {
                 steady_kib: median(

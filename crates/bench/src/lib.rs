@@ -72,6 +72,12 @@
 //! (`--producer raw-producer`), with `--in-flight` sends outstanding; see [`produce`]'s
 //! module docs. Its latency figure is the acknowledgement latency (send to ack).
 //!
+//! # Latency under load
+//!
+//! `decaton bench latency --load 50,90` measures the runner's capacity, then puts tasks
+//! at 50 % and 90 % of it while the runner consumes (an open loop), and reports the delay
+//! from put to processing start and to completion; see [`run_latency`].
+//!
 //! # Matrix
 //!
 //! `decaton bench matrix --runner SPEC... --latencies 0,1,5,10` runs every runner at
@@ -88,6 +94,7 @@ mod cluster;
 mod config;
 mod figures;
 mod matrix;
+mod open_loop;
 pub mod produce;
 mod progress;
 mod recorder;
@@ -101,11 +108,13 @@ use std::time::Duration;
 
 pub use bench::run_bench;
 pub use cli::{
-    run_cli, BenchCommand, BenchSubcommand, Format, MatrixArgs, ProduceArgs, RunArgs, WorkloadArgs,
+    run_cli, BenchCommand, BenchSubcommand, Format, LatencyArgs, MatrixArgs, ProduceArgs, RunArgs,
+    WorkloadArgs,
 };
 pub use config::{parse_param, BenchConfig, Keys, RunnerKind, RunnerSpec, Workload};
 pub use figures::{Figures, LatencyStats, RssSamples};
 pub use matrix::{run_matrix, MatrixConfig, MatrixReport};
+pub use open_loop::{run_latency, LatencyConfig};
 pub use produce::{run_produce, ProduceConfig, ProducerKind};
 pub use report::{reports_to_text, BenchReport};
 

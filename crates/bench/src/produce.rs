@@ -107,7 +107,7 @@ where
     Ok(())
 }
 
-fn client(
+pub(crate) fn client(
     bootstrap: &str,
     topic: &str,
     workload: &Workload,

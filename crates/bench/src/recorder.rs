@@ -276,6 +276,7 @@ impl Recorder {
                 .filter(|i| *i > 0.0)
                 .map(|i| throughput / i * 100.0),
             rss: None,
+            offered_per_sec: None,
         })
     }
 }

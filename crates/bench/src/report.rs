@@ -108,6 +108,9 @@ fn write_figures(out: &mut String, title: &str, f: &Figures, latency_name: &str)
     if let (Some(a), Some(p)) = (f.simulated_latency_achieved_ms, f.pct_of_ideal_achieved) {
         let _ = write!(ideal, ", {p:.1}% at the {a:.3} ms actually slept");
     }
+    if let Some(o) = f.offered_per_sec {
+        let _ = write!(ideal, ", {o:.1} tasks/s offered");
+    }
     let l = &f.latency_ms;
     let _ = writeln!(
         out,
