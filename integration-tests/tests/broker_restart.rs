@@ -160,8 +160,8 @@ async fn processing_resumes_after_broker_outage() -> anyhow::Result<()> {
 /// backpressure when the broker goes down and through the lost session: from just before
 /// the outage until the session's partitions have been revoked (observed as tasks
 /// abandoned after `rebalance_timeout`), every task that starts is held (a processor
-/// whose downstream hangs), so each partition reaches `max_pending` (100) and stays
-/// paused.
+/// whose downstream hangs), so each partition reaches `max_pending` (50) with as many
+/// records waiting behind them, and stays paused.
 ///
 /// The same defect as `rebalance::paused_partition_resumes_after_reassignment`, reached
 /// through a broker outage: librdkafka keeps the pause flag of a partition across the
@@ -205,7 +205,9 @@ async fn restart_test(outage: Duration, paused: bool) -> anyhow::Result<()> {
     let mut props = ProcessorProperties::default();
     props.mode = SchedulingMode::Bounded;
     props.partition_concurrency = 4;
-    props.max_pending = if paused { 100 } else { 500 };
+    // A partition pauses once `max_pending` tasks are held and as many more wait fetched;
+    // the producer runs at most LEAD_ROUNDS (600 tasks, ~200 a partition) ahead.
+    props.max_pending = if paused { 50 } else { 500 };
     props.commit_interval = Duration::from_millis(200);
     props.shutdown_timeout = Duration::from_secs(10);
     let (hold_tx, hold_rx) = watch::channel(false);
