@@ -210,3 +210,32 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Runs an example binary to its end and returns the numbers of its summary line (the
+/// line of its standard output that starts with `summary_prefix`), in order; fails with
+/// its output when it exits unsuccessfully or prints no such line.
+pub fn example_summary(
+    binary: &str,
+    args: &[&str],
+    summary_prefix: &str,
+) -> anyhow::Result<(String, Vec<u64>)> {
+    let out = Command::new(binary).args(args).output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "exit {:?}\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let summary = stdout
+        .lines()
+        .find(|l| l.starts_with(summary_prefix))
+        .ok_or_else(|| anyhow::anyhow!("no summary in {stdout}"))?
+        .to_string();
+    let numbers = summary
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    Ok((summary, numbers))
+}
