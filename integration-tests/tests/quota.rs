@@ -154,6 +154,34 @@ async fn stop(
     Ok(tokio::time::timeout(Duration::from_secs(30), running).await???)
 }
 
+/// Waits (up to 60 s) until every task of `expected` was processed, stops the
+/// subscription, and checks per-key order and completeness; the stats and the log.
+async fn finish(
+    what: &str,
+    log: &Mutex<Log>,
+    expected: &HashMap<String, u64>,
+    handle: &SubscriptionHandle,
+    running: tokio::task::JoinHandle<
+        Result<SubscriptionStats, decaton_processor::SubscriptionError>,
+    >,
+) -> anyhow::Result<(SubscriptionStats, Log)> {
+    let total: u64 = expected.values().sum();
+    let done = wait_until(Duration::from_secs(60), || {
+        log.lock().processed.len() as u64 >= total
+    })
+    .await;
+    let stats = stop(handle, running).await?;
+    let log = std::mem::take(&mut *log.lock());
+    assert!(
+        done,
+        "{what}: {} of {total} processed; {stats:?}",
+        log.processed.len()
+    );
+    let report = checker::check(expected, &log.processed);
+    assert!(report.ok(), "{what}: {report}");
+    Ok((stats, log))
+}
+
 fn p99(mut delays: Vec<i64>) -> i64 {
     delays.sort_unstable();
     delays[(delays.len() * 99 / 100).min(delays.len() - 1)]
@@ -192,20 +220,7 @@ async fn run(
     let client = client(kind, &bootstrap, name)?;
     let expected = paced(&client, 50, 1_000, 100, if hot { 5 } else { 0 }).await?;
     client.close().await?;
-    let total: u64 = expected.values().sum();
-    let done = wait_until(Duration::from_secs(60), || {
-        log.lock().processed.len() as u64 >= total
-    })
-    .await;
-    let stats = stop(&handle, running).await?;
-    let log = std::mem::take(&mut *log.lock());
-    assert!(
-        done,
-        "{name}: {} of {total} processed; {stats:?}",
-        log.processed.len()
-    );
-    let report = checker::check(&expected, &log.processed);
-    assert!(report.ok(), "{name}: {report}");
+    let (stats, log) = finish(name, &log, &expected, &handle, running).await?;
     Ok((p99(log.delays.clone()), stats, log))
 }
 
@@ -423,20 +438,7 @@ async fn burst_then_calm(kind: BrokerKind) -> anyhow::Result<()> {
         paced_on(&client, 1, 1, 0, 1, &mut expected).await?;
     }
     client.close().await?;
-    let total: u64 = expected.values().sum();
-    let done = wait_until(Duration::from_secs(60), || {
-        log.lock().processed.len() as u64 >= total
-    })
-    .await;
-    let stats = stop(&handle, running).await?;
-    let log = std::mem::take(&mut *log.lock());
-    assert!(
-        done,
-        "{} of {total} processed; {stats:?}",
-        log.processed.len()
-    );
-    let report = checker::check(&expected, &log.processed);
-    assert!(report.ok(), "{report}");
+    let (stats, log) = finish("burst", &log, &expected, &handle, running).await?;
     // Source, then shaping, then source again.
     let first_shaped = log.hot_topics.iter().position(|s| *s);
     let back =
