@@ -160,7 +160,12 @@ impl<T: Send + 'static> RuntimeCore<T> {
             let mut parts = self.partitions.lock();
             partitions
                 .iter()
-                .filter_map(|p| parts.get_mut(*p).map(|c| c.core().clone()))
+                .filter_map(|p| {
+                    let ctx = parts.get_mut(*p)?;
+                    // Tasks dispatched before the revocation reach their lanes.
+                    ctx.flush();
+                    Some(ctx.core().clone())
+                })
                 .collect()
         };
         if cores.is_empty() {
@@ -232,6 +237,7 @@ impl<T: Send + 'static> RuntimeCore<T> {
         loop {
             let cores: Vec<_> = {
                 let mut parts = self.partitions.lock();
+                parts.flush();
                 parts
                     .ids()
                     .into_iter()

@@ -5,7 +5,10 @@
 //! never race each other, and blocking there (waiting for a revoked partition's tasks, a
 //! synchronous commit) never blocks a tokio worker.
 //!
-//! The loop polls for at most 50 ms, or until the next delayed task is due. When every
+//! Each turn of the loop takes up to [`BATCH`] records: it waits for the first (at most
+//! 50 ms, or until the next delayed task is due), takes the ones librdkafka already holds
+//! without waiting, then runs flow control and hands the turn's tasks to the lanes at
+//! once. When every
 //! owned partition is throttled there is nothing to fetch: it waits on the [`Wakeup`]
 //! instead and polls without blocking, so rebalances and heartbeat-driven events are
 //! still served.
@@ -27,6 +30,8 @@ use super::topics::PartitionId;
 use super::RuntimeCore;
 
 const POLL: Duration = Duration::from_millis(50);
+/// Records taken per turn of the loop at most.
+pub(crate) const BATCH: usize = 512;
 /// Poll timeout while some partition is throttled and others fetch.
 const THROTTLED_POLL: Duration = Duration::from_millis(10);
 /// Flow control runs for every partition at least this often (a safety net; wakeups do
@@ -76,12 +81,11 @@ impl<T: prost::Message + Default + Send + 'static> RuntimeCore<T> {
         self.topics.ids_in(tpl)
     }
 
-    /// Takes one fetched record.
-    fn on_message(&self, msg: &BorrowedMessage<'_>) {
+    /// Takes one fetched record, fetched at `now` (epoch ms).
+    fn on_message(&self, msg: &BorrowedMessage<'_>, now: i64) {
         let Some(id) = self.topics.id(msg.topic(), msg.partition()) else {
             return;
         };
-        let now = now_millis();
         let mut parts = self.partitions.lock();
         let Some(ctx) = parts.get_mut(id) else {
             tracing::debug!(
@@ -129,12 +133,22 @@ impl<T: prost::Message + Default + Send + 'static> RuntimeCore<T> {
             } else {
                 timeout
             };
-            match consumer.poll(poll_for) {
-                Some(Ok(msg)) => self.on_message(&msg),
-                Some(Err(e)) => {
-                    tracing::warn!(subscription = %self.recorder.subscription(), "consumer error: {e}")
+            let mut wait = poll_for;
+            let mut fetched_at = None;
+            for _ in 0..BATCH {
+                match consumer.poll(wait) {
+                    Some(Ok(msg)) => {
+                        // The records of one turn arrived together: one clock read.
+                        let now = *fetched_at.get_or_insert_with(now_millis);
+                        self.on_message(&msg, now);
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(subscription = %self.recorder.subscription(), "consumer error: {e}");
+                        break;
+                    }
+                    None => break,
                 }
-                None => {}
+                wait = Duration::ZERO;
             }
             flagged.extend(self.wakeup.take());
             let now = now_millis();
@@ -149,6 +163,7 @@ impl<T: prost::Message + Default + Send + 'static> RuntimeCore<T> {
                     parts.flow(Some(&flagged), &pause, &self.recorder, now);
                 }
                 parts.release_due(now);
+                parts.flush();
             }
             if last_commit.elapsed() >= self.props.commit_interval {
                 self.commit(consumer, CommitMode::Async, None);

@@ -15,6 +15,10 @@
 //! Tasks without a key (null or empty) carry no ordering constraint: bounded mode spreads
 //! them round-robin over the lanes, per-key mode runs each on its own. Every queue here
 //! holds only registered tasks, so `max_pending` bounds it.
+//!
+//! Dispatching only queues a task here; [`Lanes::flush`] hands what was queued to the
+//! lanes in one go. The consumer thread dispatches every record of one poll batch, then
+//! flushes once, so a lane is woken once per batch rather than once per task.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, BuildHasherDefault};
@@ -34,13 +38,24 @@ type KeyHasher = BuildHasherDefault<std::collections::hash_map::DefaultHasher>;
 /// Per-key queues of the per-key mode: a key is present while its lane runs.
 type KeyQueues<T> = Arc<Mutex<HashMap<Arc<[u8]>, VecDeque<TaskUnit<T>>>>>;
 
+/// A per-key lane (or a key-less task) waiting to be spawned at the next flush.
+type Job = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// One bounded lane: its channel, and the tasks dispatched to it since the last flush.
+struct Lane<T> {
+    tx: mpsc::UnboundedSender<Vec<TaskUnit<T>>>,
+    queued: Vec<TaskUnit<T>>,
+}
+
 enum Mode<T> {
     Bounded {
-        lanes: Vec<mpsc::UnboundedSender<TaskUnit<T>>>,
+        lanes: Vec<Lane<T>>,
         next_unkeyed: usize,
     },
     PerKey {
         queues: KeyQueues<T>,
+        /// Lanes to spawn at the next flush.
+        jobs: Vec<Job>,
     },
 }
 
@@ -64,26 +79,32 @@ impl<T: Send + 'static> Lanes<T> {
             SchedulingMode::Bounded => Mode::Bounded {
                 lanes: (0..props.partition_concurrency.max(1))
                     .map(|_| {
-                        let (tx, mut rx) = mpsc::unbounded_channel::<TaskUnit<T>>();
+                        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<TaskUnit<T>>>();
                         let runner = runner.clone();
                         let occupied = occupied.clone();
                         runtime.spawn(async move {
-                            while let Some(unit) = rx.recv().await {
-                                let partition = unit.partition.clone();
-                                runner.run(unit).await;
-                                if occupied.fetch_sub(1, Ordering::AcqRel) == 1 {
-                                    // A partition changing its lanes waits for this.
-                                    partition.notify_if_waiting();
+                            while let Some(units) = rx.recv().await {
+                                for unit in units {
+                                    let partition = unit.partition.clone();
+                                    runner.run(unit).await;
+                                    if occupied.fetch_sub(1, Ordering::AcqRel) == 1 {
+                                        // A partition changing its lanes waits for this.
+                                        partition.notify_if_waiting();
+                                    }
                                 }
                             }
                         });
-                        tx
+                        Lane {
+                            tx,
+                            queued: Vec::new(),
+                        }
                     })
                     .collect(),
                 next_unkeyed: 0,
             },
             SchedulingMode::PerKey => Mode::PerKey {
                 queues: Arc::new(Mutex::new(HashMap::new())),
+                jobs: Vec::new(),
             },
         };
         Lanes {
@@ -102,7 +123,8 @@ impl<T: Send + 'static> Lanes<T> {
         }
     }
 
-    /// Tasks queued in or run by the lanes now (bounded mode; 0 in per-key mode).
+    /// Tasks queued in or run by the lanes now, flushed or not (bounded mode; 0 in
+    /// per-key mode).
     pub(crate) fn occupied(&self) -> usize {
         self.occupied.load(Ordering::Acquire)
     }
@@ -118,7 +140,8 @@ impl<T: Send + 'static> Lanes<T> {
         Lanes::new(&props, self.runner.clone(), self.runtime.clone())
     }
 
-    /// Queues a registered task on its key's lane.
+    /// Queues a registered task on its key's lane; it reaches the lane at the next
+    /// [`Self::flush`].
     pub(crate) fn dispatch(&mut self, mut unit: TaskUnit<T>) {
         match &mut self.mode {
             Mode::Bounded {
@@ -134,18 +157,12 @@ impl<T: Send + 'static> Lanes<T> {
                 };
                 unit.lane = Some(lane);
                 self.occupied.fetch_add(1, Ordering::AcqRel);
-                if let Err(mpsc::error::SendError(unit)) = lanes[lane].send(unit) {
-                    // The lane task is gone (its runtime is shutting down): it cannot run.
-                    self.occupied.fetch_sub(1, Ordering::AcqRel);
-                    if unit.partition.try_start() {
-                        unit.partition.release();
-                    }
-                }
+                lanes[lane].queued.push(unit);
             }
-            Mode::PerKey { queues } => {
+            Mode::PerKey { queues, jobs } => {
+                let runner = self.runner.clone();
                 let Some(key) = unit.key.clone() else {
-                    let runner = self.runner.clone();
-                    self.runtime.spawn(async move { runner.run(unit).await });
+                    jobs.push(Box::pin(async move { runner.run(unit).await }));
                     return;
                 };
                 {
@@ -156,9 +173,8 @@ impl<T: Send + 'static> Lanes<T> {
                     }
                     map.insert(key.clone(), VecDeque::new());
                 }
-                let runner = self.runner.clone();
                 let queues = queues.clone();
-                self.runtime.spawn(async move {
+                jobs.push(Box::pin(async move {
                     let mut next = Some(unit);
                     while let Some(unit) = next.take() {
                         runner.run(unit).await;
@@ -170,9 +186,55 @@ impl<T: Send + 'static> Lanes<T> {
                             }
                         }
                     }
-                });
+                }));
             }
         }
+    }
+}
+
+impl<T> Lanes<T> {
+    /// Hands the tasks dispatched since the last flush to their lanes: one message per
+    /// bounded lane, or one spawn that starts the per-key lanes from inside the runtime.
+    pub(crate) fn flush(&mut self) {
+        match &mut self.mode {
+            Mode::Bounded { lanes, .. } => {
+                for lane in lanes.iter_mut().filter(|l| !l.queued.is_empty()) {
+                    let units = std::mem::take(&mut lane.queued);
+                    if let Err(mpsc::error::SendError(units)) = lane.tx.send(units) {
+                        // The lane task is gone (its runtime is shutting down): they
+                        // cannot run.
+                        for unit in units {
+                            self.occupied.fetch_sub(1, Ordering::AcqRel);
+                            if unit.partition.try_start() {
+                                unit.partition.release();
+                            }
+                        }
+                    }
+                }
+            }
+            Mode::PerKey { jobs, .. } => {
+                if jobs.len() > 1 {
+                    // Spawned from inside the runtime, the lanes go to a worker's local
+                    // queue: one wakeup for the whole batch.
+                    let jobs = std::mem::take(jobs);
+                    self.runtime.spawn(async move {
+                        for job in jobs {
+                            tokio::spawn(job);
+                        }
+                    });
+                } else if let Some(job) = jobs.pop() {
+                    self.runtime.spawn(job);
+                }
+            }
+        }
+    }
+}
+
+impl<T> Drop for Lanes<T> {
+    /// Tasks dispatched and not yet flushed still reach their lanes, which settle them
+    /// (a revoked partition's tasks do not start).
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
@@ -289,6 +351,7 @@ mod tests {
             };
             assert!(!ctx.offer(crate::runtime::extract::Incoming::Task(unit), 0));
         }
+        ctx.flush();
         let deadline = Instant::now() + Duration::from_secs(20);
         partition.wait_idle(deadline, true);
         (probe, partition.position())

@@ -158,6 +158,7 @@ impl<T: Send + 'static> PartitionContext<T> {
         let Some(lanes) = self.resize_to else {
             return true;
         };
+        self.lanes.flush();
         if self.lanes.occupied() > 0 {
             return false;
         }
@@ -246,7 +247,8 @@ impl<T: Send + 'static> PartitionContext<T> {
         }
     }
 
-    /// Takes one fetched record; true when it had to wait (flow control should run).
+    /// Takes one fetched record; true when it had to wait (flow control should run). A
+    /// task it dispatches reaches its lane at the next [`Self::flush`].
     pub(crate) fn offer(&mut self, incoming: Incoming<T>, now_ms: i64) -> bool {
         self.refresh();
         if self.overflow.is_empty()
@@ -318,6 +320,11 @@ impl<T: Send + 'static> PartitionContext<T> {
         }
     }
 
+    /// Hands the tasks dispatched since the last flush to the lanes.
+    pub(crate) fn flush(&mut self) {
+        self.lanes.flush();
+    }
+
     fn send_to_lane(&mut self, mut unit: TaskUnit<T>) {
         unit.state = self.state.as_ref().and_then(|s| s.task_state());
         self.core.mark_dispatched();
@@ -338,6 +345,7 @@ impl<T: Send + 'static> PartitionContext<T> {
         for unit in due {
             self.send_to_lane(unit);
         }
+        self.lanes.flush();
     }
 
     /// When the next delayed task is due, or the rate's next token for a waiting task
@@ -378,6 +386,7 @@ impl<T: Send + 'static> PartitionContext<T> {
                 self.dispatch(incoming, now_ms);
             }
         }
+        self.lanes.flush();
         // Records waiting for room under `max_pending` or for the rate do not pause
         // fetching until `max_pending` of them wait, and fetching resumes once half of
         // them are gone: a pause drops librdkafka's prefetched records, and the fetch after

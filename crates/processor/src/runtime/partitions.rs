@@ -99,6 +99,13 @@ impl<T: Send + 'static> Partitions<T> {
         }
     }
 
+    /// Hands every partition's newly dispatched tasks to its lanes.
+    pub(crate) fn flush(&mut self) {
+        for ctx in self.owned.values_mut() {
+            ctx.flush();
+        }
+    }
+
     /// Whether some partition is throttled, and whether all are (nothing to fetch).
     pub(crate) fn throttled(&self) -> (bool, bool) {
         let paused = self.owned.values().filter(|c| c.is_paused()).count();
