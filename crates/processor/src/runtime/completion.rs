@@ -115,6 +115,11 @@ impl CompletionInner {
         self.offset
     }
 
+    /// When the task started.
+    pub(crate) fn started(&self) -> Instant {
+        self.started
+    }
+
     /// Records `outcome` if the task is not settled yet; true if this call settled it.
     pub(crate) fn settle(&self, outcome: Outcome) -> bool {
         if self.done.swap(true, Ordering::AcqRel) {

@@ -118,19 +118,24 @@ impl Extractor {
         msg: &BorrowedMessage<'_>,
         now_ms: i64,
     ) -> Incoming<T> {
-        let header = |name: &str| {
-            msg.headers().and_then(|h| {
-                h.iter()
-                    .find(|h| h.key == name)
-                    .map(|h| h.value.unwrap_or_default())
-            })
-        };
+        // One pass over the headers finds both that matter here (the first of each name).
+        let (mut metadata, mut traceparent) = (None, None);
+        if let Some(headers) = msg.headers() {
+            for h in headers.iter() {
+                let value = h.value.unwrap_or_default();
+                if metadata.is_none() && h.key == METADATA_HEADER {
+                    metadata = Some(value);
+                } else if traceparent.is_none() && h.key == TRACEPARENT_HEADER {
+                    traceparent = Some(value);
+                }
+            }
+        }
         let mut incoming = self
             .extract_parts(
                 partition,
                 msg.offset(),
                 msg.key(),
-                header(METADATA_HEADER),
+                metadata,
                 msg.payload(),
                 now_ms,
             )
@@ -142,7 +147,7 @@ impl Extractor {
                 self.dead_letter.as_ref(),
             );
         if let Incoming::Task(unit) = &mut incoming {
-            unit.trace = header(TRACEPARENT_HEADER)
+            unit.trace = traceparent
                 .and_then(|v| std::str::from_utf8(v).ok())
                 .and_then(TraceParent::parse);
         }

@@ -70,9 +70,10 @@ impl<T: prost::Message + Default + 'static, P: TaskProcessor<T>> TaskRunner<T> f
     /// it goes (see [`super::quota`]); a shaping task of this instance lowers its key's
     /// outstanding count once it has run.
     async fn run(&self, unit: TaskUnit<T>) {
-        let (Some(shaping), Some(key), Some(raw)) =
-            (&self.shaping, unit.key.clone(), unit.raw.clone())
-        else {
+        let Some(shaping) = &self.shaping else {
+            return self.run_task(unit).await;
+        };
+        let (Some(key), Some(raw)) = (unit.key.clone(), unit.raw.clone()) else {
             return self.run_task(unit).await;
         };
         let id = unit.partition.id();
@@ -168,10 +169,14 @@ impl<T: prost::Message + Default + 'static, P: TaskProcessor<T>> Pipeline<T, P> 
             state,
             lane,
         );
-        let failure = self
-            .process(&mut ctx, task, raw.as_deref())
-            .instrument(span)
-            .await;
+        // A span no subscriber wants costs nothing to skip.
+        let failure = if span.is_disabled() {
+            self.process(&mut ctx, task, raw.as_deref()).await
+        } else {
+            self.process(&mut ctx, task, raw.as_deref())
+                .instrument(span)
+                .await
+        };
         // Settled now unless deferred (a deferred task that failed in `process` fails).
         let now = match failure {
             Some(f) => Some(f),
@@ -247,7 +252,11 @@ impl<T: prost::Message + Default + 'static, P: TaskProcessor<T>> Pipeline<T, P> 
                 // Decoded once already, so it decodes again.
                 None => raw.and_then(RawRecord::decode::<T>)?,
             };
-            let started = Instant::now();
+            // The first attempt starts when the task did.
+            let started = match attempt {
+                0 => ctx.completion.started(),
+                _ => Instant::now(),
+            };
             let result = AssertUnwindSafe(self.processor.process(ctx, current))
                 .catch_unwind()
                 .await;
