@@ -69,6 +69,11 @@ enum Command {
     Config(config_check::ConfigArgs),
 }
 
+/// A scalable allocator: tasks are allocated on the consumer thread and freed on tokio
+/// workers, which contends on glibc's arena locks.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
