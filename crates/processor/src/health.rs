@@ -38,6 +38,9 @@ pub enum NotReady {
         /// Tasks still queued in or run by the current lanes.
         tasks: usize,
     },
+    /// Its processing rate is 0 (`decaton.processing.rate.per.partition`): no task starts
+    /// until the rate changes.
+    Stopped,
 }
 
 impl fmt::Display for NotReady {
@@ -51,6 +54,10 @@ impl fmt::Display for NotReady {
             NotReady::ChangingLanes { to, tasks } => write!(
                 f,
                 "changing to {to} lanes once its current lanes' {tasks} tasks are done"
+            ),
+            NotReady::Stopped => write!(
+                f,
+                "stopped: its processing rate is 0 (decaton.processing.rate.per.partition)"
             ),
         }
     }

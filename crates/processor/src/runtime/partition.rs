@@ -221,7 +221,7 @@ impl<T: Send + 'static> PartitionContext<T> {
         self.core.in_flight() < self.max_pending
     }
 
-    /// What health reports show of this partition.
+    /// What health reports show of this partition (as of its last flow control run).
     pub(crate) fn health(&self) -> crate::health::PartitionHealth {
         use crate::health::NotReady;
         let (position, pending, offset_map_gaps, completed) = self.core.progress();
@@ -230,10 +230,13 @@ impl<T: Send + 'static> PartitionContext<T> {
             _ if self.state.as_ref().is_some_and(|s| !s.is_ready()) => {
                 Some(NotReady::RestoringState)
             }
-            _ => self.resize_to.map(|to| NotReady::ChangingLanes {
-                to,
-                tasks: self.lanes.occupied(),
-            }),
+            _ => match self.resize_to {
+                Some(to) => Some(NotReady::ChangingLanes {
+                    to,
+                    tasks: self.lanes.occupied(),
+                }),
+                None => self.rate.is_stopped().then_some(NotReady::Stopped),
+            },
         };
         crate::health::PartitionHealth {
             topic: self.core.topic().clone(),
@@ -610,6 +613,31 @@ mod tests {
         );
         assert_eq!(waits(Some(-1)), 0, "the shaping partition is unlimited");
         assert!(waits(Some(2)) > 0);
+    }
+
+    /// Health tells a partition held at rate 0 apart from a stuck one, from the flow
+    /// control run after the rate changed.
+    #[test]
+    fn a_partition_at_rate_0_reports_stopped() {
+        let live = LiveProperties::new(ProcessorProperties::default());
+        let f = fixture(0, 100, None);
+        let lanes = Lanes::new(
+            &ProcessorProperties::default(),
+            Arc::new(Instant0(f.ran.clone())),
+            f._rt.handle().clone(),
+        );
+        let mut ctx = PartitionContext::new(f.core.clone(), lanes, 100, None, None, None)
+            .with_live(live.clone());
+        let pauses = Pauses::default();
+        assert_eq!(ctx.health().not_ready, None);
+        live.set("decaton.processing.rate.per.partition", "0")
+            .unwrap();
+        ctx.flow(&pauses, &f.subscription, 0);
+        assert_eq!(ctx.health().not_ready, Some(crate::NotReady::Stopped));
+        live.set("decaton.processing.rate.per.partition", "-1")
+            .unwrap();
+        ctx.flow(&pauses, &f.subscription, 0);
+        assert_eq!(ctx.health().not_ready, None);
     }
 
     /// A partition assigned again in this process while its previous assignment's

@@ -59,6 +59,11 @@ impl PartitionRate {
     }
 
     /// Takes a token if one is available.
+    /// Whether the rate is 0: no task starts.
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.rate == 0
+    }
+
     pub(crate) fn take(&self) -> Gate {
         if self.rate == 0 {
             return Gate::Stopped;
