@@ -184,7 +184,16 @@ async fn poison_task(kind: BrokerKind) -> anyhow::Result<()> {
         }
         b.build()?
     };
-    client.put("poison", &poison).await?;
+    // The poison task carries a trace: its retries and dead letter must keep it.
+    const TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let trace = decaton_protocol::TraceParent::parse(TRACE).expect("a valid traceparent");
+    client
+        .put_with(
+            "poison",
+            &poison,
+            decaton_client::PutOptions::default().traceparent(trace),
+        )
+        .await?;
     // At most 100 puts in flight: a task's creation time is then close to when the broker
     // got it, so the wait measured below is the consumer's, not the producer queue's.
     let results: Vec<_> = futures::stream::iter(0..OTHERS)
@@ -284,6 +293,7 @@ async fn poison_task(kind: BrokerKind) -> anyhow::Result<()> {
     assert_eq!(text(dead_letter::TOPIC), "ops-retry");
     assert_eq!(text(dead_letter::ORIGIN_TOPIC), "ops");
     assert_eq!(text(dead_letter::SUBSCRIPTION), "poison");
+    assert_eq!(text(decaton_protocol::TRACEPARENT_HEADER), TRACE);
     // The retry records, as a Decaton 9 processor reads them.
     let retries = read_all(
         &bootstrap,
@@ -302,6 +312,12 @@ async fn poison_task(kind: BrokerKind) -> anyhow::Result<()> {
         );
         assert_eq!(ChatOp::decode(r.payload().unwrap())?.user_id, "poison");
         assert_eq!(r.key(), Some(&b"poison"[..]));
+        assert_eq!(
+            header(r, decaton_protocol::TRACEPARENT_HEADER),
+            Some(TRACE.as_bytes()),
+            "retry {} keeps the producer's trace",
+            i + 1
+        );
     }
     Ok(())
 }
