@@ -29,10 +29,8 @@ async fn put_batch(
     trace: Option<TraceParent>,
 ) -> anyhow::Result<()> {
     let ops: Vec<ChatOp> = (0..BATCH).map(|_| chat.next_op()).collect();
-    let options = PutOptions {
-        traceparent: trace,
-        ..Default::default()
-    };
+    let mut options = PutOptions::default();
+    options.traceparent = trace;
     let results: Vec<_> = futures::stream::iter(&ops)
         .map(|op| client.put_with(op.user_id.clone(), op, options))
         .buffered(500)

@@ -88,10 +88,7 @@ async fn delayed_task_does_not_block_other_keys() -> anyhow::Result<()> {
         "sched",
         "late",
         0,
-        PutOptions {
-            scheduled_time: Some(SystemTime::now() + Duration::from_secs(3600)),
-            ..Default::default()
-        },
+        PutOptions::default().scheduled_time(SystemTime::now() + Duration::from_secs(3600)),
     )
     .await?;
     let expected = produce(&broker, "sched", TASKS, 20).await?;
@@ -167,10 +164,7 @@ async fn absurd_schedule_is_discarded_and_counted() -> anyhow::Result<()> {
         "absurd",
         "k",
         0,
-        PutOptions {
-            scheduled_time: Some(far),
-            ..Default::default()
-        },
+        PutOptions::default().scheduled_time(far),
     )
     .await?;
     let second = put_one(&broker, "absurd", "k", 1, PutOptions::default()).await?;

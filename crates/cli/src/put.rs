@@ -87,10 +87,8 @@ pub async fn run(args: PutArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let options = PutOptions {
-        scheduled_time,
-        ..Default::default()
-    };
+    let mut options = PutOptions::default();
+    options.scheduled_time = scheduled_time;
     if args.ndjson {
         let task_type = args.schema.load()?;
         let client = client(&args)?;

@@ -84,8 +84,10 @@ pub struct Delivered {
     pub offset: i64,
 }
 
-/// Per-put options: what [`TaskClient::put_with`] sets beyond the defaults.
+/// Per-put options: what [`TaskClient::put_with`] sets beyond the defaults. Built with
+/// `PutOptions::default()` and its setters, so options added later break no caller.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PutOptions {
     /// Creation timestamp (metadata `timestamp_millis`, and the record timestamp);
     /// default: now.

@@ -198,11 +198,7 @@ async fn put_with_sets_scheduled_time_and_timestamp() -> anyhow::Result<()> {
         .put_with(
             "u1",
             &op(1, 0),
-            PutOptions {
-                timestamp: Some(ts),
-                scheduled_time: Some(at),
-                ..Default::default()
-            },
+            PutOptions::default().timestamp(ts).scheduled_time(at),
         )
         .await?;
     let read = tokio::task::spawn_blocking({
