@@ -134,10 +134,8 @@ async fn open_loop_run(
         async move {
             let (key, op) = produce::task(0, keys, &payload);
             produce::put(&client, key.as_deref(), &op).await?;
-            while recorder.finished_count() == 0 {
-                // Waiting for the runner to join its group and take the primer.
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            // The runner joins its group and takes the primer first.
+            recorder.wait_first_finished().await;
             let started = Instant::now();
             let mut puts = tokio::task::JoinSet::new();
             let mut sent = 1u64;

@@ -124,6 +124,8 @@ pub(crate) struct Recorder {
     window_start: OnceLock<Mark>,
     window_end: OnceLock<Mark>,
     complete: watch::Sender<bool>,
+    /// Woken when the first task finishes.
+    first: tokio::sync::Notify,
 }
 
 impl Recorder {
@@ -131,6 +133,7 @@ impl Recorder {
     pub fn new(warmup: u64, tasks: u64) -> Recorder {
         let (complete, _) = watch::channel(false);
         Recorder {
+            first: tokio::sync::Notify::new(),
             warmup,
             total: warmup + tasks,
             started: AtomicU64::new(0),
@@ -191,6 +194,9 @@ impl Recorder {
     /// A task has finished processing. Returns whether it was the last one.
     pub fn finished(&self) -> bool {
         let n = self.finished.fetch_add(1, Ordering::AcqRel) + 1;
+        if n == 1 {
+            self.first.notify_waiters();
+        }
         if n == self.total {
             let _ = self.window_end.get_or_init(Mark::now);
             self.complete.send_replace(true);
@@ -211,6 +217,17 @@ impl Recorder {
     /// Whether every task has finished.
     pub fn is_complete(&self) -> bool {
         *self.complete.borrow()
+    }
+
+    /// Resolves once a task has finished.
+    pub async fn wait_first_finished(&self) {
+        let notified = self.first.notified();
+        tokio::pin!(notified);
+        // Registered before the check, so a finish in between is not missed.
+        notified.as_mut().enable();
+        if self.finished_count() == 0 {
+            notified.await;
+        }
     }
 
     /// Resolves once every task has finished.
@@ -284,6 +301,23 @@ impl Recorder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A waiter for the first finish is woken by it, and one that comes later returns at
+    /// once.
+    #[tokio::test]
+    async fn the_first_finish_wakes_its_waiter() {
+        let r = std::sync::Arc::new(Recorder::new(0, 3));
+        let waiter = tokio::spawn({
+            let r = r.clone();
+            async move { r.wait_first_finished().await }
+        });
+        tokio::task::yield_now().await;
+        r.finished();
+        let woken = tokio::time::timeout(Duration::from_secs(10), waiter).await;
+        assert!(matches!(woken, Ok(Ok(()))), "woken: {woken:?}");
+        let later = tokio::time::timeout(Duration::from_secs(10), r.wait_first_finished()).await;
+        assert!(later.is_ok(), "a later waiter returns at once");
+    }
 
     #[test]
     fn window_and_latencies_exclude_the_warmup() {
