@@ -31,8 +31,12 @@ pub const RESTORED_RECORDS_TOTAL: &str = "decaton_state_restored_records_total";
 /// [`RESTORED_RECORDS_TOTAL`].
 pub const RESTORE_SECONDS: &str = "decaton_state_restore_seconds";
 
-/// Local writes are collected into atomic batches of this many records.
-const FLUSH_EVERY: usize = 16 * 1024;
+/// Local writes are collected into atomic batches of this many records. Kept small: sled
+/// keeps every node version that one batch replaces until the whole batch is applied, so
+/// the memory a batch holds grows with its length: restoring 1 000 000 writes of 100 000
+/// keys peaked ~280 MiB higher with batches of 16 384 records than with 1 024, and was no
+/// faster.
+const FLUSH_EVERY: usize = 1024;
 /// A progress line every this many records.
 const PROGRESS_EVERY: u64 = 100_000;
 /// At or past the start watermark, this long without a record ends the restore.
