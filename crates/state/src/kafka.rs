@@ -8,7 +8,8 @@
 //! more than batching), which the user's settings override, and then gets the settings
 //! it cannot do without (`acks=all`, `enable.idempotence=true`) forced on top: the
 //! restore relies on a partition's records being stored once each, in the order they
-//! were handed to the producer.
+//! were handed to the producer. The restore consumer likewise starts from defaults that
+//! bound how much of the changelog it prefetches, which the user's settings override.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -27,6 +28,21 @@ const PRODUCER_DEFAULTS: [(&str, &str); 2] =
 
 /// Producer settings the changelog cannot do without; they override the pass-through.
 const FORCED_PRODUCER: [(&str, &str); 2] = [("acks", "all"), ("enable.idempotence", "true")];
+
+/// Defaults of the restore consumer; the pass-through settings override them.
+///
+/// librdkafka's own defaults let a consumer prefetch up to 100 000 records and 64 MiB per
+/// partition (`queued.min.messages`, `queued.max.messages.kbytes`), which a replay that
+/// drains as fast as it can fills at once. These keep about 20 000 records (a few MiB of
+/// changelog) in flight: `max.partition.fetch.bytes` bounds what one fetch adds on top of
+/// the queue, and a short `fetch.queue.backoff.ms` asks for more as soon as the queue
+/// drains below its bounds (librdkafka's 1 s default would stall the replay each time).
+const RESTORE_CONSUMER_DEFAULTS: [(&str, &str); 4] = [
+    ("max.partition.fetch.bytes", "4194304"),
+    ("queued.min.messages", "20000"),
+    ("queued.max.messages.kbytes", "16384"),
+    ("fetch.queue.backoff.ms", "10"),
+];
 
 /// Builds a client config: the pass-through settings first, then `bootstrap.servers`.
 pub(crate) fn client_config(bootstrap: &str, kafka: &BTreeMap<String, String>) -> ClientConfig {
@@ -57,6 +73,29 @@ pub(crate) fn producer_config(bootstrap: &str, kafka: &BTreeMap<String, String>)
         }
         cfg.set(k, v);
     }
+    cfg
+}
+
+/// The restore consumer's config: its defaults, the pass-through settings over them, and
+/// what a replay needs on top. librdkafka's `assign()` needs a group handle, so a group id
+/// is set, but the consumer never joins the group (no subscribe) and never commits.
+pub(crate) fn restore_consumer_config(
+    bootstrap: &str,
+    kafka: &BTreeMap<String, String>,
+    changelog_topic: &str,
+) -> ClientConfig {
+    let mut with_defaults: BTreeMap<String, String> = RESTORE_CONSUMER_DEFAULTS
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    with_defaults.extend(kafka.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let mut cfg = client_config(bootstrap, &with_defaults);
+    cfg.set("group.id", format!("{changelog_topic}-restore"))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "error")
+        .set("fetch.wait.max.ms", "100");
     cfg
 }
 
@@ -120,6 +159,35 @@ mod tests {
         assert_eq!(cfg.get("compression.type"), Some("lz4"));
         assert_eq!(cfg.get("acks"), Some("all"));
         assert_eq!(cfg.get("enable.idempotence"), Some("true"));
+        assert_eq!(cfg.get("bootstrap.servers"), Some("b:9092"));
+    }
+
+    #[test]
+    fn restore_consumer_defaults_yield_to_the_user() {
+        let cfg = restore_consumer_config("b:9092", &settings(&[]), "s-state-changelog");
+        assert_eq!(cfg.get("max.partition.fetch.bytes"), Some("4194304"));
+        assert_eq!(cfg.get("queued.min.messages"), Some("20000"));
+        assert_eq!(cfg.get("queued.max.messages.kbytes"), Some("16384"));
+        assert_eq!(cfg.get("fetch.queue.backoff.ms"), Some("10"));
+        assert_eq!(cfg.get("group.id"), Some("s-state-changelog-restore"));
+        assert_eq!(cfg.get("enable.auto.commit"), Some("false"));
+
+        let cfg = restore_consumer_config(
+            "b:9092",
+            &settings(&[
+                ("max.partition.fetch.bytes", "16777216"),
+                ("queued.min.messages", "100000"),
+                ("queued.max.messages.kbytes", "65536"),
+                ("fetch.queue.backoff.ms", "1000"),
+                ("enable.auto.commit", "true"),
+            ]),
+            "s-state-changelog",
+        );
+        assert_eq!(cfg.get("max.partition.fetch.bytes"), Some("16777216"));
+        assert_eq!(cfg.get("queued.min.messages"), Some("100000"));
+        assert_eq!(cfg.get("queued.max.messages.kbytes"), Some("65536"));
+        assert_eq!(cfg.get("fetch.queue.backoff.ms"), Some("1000"));
+        assert_eq!(cfg.get("enable.auto.commit"), Some("false"));
         assert_eq!(cfg.get("bootstrap.servers"), Some("b:9092"));
     }
 }

@@ -63,7 +63,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use crate::changelog::ChangelogWriter;
-use crate::kafka::{blocking, client_config};
+use crate::kafka::{blocking, restore_consumer_config};
 use crate::record::{Mutation, NO_TASK};
 use crate::store::PartitionStore;
 use crate::StateError;
@@ -174,22 +174,7 @@ pub async fn restore(
 ) -> Result<RestoreReport, StateError> {
     let (changelog_topic, partition) = (store.changelog_topic(), store.partition());
     let started = Instant::now();
-    // Big fetches suit a replay; the pass-through settings may still say otherwise.
-    let mut with_defaults = BTreeMap::from([(
-        "max.partition.fetch.bytes".to_string(),
-        "16777216".to_string(),
-    )]);
-    with_defaults.extend(kafka.iter().map(|(k, v)| (k.clone(), v.clone())));
-    let mut consumer_cfg = client_config(bootstrap, &with_defaults);
-    // librdkafka's assign() needs a group handle, so a group id is set, but the consumer
-    // never joins (no subscribe) and never commits.
-    consumer_cfg
-        .set("group.id", format!("{changelog_topic}-restore"))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "true")
-        .set("auto.offset.reset", "error")
-        .set("fetch.wait.max.ms", "100");
+    let consumer_cfg = restore_consumer_config(bootstrap, kafka, changelog_topic);
     let Replayed {
         progress,
         mut asm,

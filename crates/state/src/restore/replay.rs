@@ -11,6 +11,7 @@
 //! was recreated or truncated) empties the local store, and the replay starts over from
 //! the beginning.
 
+use std::sync::mpsc::SyncSender;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -31,8 +32,14 @@ pub const RESTORED_RECORDS_TOTAL: &str = "decaton_state_restored_records_total";
 /// [`RESTORED_RECORDS_TOTAL`].
 pub const RESTORE_SECONDS: &str = "decaton_state_restore_seconds";
 
-/// Local writes are collected into atomic batches of this many records.
-const FLUSH_EVERY: usize = 16 * 1024;
+/// Local writes are collected into atomic batches of this many records. Kept small: sled
+/// keeps every node version that one batch replaces until the whole batch is applied, so
+/// the memory a batch holds grows with its length: restoring 1 000 000 writes of 100 000
+/// keys peaked ~280 MiB higher with batches of 16 384 records than with 1 024, and was no
+/// faster.
+const FLUSH_EVERY: usize = 1024;
+/// Batches of local writes that may wait for the writer thread.
+const WRITES_QUEUED: usize = 2;
 /// A progress line every this many records.
 const PROGRESS_EVERY: u64 = 100_000;
 /// At or past the start watermark, this long without a record ends the restore.
@@ -187,8 +194,15 @@ enum Consumed {
     OutOfRange,
 }
 
+/// A batch of local writes: puts (`Some`) and deletes (`None`), in order.
+type Ops = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
 /// Reads from `start` to the end (see the module docs) and feeds the records through an
 /// [`Assembler`], writing the local store as it goes.
+///
+/// The local writes run on a thread of their own, so reading the changelog and writing
+/// the store overlap. At most [`WRITES_QUEUED`] batches of [`FLUSH_EVERY`] records wait
+/// for it; the reader blocks when they do.
 fn consume(
     store: &PartitionStore,
     consumer: &BaseConsumer,
@@ -196,6 +210,44 @@ fn consume(
     high: i64,
     plan: Plan,
     progress: &mut Progress,
+) -> Result<Consumed, StateError> {
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Ops>(WRITES_QUEUED);
+        let local = store.clone();
+        let writer = std::thread::Builder::new()
+            .name("decaton-restore-write".to_string())
+            .spawn_scoped(scope, move || -> Result<(), StateError> {
+                for ops in rx {
+                    local.write_restored(&ops)?;
+                }
+                Ok(())
+            })
+            .map_err(|e| StateError::Internal(format!("restore writer thread: {e}")))?;
+        let read = read(store, consumer, start, high, plan, progress, &tx);
+        drop(tx);
+        // A failed write closes the queue, which fails the read too: the write says why.
+        writer
+            .join()
+            .unwrap_or_else(|_| Err(StateError::Internal("restore writer panicked".into())))?;
+        read
+    })
+}
+
+/// Hands a batch of local writes to the writer thread of [`consume`].
+fn send(tx: &SyncSender<Ops>, ops: Ops) -> Result<(), StateError> {
+    tx.send(ops)
+        .map_err(|_| StateError::Internal("restore writer stopped".to_string()))
+}
+
+/// The reading half of [`consume`]: local writes go to `tx`, in order.
+fn read(
+    store: &PartitionStore,
+    consumer: &BaseConsumer,
+    start: i64,
+    high: i64,
+    plan: Plan,
+    progress: &mut Progress,
+    tx: &SyncSender<Ops>,
 ) -> Result<Consumed, StateError> {
     let (topic, partition) = (store.changelog_topic(), store.partition());
     progress.start_offset = start;
@@ -239,8 +291,7 @@ fn consume(
                     kind,
                 );
                 if asm.ops.len() >= FLUSH_EVERY {
-                    store.write_restored(&asm.ops)?;
-                    asm.ops.clear();
+                    send(tx, std::mem::take(&mut asm.ops))?;
                 }
                 if progress.records_read % PROGRESS_EVERY == 0 {
                     let secs = started.elapsed().as_secs_f64().max(1e-9);
@@ -309,8 +360,7 @@ fn consume(
             )));
         }
     }
-    store.write_restored(&asm.ops)?;
-    asm.ops.clear();
+    send(tx, std::mem::take(&mut asm.ops))?;
     Ok(Consumed::Done(Box::new(asm)))
 }
 
