@@ -585,6 +585,16 @@ mod tests {
         Incoming::Task(u)
     }
 
+    /// A context on `f`'s core (`max_pending` 100) reading `live`.
+    fn live_context(f: &Fixture, live: &LiveProperties) -> PartitionContext<u64> {
+        let lanes = Lanes::new(
+            &ProcessorProperties::default(),
+            Arc::new(Instant0(f.ran.clone())),
+            f._rt.handle().clone(),
+        );
+        PartitionContext::new(f.core.clone(), lanes, 100, None, None, None).with_live(live.clone())
+    }
+
     /// A shaping partition starts tasks at its own rate, whatever the live processing
     /// rate of the source partitions says.
     #[test]
@@ -595,13 +605,7 @@ mod tests {
         });
         let waits = |fixed: Option<i64>| {
             let f = fixture(0, 100, None);
-            let lanes = Lanes::new(
-                &ProcessorProperties::default(),
-                Arc::new(Instant0(f.ran.clone())),
-                f._rt.handle().clone(),
-            );
-            let mut ctx = PartitionContext::new(f.core.clone(), lanes, 100, None, None, None)
-                .with_live(live.clone());
+            let mut ctx = live_context(&f, &live);
             if let Some(r) = fixed {
                 ctx = ctx.with_fixed_rate(r);
             }
@@ -621,13 +625,7 @@ mod tests {
     fn a_partition_at_rate_0_reports_stopped() {
         let live = LiveProperties::new(ProcessorProperties::default());
         let f = fixture(0, 100, None);
-        let lanes = Lanes::new(
-            &ProcessorProperties::default(),
-            Arc::new(Instant0(f.ran.clone())),
-            f._rt.handle().clone(),
-        );
-        let mut ctx = PartitionContext::new(f.core.clone(), lanes, 100, None, None, None)
-            .with_live(live.clone());
+        let mut ctx = live_context(&f, &live);
         let pauses = Pauses::default();
         assert_eq!(ctx.health().not_ready, None);
         live.set("decaton.processing.rate.per.partition", "0")
