@@ -17,7 +17,7 @@
 
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -25,6 +25,7 @@ use futures::FutureExt;
 use decaton_protocol::TaskMetadata;
 
 use crate::runtime::completion::{CompletionInner, Outcome};
+use crate::runtime::meta::TaskMeta;
 use crate::runtime::state::TaskState;
 use crate::{FailureKind, ProcessError};
 
@@ -35,7 +36,9 @@ pub(crate) type Downstream = Arc<dyn Any + Send + Sync>;
 pub struct ProcessingContext {
     pub(crate) subscription: Arc<str>,
     pub(crate) key: Option<Arc<[u8]>>,
-    pub(crate) metadata: TaskMetadata,
+    pub(crate) metadata: TaskMeta,
+    /// `metadata` in its wire form, built when the processor first asks for it.
+    full_metadata: OnceLock<TaskMetadata>,
     pub(crate) completion: Arc<CompletionInner>,
     pub(crate) deferred_timeout: Option<Duration>,
     /// Shared with the contexts of later stages the task is pushed to within `process`.
@@ -51,7 +54,7 @@ pub struct ProcessingContext {
 struct Seed {
     subscription: Arc<str>,
     key: Option<Arc<[u8]>>,
-    metadata: TaskMetadata,
+    metadata: TaskMeta,
     deferred_timeout: Option<Duration>,
     downstream: Downstream,
     lane: Option<usize>,
@@ -61,7 +64,7 @@ impl ProcessingContext {
     pub(crate) fn new(
         subscription: Arc<str>,
         key: Option<Arc<[u8]>>,
-        metadata: TaskMetadata,
+        metadata: TaskMeta,
         completion: Arc<CompletionInner>,
         deferred_timeout: Option<Duration>,
         state: Option<TaskState>,
@@ -71,6 +74,7 @@ impl ProcessingContext {
             subscription,
             key,
             metadata,
+            full_metadata: OnceLock::new(),
             completion,
             deferred_timeout,
             state: state.map(Arc::new),
@@ -85,6 +89,7 @@ impl ProcessingContext {
             subscription: self.subscription.clone(),
             key: self.key.clone(),
             metadata: self.metadata.clone(),
+            full_metadata: self.full_metadata.clone(),
             completion: self.completion.clone(),
             deferred_timeout: self.deferred_timeout,
             state: self.state.clone(),
@@ -100,7 +105,7 @@ impl ProcessingContext {
 
     /// The task's metadata (creation time, producer, retry count, scheduled time).
     pub fn metadata(&self) -> &TaskMetadata {
-        &self.metadata
+        self.full_metadata.get_or_init(|| self.metadata.to_full())
     }
 
     /// The source topic.
@@ -307,6 +312,7 @@ impl Completion {
             subscription: seed.subscription.clone(),
             key: seed.key.clone(),
             metadata: seed.metadata.clone(),
+            full_metadata: OnceLock::new(),
             completion: self.inner.clone(),
             deferred_timeout: seed.deferred_timeout,
             state: None,

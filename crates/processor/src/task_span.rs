@@ -9,7 +9,7 @@
 
 use std::sync::OnceLock;
 
-use decaton_protocol::{TaskMetadata, TraceParent};
+use decaton_protocol::TraceParent;
 
 /// What a [`set_trace_continuation`] hook is: called with every task span whose task
 /// carries a `traceparent`, right after the span is created and before it is entered.
@@ -34,7 +34,7 @@ pub(crate) fn task_span(
     partition: i32,
     offset: i64,
     key: Option<&[u8]>,
-    metadata: &TaskMetadata,
+    retry_count: i64,
     trace: Option<&TraceParent>,
 ) -> tracing::Span {
     let key = key.map(|k| {
@@ -51,7 +51,7 @@ pub(crate) fn task_span(
         partition,
         offset,
         key = key.as_deref().unwrap_or(""),
-        retry_count = metadata.retry_count,
+        retry_count,
         trace_id = trace.map(|t| t.trace_id_hex()),
         parent_span_id = trace.map(|t| t.parent_id_hex()),
     );

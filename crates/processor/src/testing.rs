@@ -190,7 +190,7 @@ impl<T: Send + 'static, P: TaskProcessor<T>> ProcessorTester<T, P> {
         let ctx = ProcessingContext::new(
             self.subscription.clone(),
             key.map(Arc::from),
-            metadata,
+            metadata.into(),
             completion.clone(),
             Some(self.deferred_timeout),
             self.store

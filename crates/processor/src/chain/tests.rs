@@ -135,7 +135,7 @@ impl Harness {
             partition: core.clone(),
             offset,
             key: key.map(|k| Arc::from(vec![k])),
-            metadata: TaskMetadata::default(),
+            metadata: Default::default(),
             task,
             state: None,
             trace: None,

@@ -11,10 +11,13 @@
 
 use std::sync::Arc;
 
-use decaton_protocol::{decode_record, TraceParent, METADATA_HEADER, TRACEPARENT_HEADER};
+use decaton_protocol::{
+    decode_record, ProtocolError, TraceParent, METADATA_HEADER, TRACEPARENT_HEADER,
+};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 
 use super::forward::{Forwarder, RawRecord};
+use super::meta::{MetaReader, TaskMeta};
 use super::partition_core::PartitionCore;
 use super::task::TaskUnit;
 use crate::config::ProcessorProperties;
@@ -78,6 +81,8 @@ pub(crate) struct Extractor {
     keep_raw: bool,
     /// Where discarded records go, when the subscription has a dead-letter topic.
     dead_letter: Option<Arc<Forwarder>>,
+    /// Reads `dt_meta` headers (the consumer thread is its only user).
+    meta: MetaReader,
 }
 
 impl Extractor {
@@ -92,6 +97,7 @@ impl Extractor {
             max_delay_ms: i64::try_from(props.max_scheduled_delay.as_millis()).unwrap_or(i64::MAX),
             keep_raw: keep_raw || dead_letter.is_some(),
             dead_letter,
+            meta: MetaReader::default(),
         }
     }
 
@@ -173,11 +179,21 @@ impl Extractor {
                 forward: None,
             }
         };
-        let record = match decode_record(header, payload) {
-            Ok(r) => r,
+        // With a `dt_meta` header, the value is the task; without one, the value is a
+        // legacy envelope holding both.
+        let decoded = match (header, payload) {
+            (Some(header), Some(value)) => self
+                .meta
+                .read(header)
+                .map(|meta| (meta, std::borrow::Cow::Borrowed(value))),
+            (Some(_), None) => Err(ProtocolError::MissingValue),
+            (None, _) => decode_record(None, payload).map(|r| (TaskMeta::from(r.metadata), r.task)),
+        };
+        let (metadata, task_bytes) = match decoded {
+            Ok(d) => d,
             Err(e) => return discard(&format_args!("undecodable: {e}")),
         };
-        let task = match T::decode(&*record.task) {
+        let task = match T::decode(&*task_bytes) {
             Ok(t) => t,
             Err(e) => return discard(&format_args!("undecodable task bytes: {e}")),
         };
@@ -188,7 +204,7 @@ impl Extractor {
                 return Incoming::Skip(offset);
             }
         }
-        let scheduled = record.metadata.scheduled_time_millis;
+        let scheduled = metadata.scheduled_time_millis;
         if scheduled > now_ms.saturating_add(self.max_delay_ms) {
             return discard(&format_args!(
                 "scheduled time {scheduled} is more than max_scheduled_delay ({} ms) ahead",
@@ -199,7 +215,7 @@ impl Extractor {
             partition: partition.clone(),
             offset,
             key: key.map(Arc::from),
-            metadata: record.metadata,
+            metadata,
             task,
             state: None,
             trace: None,

@@ -245,7 +245,6 @@ mod tests {
     use crate::runtime::pipeline::Pipeline;
     use crate::runtime::task::tests::core;
     use crate::{ProcessError, ProcessingContext, TaskProcessor};
-    use decaton_protocol::TaskMetadata;
     use proptest::prelude::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::{Duration, Instant};
@@ -341,7 +340,7 @@ mod tests {
                 partition: partition.clone(),
                 offset: offset as i64,
                 key: key.map(|k| Arc::from(vec![k])),
-                metadata: TaskMetadata::default(),
+                metadata: Default::default(),
                 task: offset as u64,
                 state: None,
                 trace: None,

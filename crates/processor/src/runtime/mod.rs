@@ -28,6 +28,7 @@ pub(crate) mod extract;
 pub(crate) mod forward;
 pub(crate) mod kafka_config;
 pub(crate) mod lanes;
+pub(crate) mod meta;
 pub(crate) mod offsets;
 pub(crate) mod partition;
 pub(crate) mod partition_core;

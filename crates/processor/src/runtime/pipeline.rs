@@ -146,7 +146,7 @@ impl<T: prost::Message + Default + 'static, P: TaskProcessor<T>> Pipeline<T, P> 
             partition.partition(),
             offset,
             key.as_deref(),
-            &metadata,
+            metadata.retry_count,
             trace.as_ref(),
         );
         let (handoff, outcome) = match state {

@@ -2,9 +2,10 @@
 
 use std::sync::Arc;
 
-use decaton_protocol::{TaskMetadata, TraceParent};
+use decaton_protocol::TraceParent;
 
 use super::forward::RawRecord;
+use super::meta::TaskMeta;
 use super::partition_core::PartitionCore;
 use super::state::TaskState;
 
@@ -13,7 +14,7 @@ pub(crate) struct TaskUnit<T> {
     pub(crate) partition: Arc<PartitionCore>,
     pub(crate) offset: i64,
     pub(crate) key: Option<Arc<[u8]>>,
-    pub(crate) metadata: TaskMetadata,
+    pub(crate) metadata: TaskMeta,
     pub(crate) task: T,
     pub(crate) state: Option<TaskState>,
     /// The producer's trace context (`traceparent` header), if it sent one.
@@ -57,10 +58,10 @@ pub(crate) mod tests {
             partition: core(),
             offset,
             key: key.map(Arc::from),
-            metadata: TaskMetadata {
+            metadata: TaskMeta::from(decaton_protocol::TaskMetadata {
                 scheduled_time_millis: due,
                 ..Default::default()
-            },
+            }),
             task: offset as u64,
             state: None,
             trace: None,
