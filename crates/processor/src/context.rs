@@ -104,8 +104,25 @@ impl ProcessingContext {
     }
 
     /// The task's metadata (creation time, producer, retry count, scheduled time).
+    ///
+    /// Built on the first call: a processor that only needs the creation time reads
+    /// [`created_at_millis`](Self::created_at_millis) instead.
     pub fn metadata(&self) -> &TaskMetadata {
         self.full_metadata.get_or_init(|| self.metadata.to_full())
+    }
+
+    /// When the producer created the task, in milliseconds since the Unix epoch:
+    /// `metadata().timestamp_millis`, without building the metadata. A processor
+    /// measuring how long tasks wait reads this for every task.
+    ///
+    /// ```
+    /// # use decaton_processor::ProcessingContext;
+    /// fn waited_ms(ctx: &ProcessingContext, now_ms: i64) -> i64 {
+    ///     now_ms - ctx.created_at_millis()
+    /// }
+    /// ```
+    pub fn created_at_millis(&self) -> i64 {
+        self.metadata.timestamp_millis
     }
 
     /// The source topic.

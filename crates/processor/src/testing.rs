@@ -296,4 +296,34 @@ mod tests {
             other => panic!("expected a failure, got {other:?}"),
         }
     }
+
+    /// Fails unless the metadata it sees is the metadata it was given.
+    struct ChecksMetadata(TaskMetadata);
+
+    #[async_trait::async_trait]
+    impl TaskProcessor<ChatOp> for ChecksMetadata {
+        async fn process(&self, ctx: &ProcessingContext, _: ChatOp) -> Result<(), ProcessError> {
+            let seen = (ctx.created_at_millis(), ctx.metadata().clone());
+            if seen != (self.0.timestamp_millis, self.0.clone()) {
+                return Err(ProcessError::new(format!("saw {seen:?}")));
+            }
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_processor_sees_the_metadata_the_task_carries() {
+        let metadata = TaskMetadata {
+            timestamp_millis: 1_700_000_000_123,
+            source_application_id: "talk".into(),
+            source_instance_id: "talk-7".into(),
+            retry_count: 2,
+            scheduled_time_millis: 1_700_000_000_456,
+        };
+        let tester = ProcessorTester::new(ChecksMetadata(metadata.clone()));
+        let out = tester
+            .process_with(Some(b"k"), metadata, ChatOp::default())
+            .await;
+        assert_eq!(out.result, TaskResult::Completed);
+    }
 }

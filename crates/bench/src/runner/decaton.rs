@@ -37,7 +37,7 @@ struct BenchProcessor {
 #[async_trait]
 impl TaskProcessor<ChatOp> for BenchProcessor {
     async fn process(&self, ctx: &ProcessingContext, task: ChatOp) -> Result<(), ProcessError> {
-        let produced = ctx.metadata().timestamp_millis * 1_000;
+        let produced = ctx.created_at_millis() * 1_000;
         self.recorder.started(now_micros() - produced);
         std::hint::black_box(&task);
         super::simulate(self.latency, &self.recorder).await;
