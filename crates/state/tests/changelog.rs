@@ -772,7 +772,8 @@ async fn restore_throughput() -> anyhow::Result<()> {
         r.records_read as f64 / r.elapsed.as_secs_f64(),
         peak_rss_kib()
     );
-    // For comparison: a bare consumer that only counts the records.
+    // For comparison: a bare consumer that only counts the records, with the restore
+    // consumer's fetch settings: what reading the changelog alone costs.
     let bare = {
         use rdkafka::consumer::{BaseConsumer, Consumer};
         use rdkafka::{Offset, TopicPartitionList};
@@ -781,6 +782,10 @@ async fn restore_throughput() -> anyhow::Result<()> {
             .set("group.id", "bare")
             .set("enable.auto.commit", "false")
             .set("max.partition.fetch.bytes", "16777216")
+            .set("queued.min.messages", "50000")
+            .set("queued.max.messages.kbytes", "32768")
+            .set("fetch.queue.backoff.ms", "10")
+            .set("fetch.wait.max.ms", "100")
             .create()?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&topic, PARTITION, Offset::Beginning)?;
