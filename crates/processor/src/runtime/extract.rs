@@ -225,3 +225,78 @@ impl Extractor {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::task::tests::core;
+    use decaton_protocol::{encode_legacy_envelope, encode_metadata, TaskMetadata};
+    use prost::Message as _;
+
+    fn metadata() -> TaskMetadata {
+        TaskMetadata {
+            timestamp_millis: 1_700_000_000_000,
+            source_application_id: "talk".into(),
+            source_instance_id: "talk-3".into(),
+            retry_count: 1,
+            scheduled_time_millis: 0,
+        }
+    }
+
+    fn extract(header: Option<&[u8]>, payload: Option<&[u8]>) -> Incoming<u64> {
+        let extractor = Extractor::new(&ProcessorProperties::default(), false, None);
+        extractor.extract_parts(&core(), 7, Some(b"k"), header, payload, 0)
+    }
+
+    fn discarded_for(incoming: Incoming<u64>) -> String {
+        match incoming {
+            Incoming::Discard {
+                offset: 7, reason, ..
+            } => reason,
+            Incoming::Task(u) => panic!("a task at {}, not a discard", u.offset),
+            Incoming::Skip(o) => panic!("skipped at {o}, not discarded"),
+            Incoming::Discard { offset, .. } => panic!("discarded at {offset}, not 7"),
+        }
+    }
+
+    #[test]
+    fn a_header_record_becomes_a_task_with_its_metadata() {
+        let header = encode_metadata(&metadata());
+        let value = 42u64.encode_to_vec();
+        match extract(Some(&header), Some(&value)) {
+            Incoming::Task(u) => {
+                assert_eq!((u.offset, u.task), (7, 42));
+                assert_eq!(u.metadata.to_full(), metadata());
+            }
+            _ => panic!("expected a task"),
+        }
+    }
+
+    #[test]
+    fn a_legacy_envelope_becomes_a_task_with_its_metadata() {
+        let value = encode_legacy_envelope(&metadata(), &42u64.encode_to_vec());
+        match extract(None, Some(&value)) {
+            Incoming::Task(u) => {
+                assert_eq!(u.task, 42);
+                assert_eq!(u.metadata.to_full(), metadata());
+            }
+            _ => panic!("expected a task"),
+        }
+    }
+
+    #[test]
+    fn records_that_are_no_task_are_discarded_with_the_reason() {
+        let header = encode_metadata(&metadata());
+        let reason = discarded_for(extract(Some(&header), None));
+        assert!(reason.contains("record has no value"), "{reason}");
+        let reason = discarded_for(extract(Some(&[0xff, 0xff]), Some(b"")));
+        assert!(reason.contains("invalid dt_meta header"), "{reason}");
+        let reason = discarded_for(extract(None, Some(&[0x0a, 0x05, 0x01])));
+        assert!(
+            reason.contains("not a legacy DecatonTaskRequest"),
+            "{reason}"
+        );
+        let reason = discarded_for(extract(Some(&header), Some(&[0x08])));
+        assert!(reason.contains("undecodable task bytes"), "{reason}");
+    }
+}
