@@ -36,8 +36,9 @@ const FORCED_PRODUCER: [(&str, &str); 2] = [("acks", "all"), ("enable.idempotenc
 /// drains as fast as it can fills at once. These keep half of that at most: reading, not
 /// prefetching more, bounds a replay (1M mutations from Tansu: 184k/s with these, 191k/s
 /// with librdkafka's, 167k/s with a quarter of them). `max.partition.fetch.bytes` bounds
-/// what one fetch adds on top of the queue, and a short `fetch.queue.backoff.ms` asks for more as soon as the queue
-/// drains below its bounds (librdkafka's 1 s default would stall the replay each time).
+/// what one fetch adds on top of the queue, and a short `fetch.queue.backoff.ms` asks for
+/// more as soon as the queue drains below its bounds (librdkafka's 1 s default would stall
+/// the replay each time).
 const RESTORE_CONSUMER_DEFAULTS: [(&str, &str); 4] = [
     ("max.partition.fetch.bytes", "16777216"),
     ("queued.min.messages", "50000"),

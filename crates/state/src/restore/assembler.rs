@@ -22,6 +22,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::record::{Frame, Kind};
 
+/// Local writes in order: puts (`Some`) and deletes (`None`).
+pub(crate) type Ops = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
 struct Rec {
     offset: i64,
     key: Vec<u8>,
@@ -63,7 +66,7 @@ pub(crate) struct Assembler {
     /// Keys last written by an ignored (torn) record, with that record's offset: until a
     /// later record writes them again, compaction may delete their valid older value.
     dangling: HashMap<Vec<u8>, i64>,
-    pub(crate) ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    pub(crate) ops: Ops,
     pub(crate) applied_sources: BTreeSet<i64>,
     pub(crate) batches_applied: u64,
     pub(crate) compacted_batches_applied: u64,

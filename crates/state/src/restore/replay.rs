@@ -20,7 +20,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::assembler::Assembler;
+use super::assembler::{Assembler, Ops};
 use crate::record::classify;
 use crate::store::PartitionStore;
 use crate::StateError;
@@ -70,7 +70,7 @@ pub(crate) struct Replayed {
     /// Keys whose newest changelog record is an ignored one.
     pub(crate) dangling: Vec<Vec<u8>>,
     /// Local writes decided at the very end (batches thinned by compaction).
-    pub(crate) tail_ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    pub(crate) tail_ops: Ops,
 }
 
 /// Where a replay starts and what it records.
@@ -193,9 +193,6 @@ enum Consumed {
     Done(Box<Assembler>),
     OutOfRange,
 }
-
-/// A batch of local writes: puts (`Some`) and deletes (`None`), in order.
-type Ops = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 
 /// Reads from `start` to the end (see the module docs) and feeds the records through an
 /// [`Assembler`], writing the local store as it goes.
