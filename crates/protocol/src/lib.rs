@@ -27,6 +27,8 @@
 
 use prost::Message;
 
+pub mod failure;
+pub mod headers;
 mod trace;
 pub use trace::{TraceParent, TRACEPARENT_HEADER};
 
