@@ -166,18 +166,13 @@ where
             .as_ref()
             .filter(|r| r.queue)
             .map(|r| r.topic.clone().unwrap_or_else(|| format!("{topic}-retry")));
-        if let (Some(r), Some(rt)) = (&self.retry, &retry_topic) {
+        if let (Some(r), Some(_)) = (&self.retry, &retry_topic) {
             if self.state.is_some() {
                 return Err(SubscriptionError::Config(
                     "a retry topic cannot be combined with a state store: a retried task may be \
                      read by another instance than the one owning its state partition \
                      (use RetryConfig::without_queue for retries in the lane)"
                         .into(),
-                ));
-            }
-            if rt == &topic {
-                return Err(SubscriptionError::Config(
-                    "the retry topic must differ from the source topic".into(),
                 ));
             }
             if r.backoff.longest() > self.properties.max_scheduled_delay {
@@ -194,17 +189,12 @@ where
                 .clone()
                 .unwrap_or_else(|| format!("{topic}-shaping"))
         });
-        if let (Some(q), Some(st)) = (&self.quota, &shaping_topic) {
+        if let (Some(q), Some(_)) = (&self.quota, &shaping_topic) {
             if self.state.is_some() {
                 return Err(SubscriptionError::Config(
                     "a per-key quota cannot be combined with a state store: a shaped task may \
                      be read by another instance than the one owning its state partition"
                         .into(),
-                ));
-            }
-            if st == &topic || retry_topic.as_ref() == Some(st) {
-                return Err(SubscriptionError::Config(
-                    "the shaping topic must differ from the source and retry topics".into(),
                 ));
             }
             if q.window.is_zero() {
@@ -236,11 +226,16 @@ where
             .dead_letter
             .as_ref()
             .map(|d| d.topic.clone().unwrap_or_else(|| format!("{topic}-dlq")));
-        if dead_letter_topic.as_ref().is_some_and(|d| d == &topic) {
-            return Err(SubscriptionError::Config(
-                "the dead-letter topic must differ from the source topic".into(),
-            ));
-        }
+        distinct_topics(&[
+            ("source", "SubscriptionBuilder::topic", Some(&topic)),
+            ("retry", "RetryConfig::topic", retry_topic.as_ref()),
+            ("shaping", "QuotaConfig::topic", shaping_topic.as_ref()),
+            (
+                "dead-letter",
+                "DeadLetterConfig::topic",
+                dead_letter_topic.as_ref(),
+            ),
+        ])?;
         Ok(Subscription {
             id: self.id,
             processor: Arc::new(self.processor),
@@ -263,5 +258,132 @@ where
             },
             _task: std::marker::PhantomData,
         })
+    }
+}
+
+/// Refuses two roles naming one topic: a task written to the retry, shaping or
+/// dead-letter topic would be read back as a task of the other role (or of the source)
+/// and go round forever. Each entry is (role, the setting that names it, its topic).
+fn distinct_topics(roles: &[(&str, &str, Option<&String>)]) -> Result<(), SubscriptionError> {
+    let named: Vec<(&str, &str, &String)> = roles
+        .iter()
+        .filter_map(|(role, setting, topic)| topic.map(|t| (*role, *setting, t)))
+        .collect();
+    for (i, (role, setting, topic)) in named.iter().enumerate() {
+        if let Some((earlier, earlier_setting, _)) =
+            named.iter().take(i).find(|(_, _, t)| t == topic)
+        {
+            return Err(SubscriptionError::Config(format!(
+                "the {role} topic must differ from the {earlier} topic: {setting} and \
+                 {earlier_setting} both name {topic:?} (or default to it), so a task would \
+                 go round between them forever"
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ProcessError, ProcessingContext, Subscription};
+
+    struct Nothing;
+
+    #[async_trait::async_trait]
+    impl TaskProcessor<u64> for Nothing {
+        async fn process(&self, _: &ProcessingContext, _: u64) -> Result<(), ProcessError> {
+            Ok(())
+        }
+    }
+
+    /// Builds on source topic "src" with the given retry, shaping and dead-letter topics.
+    fn build(
+        retry: Option<&str>,
+        shaping: Option<&str>,
+        dead_letter: Option<&str>,
+    ) -> Result<(), String> {
+        let mut b = Subscription::builder("s", Nothing)
+            .bootstrap_servers("127.0.0.1:1")
+            .topic("src");
+        if let Some(t) = retry {
+            b = b.retry(RetryConfig::new().topic(t));
+        }
+        if let Some(t) = shaping {
+            b = b.per_key_quota(QuotaConfig::new().topic(t));
+        }
+        if let Some(t) = dead_letter {
+            b = b.dead_letter(DeadLetterConfig::new().topic(t));
+        }
+        b.build().map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    /// Every pair of the source, retry, shaping and dead-letter topics naming one topic
+    /// is refused at build, and the error names both settings.
+    #[test]
+    fn any_two_roles_on_one_topic_are_refused() {
+        let cases: [(Option<&str>, Option<&str>, Option<&str>, [&str; 2]); 6] = [
+            (
+                Some("src"),
+                None,
+                None,
+                ["RetryConfig::topic", "SubscriptionBuilder::topic"],
+            ),
+            (
+                None,
+                Some("src"),
+                None,
+                ["QuotaConfig::topic", "SubscriptionBuilder::topic"],
+            ),
+            (
+                None,
+                None,
+                Some("src"),
+                ["DeadLetterConfig::topic", "SubscriptionBuilder::topic"],
+            ),
+            (
+                Some("x"),
+                Some("x"),
+                None,
+                ["QuotaConfig::topic", "RetryConfig::topic"],
+            ),
+            (
+                Some("x"),
+                None,
+                Some("x"),
+                ["DeadLetterConfig::topic", "RetryConfig::topic"],
+            ),
+            (
+                None,
+                Some("x"),
+                Some("x"),
+                ["DeadLetterConfig::topic", "QuotaConfig::topic"],
+            ),
+        ];
+        for (retry, shaping, dead_letter, settings) in cases {
+            let err = build(retry, shaping, dead_letter).expect_err("must be refused");
+            for s in settings {
+                assert!(
+                    err.contains(s),
+                    "{retry:?} {shaping:?} {dead_letter:?}: {err}"
+                );
+            }
+            assert!(err.contains("must differ"), "{err}");
+        }
+        // Distinct topics build.
+        assert_eq!(build(Some("r"), Some("sh"), Some("d")), Ok(()));
+        assert_eq!(build(None, None, None), Ok(()));
+        // Without a retry queue there is no retry topic to clash with; with one, its
+        // default name counts.
+        assert_eq!(build(None, None, Some("src-retry")), Ok(()));
+        let err = Subscription::builder("s", Nothing)
+            .bootstrap_servers("127.0.0.1:1")
+            .topic("src")
+            .retry(RetryConfig::new())
+            .dead_letter(DeadLetterConfig::new().topic("src-retry"))
+            .build()
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        assert!(err.is_err_and(|e| e.contains("dead-letter topic must differ from the retry")));
     }
 }
