@@ -43,6 +43,24 @@ pub enum StateError {
         /// Why librdkafka gave up on the record.
         error: KafkaError,
     },
+    /// The changelog refused a batch for good: a record larger than the producer or the
+    /// topic accepts, a topic that does not exist or that the principal may not write, a
+    /// record the broker calls invalid, a producer in a fatal state. Sending the same
+    /// records again gives the same answer (see [`StateError::is_permanent`]).
+    #[error("changelog {topic}[{partition}]: refused for good: {reason}")]
+    Refused {
+        /// Changelog topic.
+        topic: String,
+        /// Changelog partition.
+        partition: i32,
+        /// Why the records were refused.
+        reason: String,
+        /// The refused batch, when some of its records may be in the changelog all the
+        /// same: [`ChangelogWriter::enqueue_revert`](crate::internal::ChangelogWriter::enqueue_revert)
+        /// must then mark it aborted and write the keys' valid values again before the
+        /// partition's next batch is trusted. `None` when nothing of it was written.
+        torn_batch: Option<u64>,
+    },
     /// The changelog topic is missing or unusable.
     #[error("changelog {topic}: {detail}")]
     Changelog {
@@ -67,6 +85,14 @@ pub enum StateError {
 }
 
 impl StateError {
+    /// Whether trying the same write again cannot succeed ([`StateError::Refused`]):
+    /// the task whose writes these were must fail instead of waiting for the changelog.
+    /// Every other error of an append (a timeout, an unreachable broker, a full queue, a
+    /// purge) may pass and is worth retrying with backoff.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, StateError::Refused { .. })
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> StateError {
         StateError::Io {
             path: path.into(),

@@ -125,9 +125,54 @@ pub(crate) async fn blocking<T: Send + 'static>(
         .map_err(|e| StateError::Internal(format!("blocking task failed: {e}")))?
 }
 
+/// Drops a librdkafka client where its destruction may block: a producer purges, flushes
+/// (up to 500 ms) and joins its polling thread when dropped, which must not happen on an
+/// async worker. Inside a tokio runtime the value goes to a short-lived thread of its
+/// own (not the blocking pool, which a runtime that is shutting down no longer runs);
+/// elsewhere the caller may block and it is dropped in place.
+pub(crate) fn close_off_runtime<T: Send + 'static>(client: T) {
+    if tokio::runtime::Handle::try_current().is_err() {
+        drop(client);
+        return;
+    }
+    // The value comes back if the thread cannot start, and is then dropped here.
+    let slot = std::sync::Arc::new(parking_lot::Mutex::new(Some(client)));
+    let theirs = slot.clone();
+    let spawned = std::thread::Builder::new()
+        .name("decaton-client-close".to_string())
+        .spawn(move || drop(theirs.lock().take()));
+    if let Err(e) = spawned {
+        tracing::warn!("no thread to close a Kafka client on ({e}); closing it in place");
+        drop(slot.lock().take());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Records the thread it is dropped on.
+    struct DropSpy(std::sync::mpsc::Sender<std::thread::ThreadId>);
+
+    impl Drop for DropSpy {
+        fn drop(&mut self) {
+            let _ = self.0.send(std::thread::current().id());
+        }
+    }
+
+    #[test]
+    fn clients_are_closed_off_the_runtime_thread() -> anyhow::Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread().build()?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let runtime_thread = std::thread::current().id();
+        rt.block_on(async { close_off_runtime(DropSpy(tx.clone())) });
+        let dropped_on = rx.recv_timeout(Duration::from_secs(10))?;
+        assert_ne!(dropped_on, runtime_thread, "closed on the runtime's thread");
+        // Outside a runtime the caller may block: closed in place.
+        close_off_runtime(DropSpy(tx));
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10))?, runtime_thread);
+        Ok(())
+    }
 
     fn settings(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs

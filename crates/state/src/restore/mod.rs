@@ -256,13 +256,9 @@ pub async fn restore(
                 options.stall_timeout
             ))
         })??;
-        // Destroying a producer joins its threads: off the async workers. Everything it
-        // sent is acknowledged.
-        blocking(move || {
-            drop(writer);
-            Ok(())
-        })
-        .await?;
+        // Everything it sent is acknowledged. Dropping the writer (here, or on the error
+        // paths above) closes its producer off the async workers.
+        drop(writer);
         for last in acknowledged.into_iter().flatten() {
             report.next_offset = report.next_offset.max(last + 1);
         }
