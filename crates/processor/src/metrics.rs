@@ -15,6 +15,9 @@ pub const DISCARDED: &str = "decaton_tasks_discarded_total";
 pub const SKIPPED: &str = "decaton_tasks_skipped_total";
 /// Records dropped because the fetch position went back below records already taken.
 pub const REWOUND: &str = "decaton_records_rewound_total";
+/// Partitions whose committed offset was past the log end (the log was truncated or the
+/// topic recreated): processing went on from the fetch position, which was committed.
+pub const OFFSET_TRUNCATIONS: &str = "decaton_offset_truncations_total";
 /// Deferred tasks that timed out.
 pub const DEFERRED_TIMEOUTS: &str = "decaton_deferred_timeouts_total";
 /// Completions dropped without completing.

@@ -11,6 +11,7 @@ pub(crate) struct Counters {
     pub(crate) discarded: AtomicU64,
     pub(crate) skipped: AtomicU64,
     pub(crate) rewound: AtomicU64,
+    pub(crate) truncations: AtomicU64,
     pub(crate) deferred_timeouts: AtomicU64,
     pub(crate) completions_leaked: AtomicU64,
     pub(crate) abandoned: AtomicU64,
@@ -46,6 +47,9 @@ pub struct SubscriptionStats {
     /// Records dropped because the fetch position went back below records already taken
     /// (they are still registered once, from their first delivery).
     pub rewound: u64,
+    /// Partitions whose committed offset was past the log end (the log was truncated or
+    /// the topic recreated): processing went on from the fetch position.
+    pub truncations: u64,
     /// Deferred tasks completed as failed after `deferred_complete_timeout`.
     pub deferred_timeouts: u64,
     /// `Completion`s dropped without being completed.
@@ -86,6 +90,7 @@ impl Counters {
             discarded: self.discarded.load(Relaxed),
             skipped: self.skipped.load(Relaxed),
             rewound: self.rewound.load(Relaxed),
+            truncations: self.truncations.load(Relaxed),
             deferred_timeouts: self.deferred_timeouts.load(Relaxed),
             completions_leaked: self.completions_leaked.load(Relaxed),
             abandoned: self.abandoned.load(Relaxed),

@@ -680,6 +680,12 @@ impl Pipeline {
                 };
                 match ps.tracker.register(offset) {
                     Registration::New => ps.generation,
+                    Registration::Rebased { committed } => {
+                        tracing::warn!(partition, committed, position = offset,
+                            "the committed offset is past the log end (the log was truncated or recreated); \
+                             replicating from the fetch position");
+                        ps.generation
+                    }
                     Registration::Inherited => {
                         self.handle
                             .stats

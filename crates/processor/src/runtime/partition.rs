@@ -269,15 +269,19 @@ impl<T: Send + 'static> PartitionContext<T> {
 
     fn dispatch(&mut self, incoming: Incoming<T>, now_ms: i64) {
         let offset = incoming.offset();
+        let registration = self.core.register(offset);
+        if let Registration::Rebased { committed } = registration {
+            self.rebased(committed, offset);
+        }
         let recorder = self.core.recorder();
-        match self.core.register(offset) {
+        match registration {
             Registration::Rewound => {
                 recorder.rewound();
                 tracing::debug!(topic = %self.core.topic(), partition = self.core.partition(), offset,
                     "record below the records already taken (the fetch position went back); dropped");
             }
             Registration::Inherited => recorder.skipped(),
-            Registration::New => match incoming {
+            Registration::New | Registration::Rebased { .. } => match incoming {
                 Incoming::Skip(_) | Incoming::Discard { forward: None, .. } => {
                     self.core.complete_registered(offset)
                 }
@@ -320,6 +324,22 @@ impl<T: Send + 'static> PartitionContext<T> {
                     }
                 }
             },
+        }
+    }
+
+    /// The log was truncated below the committed position `committed` and the consumer
+    /// was reset to `offset` (see [`Registration::Rebased`]): the partition commits from
+    /// there on (so a restart does not meet the truncation again), and the state store
+    /// forgets the applied offsets, which belong to the old log.
+    fn rebased(&mut self, committed: i64, offset: i64) {
+        tracing::warn!(topic = %self.core.topic(), partition = self.core.partition(), committed, position = offset,
+            "the committed offset is past the log end (the log was truncated or recreated); \
+             processing from the fetch position, which will be committed");
+        self.core.recorder().truncated();
+        self.last_committed = None;
+        self.confirmed = None;
+        if let Some(slot) = &self.state {
+            slot.forget_applied_below(i64::MAX);
         }
     }
 

@@ -79,6 +79,7 @@ pub(crate) struct PartitionRecorder {
     discarded: Counter,
     skipped: Counter,
     rewound: Counter,
+    truncations: Counter,
     deferred_timeouts: Counter,
     leaked: Counter,
     abandoned: Counter,
@@ -109,6 +110,7 @@ impl PartitionRecorder {
             discarded: counter!(names::DISCARDED, &labels),
             skipped: counter!(names::SKIPPED, &labels),
             rewound: counter!(names::REWOUND, &labels),
+            truncations: counter!(names::OFFSET_TRUNCATIONS, &labels),
             deferred_timeouts: counter!(names::DEFERRED_TIMEOUTS, &labels),
             leaked: counter!(names::COMPLETIONS_LEAKED, &labels),
             abandoned: counter!(names::ABANDONED, &labels),
@@ -198,6 +200,12 @@ impl PartitionRecorder {
     pub(crate) fn skipped(&self) {
         self.skipped.increment(1);
         self.counters.skipped.fetch_add(1, Relaxed);
+    }
+
+    /// The committed offset was past the log end; the partition rebased on what it fetched.
+    pub(crate) fn truncated(&self) {
+        self.truncations.increment(1);
+        self.counters.truncations.fetch_add(1, Relaxed);
     }
 
     pub(crate) fn rewound(&self) {

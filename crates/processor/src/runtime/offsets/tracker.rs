@@ -15,6 +15,16 @@ pub enum Registration {
     /// At or below a record already registered (the fetch position went back, e.g. an
     /// offset reset or a redelivery): not registered. Drop it and count it.
     Rewound,
+    /// The first record fetched is below the committed position the tracker started
+    /// from: the log was truncated (an unclean leader election, a topic deleted and
+    /// recreated, a broker that lost its data) and the consumer's position was reset. The
+    /// tracker dropped the offset map it inherited (it describes a log that no longer
+    /// exists) and registered the record as new, unfinished: run it. Its position is now
+    /// below `committed`, and committing it keeps a restart from repeating this.
+    Rebased {
+        /// The committed position the tracker had started from.
+        committed: i64,
+    },
 }
 
 /// Registered records from the watermark to the newest fetched one, with a done flag each.
@@ -34,6 +44,9 @@ pub struct OffsetTracker {
     unfinished: usize,
     /// Offsets at or above `next` that the inherited offset map lists as done.
     inherited: DoneRanges,
+    /// Whether any record was registered (or refused) since the tracker started: only the
+    /// first one can reveal a truncated log.
+    fetched: bool,
 }
 
 impl OffsetTracker {
@@ -49,13 +62,30 @@ impl OffsetTracker {
             entries: VecDeque::new(),
             unfinished: 0,
             inherited,
+            fetched: false,
         }
     }
 
     /// Registers a fetched record at `offset`.
+    ///
+    /// A record below the newest registered one is [`Registration::Rewound`]. The first
+    /// record of all, when it is below the committed position the tracker started from,
+    /// rebases the tracker on it instead ([`Registration::Rebased`]): the consumer only
+    /// fetches below its committed position when that position was out of range and was
+    /// reset, so the records there were written after a truncation and must run.
     pub fn register(&mut self, offset: i64) -> Registration {
-        if self.next.is_some_and(|n| offset < n) {
-            return Registration::Rewound;
+        let first = !self.fetched;
+        self.fetched = true;
+        match self.next {
+            Some(committed) if offset < committed && first => {
+                self.inherited = DoneRanges::default();
+                self.next = Some(offset + 1);
+                self.entries.push_back((offset, false));
+                self.unfinished += 1;
+                return Registration::Rebased { committed };
+            }
+            Some(n) if offset < n => return Registration::Rewound,
+            _ => {}
         }
         self.next = Some(offset + 1);
         let inherited = self.inherited.contains(offset);
@@ -223,6 +253,44 @@ mod tests {
         assert_eq!(done_set(&t), [60].into_iter().collect());
     }
 
+    /// Committed 1 000 000 with an offset map, then the log was truncated: the consumer
+    /// was reset to offset 3. Every record from there runs, the inherited map is gone,
+    /// and the position to commit is the new one; a later record below what this
+    /// assignment registered is still a rewind.
+    #[test]
+    fn a_first_record_below_the_committed_position_rebases() {
+        let inherited = DoneRanges::from_sorted([(1_000_002, 1_000_010)]);
+        let mut t = OffsetTracker::starting_at(Some(1_000_000), inherited);
+        assert_eq!(
+            t.register(3),
+            Registration::Rebased {
+                committed: 1_000_000
+            }
+        );
+        assert_eq!(t.position(), Some(3));
+        assert_eq!(t.unfinished(), 1);
+        assert_eq!(t.register(4), Registration::New);
+        assert!(t.complete(4));
+        assert_eq!(
+            done_set(&t),
+            [4].into_iter().collect(),
+            "inherited map dropped"
+        );
+        assert_eq!(t.register(2), Registration::Rewound);
+        assert!(t.complete(3));
+        assert_eq!(t.position(), Some(5));
+        assert_eq!(t.offset_map(4000), "");
+    }
+
+    /// A first record at or above the committed position is the ordinary case: no rebase.
+    #[test]
+    fn a_first_record_at_the_committed_position_does_not_rebase() {
+        let mut t = OffsetTracker::starting_at(Some(10), DoneRanges::from_sorted([(11, 12)]));
+        assert_eq!(t.register(10), Registration::New);
+        assert_eq!(t.register(11), Registration::Inherited);
+        assert_eq!(t.register(5), Registration::Rewound);
+    }
+
     #[test]
     fn oversized_map_falls_back_to_position_only() {
         let mut t = OffsetTracker::starting_at(Some(0), DoneRanges::default());
@@ -238,6 +306,67 @@ mod tests {
     }
 
     proptest! {
+        /// Rebase against a reference: a tracker whose first record is below its
+        /// committed position behaves from then on exactly like a tracker that started with
+        /// no committed position and no map (nothing inherited survives, every record from
+        /// the first one on is registered and pins the position until done); one whose
+        /// first record is at or above it never rebases and behaves like before.
+        #[test]
+        fn rebase_is_a_fresh_start(start in 0i64..2000,
+                                   inherited_flags in proptest::collection::vec(any::<bool>(), 0..40),
+                                   first in 0i64..4000,
+                                   steps in proptest::collection::vec((0u8..4, 0usize..64, 0i64..4), 1..200)) {
+            let inherited = DoneRanges::from_sorted(inherited_flags.iter().enumerate()
+                .filter(|(_, d)| **d).map(|(i, _)| (start + 1 + i as i64, start + 2 + i as i64)));
+            let mut t = OffsetTracker::starting_at(Some(start), inherited.clone());
+            let truncated = first < start;
+            let mut reference = if truncated {
+                OffsetTracker::starting_at(None, DoneRanges::default())
+            } else {
+                OffsetTracker::starting_at(Some(start), inherited)
+            };
+            let r = t.register(first);
+            let expected = reference.register(first);
+            if truncated {
+                prop_assert_eq!(expected, Registration::New);
+                prop_assert_eq!(r, Registration::Rebased { committed: start });
+                prop_assert_eq!(t.position(), Some(first));
+            } else {
+                prop_assert_eq!(r, expected);
+            }
+            let mut registered = vec![first];
+            let mut next = first + 1;
+            for (op, pick, gap) in steps {
+                match op {
+                    // A later record, possibly right after the previous one.
+                    0 | 1 => {
+                        let o = next + gap;
+                        let r = t.register(o);
+                        prop_assert!(!matches!(r, Registration::Rebased { .. }), "a second rebase");
+                        prop_assert_eq!(r, reference.register(o));
+                        registered.push(o);
+                        next = o + 1;
+                    }
+                    // A record below the newest one: a rewind, never a second rebase.
+                    2 => {
+                        let o = next - 1 - gap;
+                        prop_assert_eq!(t.register(o), Registration::Rewound);
+                        prop_assert_eq!(reference.register(o), Registration::Rewound);
+                    }
+                    _ => {
+                        let o = registered[pick % registered.len()];
+                        prop_assert_eq!(t.complete(o), reference.complete(o));
+                    }
+                }
+                prop_assert_eq!(t.position(), reference.position());
+                prop_assert_eq!(t.unfinished(), reference.unfinished());
+                prop_assert_eq!(t.offset_map(1 << 20), reference.offset_map(1 << 20));
+                if truncated {
+                    prop_assert!(t.position().is_some_and(|p| p >= first && p < start.max(next + 1)));
+                }
+            }
+        }
+
         /// Against a model (the set of finished offsets): the position is always the lowest
         /// unfinished registered offset, never beyond one, memory is the registered records
         /// in flight, and the map lists every finished offset above the position, every
