@@ -41,6 +41,22 @@ pub enum NotReady {
     /// Its processing rate is 0 (`decaton.processing.rate.per.partition`): no task starts
     /// until the rate changes.
     Stopped,
+    /// A record the runtime must write on behalf of the task at `offset` (its dead-letter
+    /// copy, even reduced, or its shaped copy) is refused for good, for example because
+    /// the topic does not exist or the principal may not write it. The offset stays
+    /// unfinished, so nothing past it is committed; once `max_pending` tasks wait, no more
+    /// are fetched. The copy is tried again about once a minute: fixing the cause (create
+    /// the topic, grant the ACL) unblocks the partition without a restart.
+    Stalled {
+        /// The topic of the stalled partition.
+        topic: Arc<str>,
+        /// The stalled partition.
+        partition: i32,
+        /// The offset that cannot finish (the lowest, if several).
+        offset: i64,
+        /// Why its copy cannot be written.
+        reason: String,
+    },
 }
 
 impl fmt::Display for NotReady {
@@ -58,6 +74,15 @@ impl fmt::Display for NotReady {
             NotReady::Stopped => write!(
                 f,
                 "stopped: its processing rate is 0 (decaton.processing.rate.per.partition)"
+            ),
+            NotReady::Stalled {
+                topic,
+                partition,
+                offset,
+                reason,
+            } => write!(
+                f,
+                "stalled: {topic}-{partition} cannot finish offset {offset}: {reason}"
             ),
         }
     }

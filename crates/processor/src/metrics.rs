@@ -34,6 +34,13 @@ pub const RETRIED_IN_PROCESS: &str = "decaton_tasks_retried_in_process_total";
 pub const RETRIED: &str = "decaton_tasks_retried_total";
 /// Failed tasks produced to the dead-letter topic.
 pub const DEAD_LETTERED: &str = "decaton_tasks_dead_lettered_total";
+/// Failed attempts to produce a retry, dead-letter or shaped copy of a task, by error
+/// `class`: `transient` (tried again with backoff) or `permanent` (refused for good: the
+/// copy is replaced, or the partition stalls).
+pub const FORWARD_FAILURES: &str = "decaton_forward_failures_total";
+/// 1 while a partition is stalled because a copy of one of its tasks cannot be written
+/// (nothing past that offset is committed), else 0 (gauge).
+pub const PARTITION_STALLED: &str = "decaton_partition_stalled";
 /// Tasks of a key over its quota produced to the shaping topic.
 pub const SHAPED: &str = "decaton_tasks_shaped_total";
 /// Keys with shaped tasks not yet processed, in this instance (gauge).

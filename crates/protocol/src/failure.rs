@@ -50,7 +50,7 @@ pub fn classify_code(code: RDKafkaErrorCode) -> ErrorClass {
         // Larger than the producer's or the broker's limit.
         C::MessageSizeTooLarge
         | C::InvalidMessageSize
-        | C::RecordListTooLarge
+        | C::MessageBatchTooLarge
         // Refused by the broker as malformed, or by the client before sending.
         | C::InvalidRecord
         | C::InvalidMessage

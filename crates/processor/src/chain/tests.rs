@@ -126,8 +126,8 @@ impl Harness {
                 key: key.map(|k| vec![k]),
                 payload: Some(prost::Message::encode_to_vec(&task)),
                 headers: vec![(
-                    METADATA_HEADER.to_string(),
-                    encode_metadata(&TaskMetadata::default()),
+                    METADATA_HEADER.as_bytes().to_vec(),
+                    Some(encode_metadata(&TaskMetadata::default())),
                 )],
             })
         });

@@ -11,10 +11,11 @@
 
 use std::sync::Arc;
 
+use decaton_protocol::headers::raw_headers;
 use decaton_protocol::{
     decode_record, ProtocolError, TraceParent, METADATA_HEADER, TRACEPARENT_HEADER,
 };
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 
 use super::forward::{Forwarder, RawRecord};
 use super::meta::{MetaReader, TaskMeta};
@@ -125,13 +126,14 @@ impl Extractor {
         now_ms: i64,
     ) -> Incoming<T> {
         // One pass over the headers finds both that matter here (the first of each name).
+        // Names are compared as bytes: a producer may write any bytes there.
         let (mut metadata, mut traceparent) = (None, None);
         if let Some(headers) = msg.headers() {
-            for h in headers.iter() {
+            for h in raw_headers(headers) {
                 let value = h.value.unwrap_or_default();
-                if metadata.is_none() && h.key == METADATA_HEADER {
+                if metadata.is_none() && h.is(METADATA_HEADER) {
                     metadata = Some(value);
-                } else if traceparent.is_none() && h.key == TRACEPARENT_HEADER {
+                } else if traceparent.is_none() && h.is(TRACEPARENT_HEADER) {
                     traceparent = Some(value);
                 }
             }

@@ -225,7 +225,14 @@ impl<T: Send + 'static> PartitionContext<T> {
     pub(crate) fn health(&self) -> crate::health::PartitionHealth {
         use crate::health::NotReady;
         let (position, pending, offset_map_gaps, completed) = self.core.progress();
+        let stalled = self.core.stalled();
         let not_ready = match self.predecessor.as_ref().map(|p| p.running()) {
+            _ if stalled.is_some() => stalled.map(|(offset, reason)| NotReady::Stalled {
+                topic: self.core.topic().clone(),
+                partition: self.core.partition(),
+                offset,
+                reason,
+            }),
             Some(tasks) if tasks > 0 => Some(NotReady::PredecessorRunning { tasks }),
             _ if self.state.as_ref().is_some_and(|s| !s.is_ready()) => {
                 Some(NotReady::RestoringState)

@@ -6,14 +6,19 @@
 //! fetched records, reads the commit point and, at revocation, closes it: from then on no
 //! task starts and a late completion marks nothing done. A throttled partition asks to be
 //! woken, so the first completion that frees room tells the consumer thread.
+//!
+//! Closing also ends every wait on the partition's behalf (see [`PartitionCore::closed`]),
+//! and the core is where a partition *stalls*: an offset whose forwarded copy cannot be
+//! written stays unfinished, and health, a gauge and the log say so until it is written.
 
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
+use tokio::sync::watch;
 
 use super::offsets::{OffsetTracker, Registration};
 use super::recorder::PartitionRecorder;
@@ -41,6 +46,18 @@ pub(crate) type ScopedInstance = Arc<dyn Any + Send + Sync>;
 /// Key of a scoped instance: the stage's id and, for a per-lane stage, the lane.
 type ScopeKey = (u64, Option<usize>);
 
+/// How often a stalled partition logs that it still is.
+const STALL_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Offsets that cannot finish until a record is written (see [`PartitionCore::stall`]).
+#[derive(Default)]
+struct Stalls {
+    /// Why each stalled offset is held (at most one entry per unfinished offset).
+    by_offset: BTreeMap<i64, String>,
+    /// When the stall was last logged.
+    logged: Option<Instant>,
+}
+
 /// The half of a partition that lanes and completions use.
 pub(crate) struct PartitionCore {
     topic: Arc<str>,
@@ -53,6 +70,9 @@ pub(crate) struct PartitionCore {
     /// Per-partition and per-lane stage instances; `None` once closed. At most one per
     /// stage and lane.
     scoped: Mutex<Option<HashMap<ScopeKey, ScopedInstance>>>,
+    /// Set once, by [`Self::close`].
+    closed_tx: watch::Sender<bool>,
+    stalls: Mutex<Stalls>,
 }
 
 impl PartitionCore {
@@ -79,6 +99,8 @@ impl PartitionCore {
             wakeup,
             wants_wakeup: AtomicBool::new(false),
             scoped: Mutex::new(Some(HashMap::new())),
+            closed_tx: watch::Sender::new(false),
+            stalls: Mutex::new(Stalls::default()),
         }
     }
 
@@ -271,6 +293,9 @@ impl PartitionCore {
         inner.closed = true;
         let running = inner.running;
         drop(inner);
+        // Waits on the partition's behalf (a forwarded copy's acknowledgement, a backoff)
+        // end now rather than hold the partition's next assignment here.
+        self.closed_tx.send_replace(true);
         // The partition's stage instances go with it (outside the lock: they are the
         // user's to drop).
         let instances = self.scoped.lock().take();
@@ -279,6 +304,51 @@ impl PartitionCore {
         // woken when they end.
         self.wants_wakeup.store(running > 0, Ordering::Release);
         running
+    }
+
+    /// Completes once the partition is closed (at once if it is already): every wait on
+    /// its behalf selects on this, so revocation ends it promptly.
+    pub(crate) async fn closed(&self) {
+        let mut rx = self.closed_tx.subscribe();
+        // The sender lives as long as `self`, so this ends only when closed.
+        let _ = rx.wait_for(|closed| *closed).await;
+    }
+
+    /// Holds the partition at `offset` because a record written on its behalf cannot be
+    /// written (`reason`): the offset stays unfinished, health reports the stall and the
+    /// stall gauge is 1 until [`Self::unstall`]. True when the caller should log it: the
+    /// first time, then at most once a minute while the partition stays stalled.
+    pub(crate) fn stall(&self, offset: i64, reason: &str) -> bool {
+        let mut stalls = self.stalls.lock();
+        stalls.by_offset.insert(offset, reason.to_string());
+        self.recorder.stalled(true);
+        let now = Instant::now();
+        let log = stalls
+            .logged
+            .is_none_or(|at| now.duration_since(at) >= STALL_LOG_EVERY);
+        if log {
+            stalls.logged = Some(now);
+        }
+        log
+    }
+
+    /// `offset` is no longer stalled (its record was written, or the partition closed).
+    pub(crate) fn unstall(&self, offset: i64) {
+        let mut stalls = self.stalls.lock();
+        stalls.by_offset.remove(&offset);
+        if stalls.by_offset.is_empty() {
+            stalls.logged = None;
+            self.recorder.stalled(false);
+        }
+    }
+
+    /// The lowest stalled offset and why, if any.
+    pub(crate) fn stalled(&self) -> Option<(i64, String)> {
+        let stalls = self.stalls.lock();
+        stalls
+            .by_offset
+            .first_key_value()
+            .map(|(o, r)| (*o, r.clone()))
     }
 
     /// Wakes the consumer thread for this partition if it waits for something.
@@ -298,5 +368,45 @@ impl PartitionCore {
         self.register(offset);
         self.mark_dispatched();
         self.try_start()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::runtime::task::tests::core;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn closing_ends_every_wait_on_the_partition() {
+        let core = core();
+        let waiter = tokio::spawn({
+            let core = core.clone();
+            async move { core.closed().await }
+        });
+        assert!(!waiter.is_finished());
+        core.close();
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("a wait started before the close ends")
+            .unwrap();
+        // One started after the close ends at once.
+        tokio::time::timeout(Duration::from_secs(5), core.closed())
+            .await
+            .expect("a wait started after the close ends");
+    }
+
+    #[test]
+    fn a_stall_is_reported_at_its_lowest_offset_and_logged_once_a_minute() {
+        let core = core();
+        assert_eq!(core.stalled(), None);
+        assert!(core.stall(9, "nine"), "the first stall is logged");
+        assert!(!core.stall(9, "nine again"), "not again within a minute");
+        assert!(!core.stall(4, "four"));
+        assert_eq!(core.stalled(), Some((4, "four".to_string())));
+        core.unstall(4);
+        assert_eq!(core.stalled(), Some((9, "nine again".to_string())));
+        core.unstall(9);
+        assert_eq!(core.stalled(), None);
+        assert!(core.stall(9, "nine"), "a new stall is logged again");
     }
 }

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
+use decaton_protocol::failure::ErrorClass;
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 
 use crate::metrics as names;
@@ -89,6 +90,9 @@ pub(crate) struct PartitionRecorder {
     retried: Counter,
     dead_lettered: Counter,
     shaped: Counter,
+    forward_transient: Counter,
+    forward_permanent: Counter,
+    stalled: Gauge,
     process_seconds: Histogram,
     complete_seconds: Histogram,
     pending: Gauge,
@@ -120,6 +124,15 @@ impl PartitionRecorder {
             retried: counter!(names::RETRIED, &labels),
             dead_lettered: counter!(names::DEAD_LETTERED, &labels),
             shaped: counter!(names::SHAPED, &labels),
+            forward_transient: counter!(
+                names::FORWARD_FAILURES,
+                &with_class(&labels, ErrorClass::Transient)
+            ),
+            forward_permanent: counter!(
+                names::FORWARD_FAILURES,
+                &with_class(&labels, ErrorClass::Permanent)
+            ),
+            stalled: gauge!(names::PARTITION_STALLED, &labels),
             process_seconds: histogram!(names::PROCESS_SECONDS, &labels),
             complete_seconds: histogram!(names::COMPLETE_SECONDS, &labels),
             pending: gauge!(names::PENDING, &labels),
@@ -169,6 +182,19 @@ impl PartitionRecorder {
     pub(crate) fn shaped(&self) {
         self.shaped.increment(1);
         self.counters.shaped.fetch_add(1, Relaxed);
+    }
+
+    /// Producing a retry, dead-letter or shaped copy failed with an error of `class`.
+    pub(crate) fn forward_failed(&self, class: ErrorClass) {
+        match class {
+            ErrorClass::Transient => self.forward_transient.increment(1),
+            ErrorClass::Permanent => self.forward_permanent.increment(1),
+        }
+    }
+
+    /// The partition is (1) or is no longer (0) stalled on a copy it cannot write.
+    pub(crate) fn stalled(&self, now_stalled: bool) {
+        self.stalled.set(if now_stalled { 1.0 } else { 0.0 });
     }
 
     pub(crate) fn failed(&self) {
@@ -242,4 +268,13 @@ impl PartitionRecorder {
     pub(crate) fn committed(&self, offset: i64) {
         self.committed.set(offset as f64);
     }
+}
+
+/// `labels` plus the error class.
+fn with_class(
+    labels: &[(&'static str, String); 3],
+    class: ErrorClass,
+) -> [(&'static str, String); 4] {
+    let [a, b, c] = labels.clone();
+    [a, b, c, ("class", class.as_str().to_string())]
 }

@@ -289,8 +289,8 @@ where
         if f.retry_topic.is_none() && f.dead_letter_topic.is_none() && f.shaping_topic.is_none() {
             return Ok(None);
         }
-        let producer: FutureProducer =
-            kafka_config::producer(&self.bootstrap, &self.kafka).create()?;
+        let producer_config = kafka_config::producer(&self.bootstrap, &self.kafka);
+        let producer: FutureProducer = producer_config.create()?;
         let wanted: Vec<String> = f
             .retry_topic
             .iter()
@@ -339,6 +339,7 @@ where
             dead_letter: f.dead_letter_topic.clone(),
             shaping: f.shaping_topic.clone(),
             runtime: runtime.clone(),
+            max_message_bytes: crate::runtime::forward::message_limit(&producer_config),
         })))
     }
 }
