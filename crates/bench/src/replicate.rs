@@ -27,10 +27,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use decaton_client::TaskClient;
+use decaton_protocol::headers::raw_headers;
 use decaton_protocol::{ChatOp, OpType};
 use prost::Message as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Headers as _;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientConfig, ClientContext, Message as _};
 use serde::Serialize;
@@ -311,9 +311,11 @@ fn run_raw(
         let m = m?;
         started.get_or_insert_with(Instant::now);
         last_progress = Instant::now();
-        let meta = m
-            .headers()
-            .and_then(|h| h.iter().find(|h| h.key == "dt_meta").and_then(|h| h.value));
+        let meta = m.headers().and_then(|h| {
+            raw_headers(h)
+                .find(|h| h.is(decaton_protocol::METADATA_HEADER))
+                .and_then(|h| h.value)
+        });
         let task = decaton_protocol::decode_record(meta, m.payload())
             .map_err(|e| BenchError::Decode(e.to_string()))?;
         let op = ChatOp::decode(&*task.task).map_err(|e| BenchError::Decode(e.to_string()))?;

@@ -20,9 +20,10 @@ use std::io::Write;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use decaton_protocol::headers::{add_raw_header, raw_headers};
 use decaton_protocol::{dead_letter, decode_metadata, encode_metadata, METADATA_HEADER};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
@@ -152,9 +153,8 @@ impl Filter {
 }
 
 fn header<'a>(m: &'a OwnedMessage, name: &str) -> Option<&'a [u8]> {
-    m.headers()?
-        .iter()
-        .find(|h| h.key == name)
+    raw_headers(m.headers()?.as_borrowed())
+        .find(|h| h.is(name))
         .and_then(|h| h.value)
 }
 
@@ -301,11 +301,13 @@ fn replay_headers(m: &OwnedMessage) -> OwnedHeaders {
     let Some(hs) = m.headers() else {
         return headers;
     };
-    for h in hs.iter() {
-        if h.key.starts_with(dead_letter::PREFIX) {
+    // Names are kept byte for byte: a producer may write any bytes there.
+    for h in raw_headers(hs.as_borrowed()) {
+        if h.name.starts_with(dead_letter::PREFIX.as_bytes()) {
             continue;
         }
-        let reset = (h.key == METADATA_HEADER)
+        let reset = h
+            .is(METADATA_HEADER)
             .then(|| h.value.and_then(|v| decode_metadata(v).ok()))
             .flatten()
             .map(|mut meta| {
@@ -313,10 +315,7 @@ fn replay_headers(m: &OwnedMessage) -> OwnedHeaders {
                 meta.scheduled_time_millis = 0;
                 encode_metadata(&meta)
             });
-        headers = headers.insert(Header {
-            key: h.key,
-            value: reset.as_deref().or(h.value),
-        });
+        headers = add_raw_header(headers, h.name, reset.as_deref().or(h.value));
     }
     headers
 }
@@ -384,6 +383,7 @@ async fn read_to_end(kafka: &KafkaArgs, topic: &str) -> anyhow::Result<Vec<Owned
 mod tests {
     use super::*;
     use decaton_protocol::TaskMetadata;
+    use rdkafka::message::{Header, Headers};
     use rdkafka::Timestamp;
 
     fn dead(key: &str, reason: &str, kind: &str, time: i64) -> OwnedMessage {

@@ -13,16 +13,18 @@
 //! A record that is not a Decaton task (bad header, no header and no legacy envelope, no
 //! value) gets an error line naming its topic, partition and offset, and the tail goes on.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use decaton_protocol::headers::raw_headers;
 use decaton_protocol::{decode_record, ProtocolError, TaskMetadata, TaskRecord, METADATA_HEADER};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::Serialize;
 
@@ -342,15 +344,19 @@ struct Record<'a> {
     offset: i64,
     timestamp: Option<i64>,
     key: Option<&'a [u8]>,
-    /// Every header, `dt_meta` included.
-    headers: Vec<(&'a str, Option<&'a [u8]>)>,
+    /// Every header, `dt_meta` included; a name that is not UTF-8 is shown lossily.
+    headers: Vec<(Cow<'a, str>, Option<&'a [u8]>)>,
 }
 
 /// Renders one consumed record as a line of the chosen format.
 fn render(message: &BorrowedMessage<'_>, task_type: &TaskType, format: Format) -> String {
-    let headers: Vec<(&str, Option<&[u8]>)> = message
+    let headers: Vec<(Cow<'_, str>, Option<&[u8]>)> = message
         .headers()
-        .map(|headers| headers.iter().map(|h| (h.key, h.value)).collect())
+        .map(|headers| {
+            raw_headers(headers)
+                .map(|h| (String::from_utf8_lossy(h.name), h.value))
+                .collect()
+        })
         .unwrap_or_default();
     let meta = headers
         .iter()
@@ -505,7 +511,7 @@ mod tests {
             offset,
             timestamp: None,
             key,
-            headers,
+            headers: headers.into_iter().map(|(k, v)| (k.into(), v)).collect(),
         }
     }
 

@@ -22,11 +22,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use decaton_processor::{decode_offset_map, OffsetTracker, Registration};
+use decaton_protocol::headers::{add_raw_header, raw_headers};
 use parking_lot::{Condvar, Mutex};
 use prost_reflect::DynamicMessage;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header, Headers as _, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -724,8 +725,8 @@ impl Pipeline {
         let decoded = match format {
             SourceFormat::Decaton => {
                 let meta = headers.and_then(|h| {
-                    h.iter()
-                        .find(|h| h.key == decaton_protocol::METADATA_HEADER)
+                    raw_headers(h)
+                        .find(|h| h.is(decaton_protocol::METADATA_HEADER))
                         .map(|h| h.value.unwrap_or(&[]))
                 });
                 decaton_protocol::decode_record(meta, m.payload())
@@ -871,12 +872,10 @@ impl Pipeline {
     ) {
         let mut headers = OwnedHeaders::new();
         if out.copy_source_headers {
+            // Byte for byte: a source name need not be UTF-8.
             if let Some(h) = m.headers() {
-                for h in h.iter() {
-                    headers = headers.insert(Header {
-                        key: h.key,
-                        value: h.value,
-                    });
+                for h in raw_headers(h) {
+                    headers = add_raw_header(headers, h.name, h.value);
                 }
             }
         }

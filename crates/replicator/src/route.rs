@@ -11,11 +11,12 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
+use decaton_protocol::headers::raw_headers;
 use prost::Message as _;
 use prost_reflect::{
     DynamicMessage, FieldDescriptor, MessageDescriptor, ReflectMessage as _, Value,
 };
-use rdkafka::message::{BorrowedHeaders, Headers as _};
+use rdkafka::message::BorrowedHeaders;
 
 use crate::expr::{resolve_path, Filter, Subject};
 use crate::metrics::RouteCounters;
@@ -64,8 +65,8 @@ impl<'a> RecordView<'a> {
     /// The value of the first header named `name` (an empty slice for a null header).
     pub fn header(&self, name: &str) -> Option<&'a [u8]> {
         self.headers.and_then(|h| {
-            h.iter()
-                .find(|h| h.key == name)
+            raw_headers(h)
+                .find(|h| h.is(name))
                 .map(|h| h.value.unwrap_or(&[]))
         })
     }
@@ -99,8 +100,8 @@ impl<'a> RecordView<'a> {
 
 fn source_headers(h: Option<&BorrowedHeaders>) -> Vec<(String, Vec<u8>)> {
     h.map(|h| {
-        h.iter()
-            .map(|h| (h.key.to_string(), h.value.unwrap_or(&[]).to_vec()))
+        raw_headers(h)
+            .map(|h| (h.name_lossy().into_owned(), h.value.unwrap_or(&[]).to_vec()))
             .collect()
     })
     .unwrap_or_default()

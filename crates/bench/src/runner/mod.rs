@@ -17,10 +17,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use decaton_protocol::headers::raw_headers;
 use decaton_protocol::{decode_record, ChatOp, METADATA_HEADER};
 use prost::Message as _;
 use rdkafka::consumer::StreamConsumer;
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::ClientConfig;
 
 use crate::config::{RunnerKind, RunnerSpec};
@@ -128,8 +129,8 @@ pub(crate) async fn simulate(latency: Duration, recorder: &Recorder) {
 /// record timestamp).
 pub(crate) fn decode_produced_us(msg: &BorrowedMessage<'_>) -> Result<i64, BenchError> {
     let header = msg.headers().and_then(|h| {
-        h.iter()
-            .find(|h| h.key == METADATA_HEADER)
+        raw_headers(h)
+            .find(|h| h.is(METADATA_HEADER))
             .and_then(|h| h.value)
     });
     let record = decode_record(header, msg.payload()).map_err(|e| {

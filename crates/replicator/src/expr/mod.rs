@@ -25,8 +25,9 @@
 
 use std::borrow::Cow;
 
+use decaton_protocol::headers::raw_headers;
 use prost_reflect::{DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, Value};
-use rdkafka::message::{BorrowedHeaders, Headers};
+use rdkafka::message::BorrowedHeaders;
 
 mod syntax;
 
@@ -113,8 +114,8 @@ fn test_access(access: &Access, test: &Test, s: &Subject<'_>) -> bool {
         Access::Key => test_bytes(s.key, test),
         Access::Header(name) => {
             let value = s.headers.and_then(|h| {
-                h.iter()
-                    .find(|h| h.key == name)
+                raw_headers(h)
+                    .find(|h| h.is(name))
                     .map(|h| h.value.unwrap_or(&[]))
             });
             test_bytes(value, test)

@@ -14,9 +14,10 @@
 use std::sync::mpsc::SyncSender;
 use std::time::{Duration, Instant};
 
+use decaton_protocol::headers::raw_headers;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -275,11 +276,12 @@ fn read(
                 progress.records_read += 1;
                 progress.next_offset = progress.next_offset.max(offset + 1);
                 counter.increment(1);
+                // Changelog header names are ASCII: a name that is not UTF-8 is none of them.
                 let kind = classify(
                     msg.headers()
                         .into_iter()
-                        .flat_map(|h| h.iter())
-                        .map(|h| (h.key, h.value)),
+                        .flat_map(raw_headers)
+                        .filter_map(|h| Some((std::str::from_utf8(h.name).ok()?, h.value))),
                 );
                 asm.push(
                     offset,
