@@ -72,6 +72,13 @@ pub struct ProcessorProperties {
     /// rate holds no lane: records wait in the partition, which is paused when
     /// `max_pending` is reached. Reloadable through [`LiveProperties`](crate::LiveProperties).
     pub processing_rate_per_partition: i64,
+    /// Tasks per second each partition of the retry topic may start: -1 unlimited
+    /// (default), 0 stops retries, N at most N per second. The retry topic has a rate of
+    /// its own, as the shaping topic has (`QuotaConfig::shaping_rate`): stopping the
+    /// source topic with `processing_rate_per_partition = 0` leaves retries running, and
+    /// limiting it does not slow them. Reloadable through
+    /// [`LiveProperties`](crate::LiveProperties).
+    pub retry_processing_rate_per_partition: i64,
     /// Tasks per second one key may start before its further tasks count as over quota
     /// (`decaton.per.key.quota.processing.rate`): -1 unlimited (default). Applies only to
     /// a subscription with a [`QuotaConfig`](crate::QuotaConfig), whose window and
@@ -95,6 +102,7 @@ impl Default for ProcessorProperties {
             offset_map_max_bytes: 4000,
             max_scheduled_delay: Duration::from_secs(30 * 24 * 3600),
             processing_rate_per_partition: -1,
+            retry_processing_rate_per_partition: -1,
             per_key_quota_processing_rate: -1,
         }
     }
@@ -146,6 +154,12 @@ impl ProcessorProperties {
             return bad(
                 "processing_rate_per_partition",
                 self.processing_rate_per_partition.to_string(),
+            );
+        }
+        if self.retry_processing_rate_per_partition < -1 {
+            return bad(
+                "retry_processing_rate_per_partition",
+                self.retry_processing_rate_per_partition.to_string(),
             );
         }
         if self.per_key_quota_processing_rate < -1 {
@@ -228,6 +242,12 @@ impl ProcessorProperties {
             "max_scheduled_delay" | "max_scheduled_delay_ms" => self.max_scheduled_delay = ms()?,
             "processing_rate_per_partition" | "decaton.processing.rate.per.partition" => {
                 self.processing_rate_per_partition = match value.trim().parse::<i64>() {
+                    Ok(v) if v >= -1 => v,
+                    _ => return Err(bad()),
+                }
+            }
+            "retry_processing_rate_per_partition" => {
+                self.retry_processing_rate_per_partition = match value.trim().parse::<i64>() {
                     Ok(v) if v >= -1 => v,
                     _ => return Err(bad()),
                 }

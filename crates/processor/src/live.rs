@@ -7,18 +7,21 @@
 //! | property (short or Decaton name) | takes effect |
 //! |---|---|
 //! | `processing_rate_per_partition`, `decaton.processing.rate.per.partition` | at the partition's next dispatch |
+//! | `retry_processing_rate_per_partition` | at the retry partition's next dispatch |
 //! | `per_key_quota_processing_rate`, `decaton.per.key.quota.processing.rate` | at the partition's next dispatch |
 //! | `max_pending`, `decaton.max.pending.records` | at the partition's next flow-control round |
 //! | `ignore_keys`, `decaton.ignore.keys` | for the next record fetched |
-//! | `partition_concurrency`, `decaton.partition.concurrency` | bounded mode: each partition stops dispatching, waits until its lanes are empty, then runs on the new number of lanes (per-lane stage instances are made anew); per-key order holds throughout |
+//! | `partition_concurrency`, `decaton.partition.concurrency` | bounded mode: each partition stops dispatching, waits until its lanes are empty and its deferred tasks (those held in a `Batching` or `Compaction` window among them) have completed, then runs on the new number of lanes (per-lane stage instances are made anew); per-key order holds throughout |
 //! | `deferred_complete_timeout`, `decaton.deferred.complete.timeout.ms` | for tasks deferred from then on |
 //!
 //! Every change is logged with its old and new value; a value that does not parse, or a
 //! property that cannot change while running, is rejected with a log line and the previous
 //! value stays: a bad edit never stops processing. Values come from the program
 //! ([`LiveProperties::set`]) or from a [`PropertySupplier`] such as [`FileProperties`].
+//! A property whose line is removed from the file returns to the value the subscription
+//! was configured with ([`LiveProperties::reset`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -29,8 +32,9 @@ use parking_lot::RwLock;
 use crate::config::{ProcessorProperties, PropertyError};
 
 /// The properties [`LiveProperties`] accepts changes of, by their short names.
-const RELOADABLE: [&str; 6] = [
+const RELOADABLE: [&str; 7] = [
     "processing_rate_per_partition",
+    "retry_processing_rate_per_partition",
     "partition_concurrency",
     "per_key_quota_processing_rate",
     "max_pending",
@@ -55,12 +59,17 @@ fn reloadable(name: &str) -> Option<&'static str> {
 }
 
 struct Inner {
+    /// The values the properties were configured with: a property no longer supplied
+    /// returns to its value here.
+    initial: Arc<ProcessorProperties>,
     current: RwLock<Arc<ProcessorProperties>>,
     version: AtomicU64,
     /// `deferred_complete_timeout` in ms (-1: none), read once per deferred task.
     deferred_ms: AtomicI64,
-    /// The processing rate is 0: tasks hold at their start.
+    /// The processing rate is 0: tasks of the source topic hold at their start.
     stopped: AtomicBool,
+    /// The retry topic's processing rate is 0: its tasks hold at their start.
+    retry_stopped: AtomicBool,
     resumed: tokio::sync::Notify,
 }
 
@@ -104,7 +113,9 @@ impl LiveProperties {
             inner: Arc::new(Inner {
                 deferred_ms: AtomicI64::new(deferred_ms(&initial)),
                 stopped: AtomicBool::new(initial.processing_rate_per_partition == 0),
+                retry_stopped: AtomicBool::new(initial.retry_processing_rate_per_partition == 0),
                 resumed: tokio::sync::Notify::new(),
+                initial: Arc::new(initial.clone()),
                 current: RwLock::new(Arc::new(initial)),
                 version: AtomicU64::new(0),
             }),
@@ -135,9 +146,49 @@ impl LiveProperties {
                 _ => PropertyError::NotReloadable(name.to_string()),
             });
         };
+        self.change(short, |next| next.set(name, value).map(|_| ()))
+    }
+
+    /// Returns one reloadable property (by its short or Decaton name) to the value it was
+    /// configured with, the one this `LiveProperties` was created with. A
+    /// [`FileProperties`] does this when the property's line is removed from the file.
+    /// A property that cannot change while running is rejected (and logged).
+    ///
+    /// ```
+    /// use decaton_processor::{LiveProperties, ProcessorProperties};
+    ///
+    /// let live = LiveProperties::new(ProcessorProperties { max_pending: 50, ..Default::default() });
+    /// live.set("decaton.max.pending.records", "10").unwrap();
+    /// live.reset("decaton.max.pending.records").unwrap();
+    /// assert_eq!(live.get().max_pending, 50);
+    /// ```
+    pub fn reset(&self, name: &str) -> Result<(), PropertyError> {
+        let result = match reloadable(name) {
+            Some(short) => {
+                let initial = self.inner.initial.clone();
+                self.change(short, |next| {
+                    copy_property(&initial, next, short);
+                    Ok(())
+                })
+            }
+            None => Err(PropertyError::NotReloadable(name.to_string())),
+        };
+        if let Err(e) = &result {
+            tracing::warn!(property = name, "property reset rejected: {e}");
+        }
+        result
+    }
+
+    /// Applies `edit` to a copy of the current values and, if they are valid and differ,
+    /// makes them current (`short` names the property changed, for the log).
+    fn change(
+        &self,
+        short: &str,
+        edit: impl FnOnce(&mut ProcessorProperties) -> Result<(), PropertyError>,
+    ) -> Result<(), PropertyError> {
         let mut current = self.inner.current.write();
         let mut next = (**current).clone();
-        next.set(name, value)?;
+        edit(&mut next)?;
         next.validate()?;
         if next == **current {
             return Ok(());
@@ -149,10 +200,14 @@ impl LiveProperties {
             .store(deferred_ms(&next), Ordering::Release);
         let stopped = next.processing_rate_per_partition == 0;
         self.inner.stopped.store(stopped, Ordering::Release);
+        let retry_stopped = next.retry_processing_rate_per_partition == 0;
+        self.inner
+            .retry_stopped
+            .store(retry_stopped, Ordering::Release);
         *current = Arc::new(next);
         self.inner.version.fetch_add(1, Ordering::AcqRel);
         drop(current);
-        if !stopped {
+        if !stopped || !retry_stopped {
             self.inner.resumed.notify_waiters();
         }
         tracing::info!(property = short, from = %before, to = %after, "property changed");
@@ -184,12 +239,17 @@ impl LiveProperties {
             .map(Duration::from_millis)
     }
 
-    /// Whether the processing rate is 0.
+    /// Whether the processing rate of the source topic's partitions is 0.
     pub(crate) fn is_stopped(&self) -> bool {
         self.inner.stopped.load(Ordering::Acquire)
     }
 
-    /// Completes when the processing rate changes away from 0 (or may complete
+    /// Whether the processing rate of the retry topic's partitions is 0.
+    pub(crate) fn is_retry_stopped(&self) -> bool {
+        self.inner.retry_stopped.load(Ordering::Acquire)
+    }
+
+    /// Completes when a processing rate changes away from 0 (or may complete
     /// spuriously; callers check again).
     pub(crate) async fn resumed(&self) {
         self.inner.resumed.notified().await
@@ -200,10 +260,33 @@ impl LiveProperties {
     }
 }
 
+/// Copies the reloadable property `short` from `from` into `to`.
+fn copy_property(from: &ProcessorProperties, to: &mut ProcessorProperties, short: &str) {
+    match short {
+        "processing_rate_per_partition" => {
+            to.processing_rate_per_partition = from.processing_rate_per_partition
+        }
+        "retry_processing_rate_per_partition" => {
+            to.retry_processing_rate_per_partition = from.retry_processing_rate_per_partition
+        }
+        "per_key_quota_processing_rate" => {
+            to.per_key_quota_processing_rate = from.per_key_quota_processing_rate
+        }
+        "max_pending" => to.max_pending = from.max_pending,
+        "partition_concurrency" => to.partition_concurrency = from.partition_concurrency,
+        "ignore_keys" => to.ignore_keys = from.ignore_keys.clone(),
+        "deferred_complete_timeout" => {
+            to.deferred_complete_timeout = from.deferred_complete_timeout
+        }
+        _ => {}
+    }
+}
+
 /// One property's value as text, for the change log.
 fn describe(p: &ProcessorProperties, short: &str) -> String {
     match short {
         "processing_rate_per_partition" => p.processing_rate_per_partition.to_string(),
+        "retry_processing_rate_per_partition" => p.retry_processing_rate_per_partition.to_string(),
         "per_key_quota_processing_rate" => p.per_key_quota_processing_rate.to_string(),
         "max_pending" => p.max_pending.to_string(),
         "partition_concurrency" => p.partition_concurrency.to_string(),
@@ -331,6 +414,19 @@ impl PropertySupplier for FileProperties {
                     let live = LiveProperties { inner };
                     match Self::read(&watched) {
                         Ok(now) if now != last => {
+                            // A property no longer in the file (by either name) returns
+                            // to its configured value.
+                            let kept: Vec<&str> =
+                                now.keys().filter_map(|k| reloadable(k)).collect();
+                            let removed: BTreeSet<&str> = last
+                                .keys()
+                                .filter(|k| !now.contains_key(*k))
+                                .filter_map(|k| reloadable(k))
+                                .filter(|short| !kept.contains(short))
+                                .collect();
+                            for short in removed {
+                                let _ = live.reset(short);
+                            }
                             live.apply(now.iter().map(|(k, v)| (k.as_str(), v.as_str())));
                             last = now;
                         }
@@ -403,5 +499,73 @@ mod tests {
         assert_eq!(p.processing_rate_per_partition, -1);
         assert_eq!(p.ignore_keys, vec!["x".to_string()]);
         assert_eq!(p.max_pending, 10_000, "the bad value is rejected");
+    }
+
+    /// Polls `done` (set by the file's reader thread) until it holds or 5 s pass.
+    fn until(done: impl Fn() -> bool) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !done() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10)); // polling a value another thread sets
+        }
+        done()
+    }
+
+    /// A line removed from the file returns its property to the configured value (not
+    /// the file's last one); a property still in the file under its other name keeps the
+    /// file's value.
+    #[test]
+    fn a_removed_line_reverts_to_the_configured_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("props.toml");
+        std::fs::write(
+            &path,
+            "\"decaton.processing.rate.per.partition\" = 0\nmax_pending = 7\n\
+             \"decaton.partition.concurrency\" = 4\nignore_keys = [\"x\"]\n",
+        )
+        .unwrap();
+        let live = LiveProperties::new(ProcessorProperties {
+            processing_rate_per_partition: 50,
+            max_pending: 100,
+            ..Default::default()
+        });
+        Box::new(FileProperties::new(&path).poll_interval(Duration::from_millis(20)))
+            .start(live.clone())
+            .unwrap();
+        assert_eq!(live.get().processing_rate_per_partition, 0);
+        assert!(live.is_stopped());
+        assert_eq!(live.get().max_pending, 7);
+        // The rate and ignore_keys lines go; concurrency moves to its short name.
+        std::fs::write(&path, "max_pending = 7\npartition_concurrency = 4\n").unwrap();
+        assert!(
+            until(|| live.get().processing_rate_per_partition == 50),
+            "the rate stayed {}",
+            live.get().processing_rate_per_partition
+        );
+        assert!(!live.is_stopped(), "no longer stopped");
+        let p = live.get();
+        assert!(p.ignore_keys.is_empty());
+        assert_eq!((p.max_pending, p.partition_concurrency), (7, 4));
+        // Emptied: everything back to the configured values.
+        std::fs::write(&path, "").unwrap();
+        assert!(until(|| live.get().max_pending == 100));
+        assert_eq!(live.get().partition_concurrency, 1);
+    }
+
+    #[test]
+    fn reset_returns_to_the_configured_value_and_refuses_fixed_properties() {
+        let live = LiveProperties::new(ProcessorProperties {
+            retry_processing_rate_per_partition: 9,
+            ..Default::default()
+        });
+        live.set("retry_processing_rate_per_partition", "0")
+            .unwrap();
+        assert!(live.is_retry_stopped());
+        live.reset("retry_processing_rate_per_partition").unwrap();
+        assert_eq!(live.get().retry_processing_rate_per_partition, 9);
+        assert!(!live.is_retry_stopped());
+        assert!(matches!(
+            live.reset("mode"),
+            Err(PropertyError::NotReloadable(_))
+        ));
     }
 }
