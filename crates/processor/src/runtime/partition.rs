@@ -42,6 +42,9 @@ pub(crate) struct PartitionContext<T> {
     core: Arc<PartitionCore>,
     lanes: Lanes<T>,
     delayed: DelayQueue<T>,
+    /// Tasks released from the delay queue that wait for a token of the rate (or for the
+    /// lanes to change), in the order they must start. Fetched records wait behind them.
+    due: VecDeque<TaskUnit<T>>,
     /// Fetched records waiting for room under `max_pending`, for readiness or for the
     /// processing rate. The partition is paused while it holds any record waiting for
     /// room or readiness, and once `max_pending` records wait for the rate, so it holds at
@@ -84,6 +87,7 @@ impl<T: Send + 'static> PartitionContext<T> {
             core,
             lanes,
             delayed: DelayQueue::default(),
+            due: VecDeque::new(),
             overflow: VecDeque::new(),
             paused: false,
             max_pending,
@@ -137,10 +141,12 @@ impl<T: Send + 'static> PartitionContext<T> {
         *seen = version;
         let props = live.get();
         self.max_pending = props.max_pending;
-        self.rate.set(
-            self.fixed_rate
-                .unwrap_or(props.processing_rate_per_partition),
-        );
+        // The source topic's rate, or the retry topic's own (the shaping topic's is fixed).
+        let own = match self.core.id().topic {
+            0 => props.processing_rate_per_partition,
+            _ => props.retry_processing_rate_per_partition,
+        };
+        self.rate.set(self.fixed_rate.unwrap_or(own));
         if let Some(q) = &mut self.quota {
             q.set_rate(props.per_key_quota_processing_rate);
         }
@@ -174,9 +180,11 @@ impl<T: Send + 'static> PartitionContext<T> {
     /// Whether `incoming` may go to the lanes now as far as the rate is concerned (a task
     /// takes a token; a record that will not run needs none).
     fn rate_allows(&mut self, incoming: &Incoming<T>, now_ms: i64) -> bool {
-        if !matches!(incoming, Incoming::Task(_)) {
-            return true;
-        }
+        !matches!(incoming, Incoming::Task(_)) || self.take_token(now_ms)
+    }
+
+    /// Takes a token of the rate for a task; without one, notes when the next is due.
+    fn take_token(&mut self, now_ms: i64) -> bool {
         match self.rate.take() {
             Gate::Open => {
                 self.rate_due = None;
@@ -204,6 +212,12 @@ impl<T: Send + 'static> PartitionContext<T> {
 
     pub(crate) fn is_paused(&self) -> bool {
         self.paused
+    }
+
+    /// Tasks queued in or run by the lanes now (bounded mode).
+    #[cfg(test)]
+    pub(crate) fn lanes_occupied(&self) -> usize {
+        self.lanes.occupied()
     }
 
     fn is_ready(&mut self) -> bool {
@@ -262,6 +276,7 @@ impl<T: Send + 'static> PartitionContext<T> {
     pub(crate) fn offer(&mut self, incoming: Incoming<T>, now_ms: i64) -> bool {
         self.refresh();
         if self.overflow.is_empty()
+            && self.due.is_empty()
             && self.is_ready()
             && self.has_room()
             && self.rate_allows(&incoming, now_ms)
@@ -361,8 +376,10 @@ impl<T: Send + 'static> PartitionContext<T> {
         self.lanes.dispatch(unit);
     }
 
-    /// Hands tasks whose scheduled time has come to the lanes.
+    /// Hands tasks whose scheduled time has come to the lanes, each with a token of the
+    /// rate like any other task; those without one wait for it.
     pub(crate) fn release_due(&mut self, now_ms: i64) {
+        self.refresh();
         let before = self.delayed.len();
         let due = self.delayed.release_due(now_ms);
         if due.is_empty() {
@@ -372,10 +389,20 @@ impl<T: Send + 'static> PartitionContext<T> {
         self.core
             .recorder()
             .delayed(now, now as i64 - before as i64);
-        for unit in due {
-            self.send_to_lane(unit);
+        self.due.extend(due);
+        if self.is_ready() {
+            self.dispatch_due(now_ms);
         }
         self.lanes.flush();
+    }
+
+    /// Sends released delayed tasks to the lanes while the rate gives tokens.
+    fn dispatch_due(&mut self, now_ms: i64) {
+        while !self.due.is_empty() && self.take_token(now_ms) {
+            if let Some(unit) = self.due.pop_front() {
+                self.send_to_lane(unit);
+            }
+        }
     }
 
     /// When the next delayed task is due, or the rate's next token for a waiting task
@@ -405,6 +432,9 @@ impl<T: Send + 'static> PartitionContext<T> {
         self.refresh();
         let ready = self.is_ready();
         if ready {
+            self.dispatch_due(now_ms);
+        }
+        if ready && self.due.is_empty() {
             while self.has_room() {
                 let Some(incoming) = self.overflow.pop_front() else {
                     break;
@@ -644,6 +674,98 @@ mod tests {
         );
         assert_eq!(waits(Some(-1)), 0, "the shaping partition is unlimited");
         assert!(waits(Some(2)) > 0);
+    }
+
+    /// Tasks released from the delay queue take a token of the rate like fetched ones:
+    /// none at rate 0, one per token at a limited rate, the rest once tokens come.
+    #[test]
+    fn released_delayed_tasks_wait_for_the_rate() {
+        let live = LiveProperties::new(ProcessorProperties::default());
+        let f = fixture(0, 100, None);
+        let mut ctx = live_context(&f, &live);
+        let pauses = Pauses::default();
+        for o in 0..6 {
+            let mut u = unit(o, Some(&[o as u8]), 1_000);
+            u.partition = f.core.clone();
+            assert!(!ctx.offer(Incoming::Task(u), 0));
+        }
+        assert_eq!((ctx.delayed.len(), ctx.lanes_occupied()), (6, 0));
+        live.set("decaton.processing.rate.per.partition", "0")
+            .unwrap();
+        ctx.release_due(1_000);
+        assert_eq!(ctx.lanes_occupied(), 0, "rate 0: no task goes to a lane");
+        ctx.flow(&pauses, &f.subscription, 1_000);
+        assert_eq!(ctx.lanes_occupied(), 0);
+        // 5 per second: a burst of one, the next token in about 200 ms.
+        live.set("decaton.processing.rate.per.partition", "5")
+            .unwrap();
+        ctx.flow(&pauses, &f.subscription, 1_000);
+        assert_eq!(ctx.lanes_occupied(), 1, "one token, one task");
+        assert!(ctx.next_due().is_some_and(|d| d > 1_000), "back for the next token");
+        live.set("decaton.processing.rate.per.partition", "-1")
+            .unwrap();
+        ctx.flow(&pauses, &f.subscription, 1_000);
+        assert_eq!(ctx.lanes_occupied(), 6);
+    }
+
+    /// A fetched task waits behind a released delayed task that waits for the rate, so
+    /// one key's tasks still reach the lanes in offset order.
+    #[test]
+    fn fetched_tasks_wait_behind_released_ones() {
+        let live = LiveProperties::new(ProcessorProperties::default());
+        let f = fixture(0, 100, None);
+        let mut ctx = live_context(&f, &live);
+        let mut u = unit(0, Some(b"k"), 1_000);
+        u.partition = f.core.clone();
+        assert!(!ctx.offer(Incoming::Task(u), 0));
+        live.set("decaton.processing.rate.per.partition", "0")
+            .unwrap();
+        ctx.release_due(1_000);
+        live.set("decaton.processing.rate.per.partition", "-1")
+            .unwrap();
+        assert!(ctx.offer(task(&f, 1, b"k"), 1_000), "waits behind offset 0");
+        ctx.flow(&Pauses::default(), &f.subscription, 1_000);
+        assert_eq!(ctx.lanes_occupied(), 2, "both in the lanes, 0 first");
+        assert!(ctx.due.is_empty() && ctx.overflow.is_empty());
+    }
+
+    /// Rate 0 on the source topic does not stop a retry partition, which follows the
+    /// retry topic's own rate.
+    #[test]
+    fn a_retry_partition_follows_its_own_rate() {
+        let live = LiveProperties::new(ProcessorProperties {
+            processing_rate_per_partition: 0,
+            ..Default::default()
+        });
+        let f = fixture(0, 100, None);
+        let retry = Arc::new(PartitionCore::new(
+            Arc::from("t-retry"),
+            PartitionId {
+                topic: 1,
+                partition: 0,
+            },
+            OffsetTracker::starting_at(Some(0), DoneRanges::default()),
+            f.subscription.partition("t-retry", 0),
+            f.wakeup.clone(),
+        ));
+        let lanes = Lanes::new(
+            &ProcessorProperties::default(),
+            Arc::new(Instant0(f.ran.clone())),
+            f._rt.handle().clone(),
+        );
+        let mut ctx =
+            PartitionContext::new(retry.clone(), lanes, 100, None, None, None).with_live(live.clone());
+        let retry_task = |o: i64| {
+            let mut u = unit(o, Some(b"k"), 0);
+            u.partition = retry.clone();
+            Incoming::Task(u)
+        };
+        assert!(!ctx.offer(retry_task(0), 0), "runs although the source is stopped");
+        assert_eq!(ctx.health().not_ready, None);
+        let mut source = live_context(&f, &live);
+        assert!(source.offer(task(&f, 0, b"k"), 0), "the source is stopped");
+        live.set("retry_processing_rate_per_partition", "0").unwrap();
+        assert!(ctx.offer(retry_task(1), 0), "the retry topic's own rate 0 stops it");
     }
 
     /// Health tells a partition held at rate 0 apart from a stuck one, from the flow

@@ -114,11 +114,24 @@ impl<T: prost::Message + Default + 'static, P: TaskProcessor<T>> TaskRunner<T> f
 }
 
 impl<T: prost::Message + Default + 'static, P: TaskProcessor<T>> Pipeline<T, P> {
-    /// Rate 0: no task starts, nor is shaped, until it changes (checked here, not only at
-    /// dispatch, so tasks already queued in the lanes stop too).
+    /// Rate 0 of the partition's own topic: no task starts, nor is shaped, until it
+    /// changes (checked here, not only at dispatch, so tasks already queued in the lanes
+    /// stop too). The source, retry and shaping topics each have their own rate: stopping
+    /// one holds only its partitions.
     async fn hold_while_stopped(&self, partition: &super::partition_core::PartitionCore) {
-        while self.live.is_stopped() && !partition.is_revoked() {
+        while self.is_stopped(partition.id().topic) && !partition.is_revoked() {
             let _ = tokio::time::timeout(HALT_CHECK, self.live.resumed()).await;
+        }
+    }
+
+    /// Whether the rate of the subscription's topic `topic` (an index into its topics) is
+    /// 0: `processing_rate_per_partition` for the source, the retry topic's own for the
+    /// retry topic; the shaping topic's rate is never 0.
+    fn is_stopped(&self, topic: u8) -> bool {
+        match topic {
+            0 => self.live.is_stopped(),
+            t if self.shaping.as_ref().is_some_and(|s| s.topic == t) => false,
+            _ => self.live.is_retry_stopped(),
         }
     }
 
@@ -225,8 +238,10 @@ impl<T: prost::Message + Default + 'static, P: TaskProcessor<T>> Pipeline<T, P> 
                 }
             },
         };
+        // Writes the changelog refuses for good fail the task: forwarded like any failure.
+        let forward = self.forwarder.clone().zip(raw);
         runtime
-            .finish_task(&partition, offset, state, outcome)
+            .finish_task(&partition, offset, state, outcome, forward)
             .await;
     }
 }
@@ -249,8 +264,21 @@ impl<T: prost::Message + Default + 'static, P: TaskProcessor<T>> Pipeline<T, P> 
         loop {
             let current = match task.take() {
                 Some(t) => t,
-                // Decoded once already, so it decodes again.
-                None => raw.and_then(RawRecord::decode::<T>)?,
+                None => match raw.and_then(RawRecord::decode::<T>) {
+                    Some(t) => t,
+                    // It decoded when fetched; if its record no longer does, no attempt can
+                    // run it: a permanent failure (dead-lettered with this reason), never
+                    // a silent success.
+                    None => {
+                        let reason = "the task's record no longer decodes for another \
+                                      attempt in the lane";
+                        tracing::warn!(subscription = %self.subscription, topic = %partition.topic(),
+                            partition = partition.partition(), offset = ctx.completion.offset(),
+                            attempt, "task failed: {reason}");
+                        ctx.completion.set_reason(reason);
+                        return Some(Outcome::Permanent);
+                    }
+                },
             };
             // The first attempt starts when the task did.
             let started = match attempt {
@@ -321,4 +349,175 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
         .copied()
         .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
         .unwrap_or("(no message)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::offsets::{DoneRanges, OffsetTracker};
+    use crate::runtime::partition_core::PartitionCore;
+    use crate::runtime::recorder::SubscriptionRecorder;
+    use crate::runtime::topics::PartitionId;
+    use crate::runtime::wakeup::Wakeup;
+    use crate::stats::Counters;
+    use crate::{ProcessError, ProcessorProperties};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    /// Counts its calls; fails each when `fail`.
+    struct Failing {
+        calls: Arc<AtomicUsize>,
+        fail: bool,
+    }
+
+    #[async_trait::async_trait]
+    impl TaskProcessor<u64> for Failing {
+        async fn process(&self, _: &ProcessingContext, _: u64) -> Result<(), ProcessError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.fail {
+                return Err(ProcessError::new("down"));
+            }
+            Ok(())
+        }
+    }
+
+    struct Setup {
+        pipeline: Pipeline<u64, Failing>,
+        counters: Arc<Counters>,
+        calls: Arc<AtomicUsize>,
+    }
+
+    fn setup(props: ProcessorProperties, fail: bool, attempts: u32) -> Setup {
+        let calls = Arc::default();
+        let pipeline = Pipeline {
+            processor: Arc::new(Failing {
+                calls: Arc::clone(&calls),
+                fail,
+            }),
+            subscription: Arc::from("s"),
+            live: LiveProperties::new(props),
+            state: None,
+            forwarder: None,
+            in_process: (attempts, Backoff::fixed(Duration::ZERO)),
+            shaping: Some(Shaping {
+                state: Arc::new(ShapingState::new(10, "s")),
+                topic: 2,
+            }),
+            _task: std::marker::PhantomData,
+        };
+        Setup {
+            pipeline,
+            counters: Arc::default(),
+            calls,
+        }
+    }
+
+    /// A registered and dispatched task of partition 0 of topic `topic` (0 source, 1
+    /// retry, 2 shaping), with `raw` as its record.
+    fn unit(s: &Setup, topic: u8, raw: Option<RawRecord>) -> TaskUnit<u64> {
+        let recorder = SubscriptionRecorder::new(Arc::from("s"), s.counters.clone());
+        let core = Arc::new(PartitionCore::new(
+            Arc::from("t"),
+            PartitionId {
+                topic,
+                partition: 0,
+            },
+            OffsetTracker::starting_at(Some(0), DoneRanges::default()),
+            recorder.partition("t", 0),
+            Arc::new(Wakeup::default()),
+        ));
+        core.register(0);
+        core.mark_dispatched();
+        TaskUnit {
+            partition: core,
+            offset: 0,
+            key: None,
+            metadata: Default::default(),
+            task: 0,
+            state: None,
+            trace: None,
+            raw: raw.map(Arc::new),
+            lane: None,
+            over_quota: false,
+        }
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// A task whose record no longer decodes when the lane tries it again fails (counted,
+    /// with its reason) instead of counting as done.
+    #[test]
+    fn a_record_that_no_longer_decodes_on_retry_fails_the_task() {
+        let s = setup(ProcessorProperties::default(), true, 2);
+        let raw = RawRecord {
+            key: None,
+            payload: Some(vec![0xff, 0xff, 0xff]),
+            headers: Vec::new(),
+        };
+        let unit = unit(&s, 0, Some(raw));
+        let core = unit.partition.clone();
+        runtime().block_on(s.pipeline.run(unit));
+        assert_eq!(
+            s.calls.load(Ordering::SeqCst),
+            1,
+            "no attempt without a task"
+        );
+        let stats = s.counters.snapshot();
+        assert_eq!((stats.failed, stats.processed), (1, 0), "{stats:?}");
+        // Failed for good and, with no dead-letter topic, completed so the partition
+        // moves on.
+        assert_eq!(core.position(), Some(1));
+    }
+
+    /// Rate 0 on the source topic does not hold tasks of the retry and shaping topics,
+    /// which have rates of their own; the retry topic's rate 0 holds only its own.
+    #[test]
+    fn source_rate_0_holds_only_source_tasks() {
+        let rt = runtime();
+        for topic in [1u8, 2] {
+            let s = setup(
+                ProcessorProperties {
+                    processing_rate_per_partition: 0,
+                    ..Default::default()
+                },
+                false,
+                0,
+            );
+            let unit = unit(&s, topic, None);
+            // Not deferred: the run ends once the task has run, or never if it is held.
+            let ran = rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(10), s.pipeline.run(unit))
+                    .await
+                    .is_ok()
+            });
+            assert!(ran, "topic {topic}: held by the source's rate 0");
+            assert_eq!(s.counters.snapshot().processed, 1);
+        }
+        // The retry topic stopped: its task is held until its partition is revoked, and
+        // never runs.
+        let s = setup(
+            ProcessorProperties {
+                retry_processing_rate_per_partition: 0,
+                ..Default::default()
+            },
+            false,
+            0,
+        );
+        let unit = unit(&s, 1, None);
+        let core = unit.partition.clone();
+        rt.block_on(async {
+            let run = s.pipeline.run(unit);
+            tokio::pin!(run);
+            // Polled once: it is waiting at the start.
+            assert!(futures::poll!(run.as_mut()).is_pending());
+            core.revoke();
+            run.await;
+        });
+        assert_eq!(s.calls.load(Ordering::SeqCst), 0);
+    }
 }
