@@ -702,3 +702,89 @@ fn a_nested_chain_passes_on_to_the_outer_chain() {
         assert_eq!(at_stage(&seen, stage).len(), 10, "stage {stage}");
     }
 }
+
+/// The stage behind a window: a task below `hold_below` waits for the gate; each task is
+/// noted once it has run, so `seen` is the order tasks completed in.
+struct HeldDownstream {
+    seen: Seen,
+    gate: Arc<tokio::sync::Semaphore>,
+    hold_below: u64,
+    waiting: Arc<AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl TaskProcessor<u64> for HeldDownstream {
+    async fn process(&self, ctx: &ProcessingContext, task: u64) -> Result<(), ProcessError> {
+        if task < self.hold_below {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            let permit = self.gate.acquire().await.map_err(ProcessError::new)?;
+            permit.forget();
+        }
+        note(&self.seen, "after", ctx, task);
+        Ok(())
+    }
+}
+
+/// `partition_concurrency` changes while one key's tasks are deferred in a per-lane
+/// window (`stage` makes the window's instances): the partition waits until they have
+/// completed before it moves to the new lanes, whose new instances could otherwise let
+/// the key's later tasks overtake them.
+fn a_window_held_across_a_lane_change_keeps_key_order(stage: Chain<u64>) {
+    let h = Harness::new(bounded(1));
+    let seen: Seen = Arc::default();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let waiting = Arc::new(AtomicUsize::new(0));
+    let (half, n) = (6u64, 12u64);
+    let chain = stage.then_process(HeldDownstream {
+        seen: seen.clone(),
+        gate: gate.clone(),
+        hold_below: half,
+        waiting: waiting.clone(),
+    });
+    let runner = h.runner(chain, 0);
+    let (core, mut ctx) = h.assign(0, &runner);
+    let keys = vec![Some(7u8); n as usize];
+    h.offer(&core, &mut ctx, 0, &keys[..half as usize], false);
+    // The first tasks left the lane (deferred in the window) and one reached the gate.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while waiting.load(Ordering::SeqCst) == 0 || ctx.lanes_occupied() > 0 {
+        assert!(Instant::now() < deadline, "the window never closed");
+        ctx.flow(&NoPause, &h.recorder, 0);
+        h.wakeup.wait(Duration::from_millis(10));
+    }
+    h.live.set("partition_concurrency", "3").unwrap();
+    h.offer(&core, &mut ctx, half as i64, &keys[half as usize..], false);
+    let health = ctx.health().not_ready;
+    assert!(
+        matches!(health, Some(crate::NotReady::ChangingLanes { to: 3, .. })),
+        "the lanes changed under a deferred task: {health:?}"
+    );
+    gate.add_permits(n as usize);
+    assert!(h.drive(&mut ctx, || core.position() == Some(n as i64)));
+    assert_eq!(ctx.health().not_ready, None, "on the new lanes");
+    let after: Vec<u64> = at_stage(&seen, "after").iter().map(|s| s.1).collect();
+    let mut sorted = after.clone();
+    sorted.sort_unstable();
+    assert_eq!(after, sorted, "one key's tasks completed out of order");
+    assert!(after.last().is_some_and(|t| *t >= half), "{after:?}");
+}
+
+#[test]
+fn an_in_order_batch_held_across_a_lane_change_keeps_key_order() {
+    a_window_held_across_a_lane_change_keeps_key_order(Chain::scoped(ProcessorScope::Lane, || {
+        crate::Batching::new(crate::PassOn, 1000, Duration::from_millis(20)).in_order()
+    }));
+}
+
+#[test]
+fn a_compaction_window_held_across_a_lane_change_keeps_key_order() {
+    a_window_held_across_a_lane_change_keeps_key_order(Chain::scoped(ProcessorScope::Lane, || {
+        crate::Compaction::new(crate::PassOn, Duration::from_millis(20), |kept, arrived| {
+            if arrived.info.offset > kept.info.offset {
+                crate::Survivor::Arrived
+            } else {
+                crate::Survivor::Kept
+            }
+        })
+    }));
+}

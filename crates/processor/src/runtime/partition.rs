@@ -158,14 +158,17 @@ impl<T: Send + 'static> PartitionContext<T> {
         };
     }
 
-    /// Replaces the lanes once they are empty, when their number changed; whether the
-    /// partition may dispatch (no change is waiting).
+    /// Replaces the lanes once they are empty and no task of the partition is still
+    /// running, deferred ones included, when their number changed; whether the partition
+    /// may dispatch (no change is waiting). A deferred task may sit in a per-lane stage
+    /// (a `Batching` or `Compaction` window): a key moved to another lane, with another
+    /// instance of the stage, could otherwise overtake it.
     fn lanes_settled(&mut self) -> bool {
         let Some(lanes) = self.resize_to else {
             return true;
         };
         self.lanes.flush();
-        if self.lanes.occupied() > 0 {
+        if self.lanes.occupied() > 0 || self.core.running() > 0 {
             return false;
         }
         // Per-lane stage instances belong to the old lanes.
@@ -254,7 +257,7 @@ impl<T: Send + 'static> PartitionContext<T> {
             _ => match self.resize_to {
                 Some(to) => Some(NotReady::ChangingLanes {
                     to,
-                    tasks: self.lanes.occupied(),
+                    tasks: self.lanes.occupied().max(self.core.running()),
                 }),
                 None => self.rate.is_stopped().then_some(NotReady::Stopped),
             },
