@@ -1,6 +1,7 @@
 //! Processor chains: stages, their scopes, and passing a task from one to the next
 //! (documented on [`Chain`]).
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -36,6 +37,36 @@ enum Make<T> {
 struct Stage<T> {
     id: u64,
     make: Make<T>,
+    /// Scoped instances of this stage whose `Drop` panicked.
+    drop_panics: Arc<AtomicU64>,
+}
+
+/// A per-partition or per-lane instance as its partition keeps it. The partition drops
+/// it at revocation (inside the consumer's rebalance callback, where a panic would abort
+/// the process) and when its lanes change: the user's `Drop` runs under `catch_unwind`,
+/// and a panic there is logged and counted (`decaton_instance_drop_panics_total`)
+/// instead of unwinding into the runtime.
+struct Kept<T> {
+    instance: Option<Instance<T>>,
+    subscription: String,
+    drop_panics: Arc<AtomicU64>,
+}
+
+impl<T> Drop for Kept<T> {
+    fn drop(&mut self) {
+        let instance = self.instance.take();
+        let dropped = std::panic::catch_unwind(AssertUnwindSafe(move || drop(instance)));
+        if let Err(panic) = dropped {
+            self.drop_panics.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(crate::metrics::INSTANCE_DROP_PANICS,
+                "subscription" => self.subscription.clone())
+            .increment(1);
+            tracing::error!(subscription = %self.subscription,
+                "a per-partition or per-lane processor instance panicked when dropped: {}; \
+                 ignored, processing goes on",
+                crate::runtime::pipeline::panic_message(&*panic));
+        }
+    }
 }
 
 static NEXT_STAGE: AtomicU64 = AtomicU64::new(0);
@@ -45,6 +76,7 @@ impl<T: Send + 'static> Stage<T> {
         Arc::new(Stage {
             id: NEXT_STAGE.fetch_add(1, Ordering::Relaxed),
             make,
+            drop_panics: Arc::default(),
         })
     }
 
@@ -58,12 +90,18 @@ impl<T: Send + 'static> Stage<T> {
             // processor escapes the build check), a lane stage is a partition stage.
             Make::Lane(factory) => (factory, ctx.lane()),
         };
-        let any = ctx
-            .completion
-            .partition()
-            .scoped(self.id, lane, || Arc::new(factory()));
-        match any.downcast_ref::<Instance<T>>() {
-            Some(p) => p.clone(),
+        let any = ctx.completion.partition().scoped(self.id, lane, || {
+            Arc::new(Kept {
+                instance: Some(factory()),
+                subscription: ctx.subscription_id().to_string(),
+                drop_panics: self.drop_panics.clone(),
+            })
+        });
+        match any
+            .downcast_ref::<Kept<T>>()
+            .and_then(|k| k.instance.clone())
+        {
+            Some(p) => p,
             // Stage ids are unique, so a slot holds only its stage's type; made anew
             // rather than failing if that ever breaks.
             None => factory(),

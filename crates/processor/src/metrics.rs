@@ -41,6 +41,9 @@ pub const FORWARD_FAILURES: &str = "decaton_forward_failures_total";
 /// 1 while a partition is stalled because a copy of one of its tasks cannot be written
 /// (nothing past that offset is committed), else 0 (gauge).
 pub const PARTITION_STALLED: &str = "decaton_partition_stalled";
+/// Per-partition or per-lane processor instances whose `Drop` panicked (caught; the
+/// partition's release or lane change went on).
+pub const INSTANCE_DROP_PANICS: &str = "decaton_instance_drop_panics_total";
 /// Tasks of a key over its quota produced to the shaping topic.
 pub const SHAPED: &str = "decaton_tasks_shaped_total";
 /// Keys with shaped tasks not yet processed, in this instance (gauge).

@@ -2,6 +2,7 @@
 //! broker): what reaches each stage, in which order, and when the offset commits.
 
 use std::collections::{HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -787,4 +788,64 @@ fn a_compaction_window_held_across_a_lane_change_keeps_key_order() {
             }
         })
     }));
+}
+
+/// Panics when dropped.
+struct PanicsOnDrop;
+
+impl Drop for PanicsOnDrop {
+    fn drop(&mut self) {
+        panic!("cannot let go");
+    }
+}
+
+#[async_trait::async_trait]
+impl TaskProcessor<u64> for PanicsOnDrop {
+    async fn process(&self, ctx: &ProcessingContext, task: u64) -> Result<(), ProcessError> {
+        ctx.push(task).await
+    }
+}
+
+/// A per-partition or per-lane instance whose `Drop` panics neither unwinds out of the
+/// partition's release (the rebalance callback, where it would abort the process) nor
+/// out of a lane change: the panic is caught and counted.
+#[test]
+fn an_instance_that_panics_when_dropped_is_contained() {
+    let h = Harness::new(bounded(2));
+    let chain = Chain::scoped(ProcessorScope::Partition, || PanicsOnDrop)
+        .then_scoped(ProcessorScope::Lane, || PanicsOnDrop);
+    let stages = chain.stages.clone();
+    let runner = h.runner(chain, 0);
+    let (core, mut ctx) = h.assign(0, &runner);
+    let keys: Vec<Option<u8>> = (0..20).map(|i| Some(i as u8)).collect();
+    h.offer(&core, &mut ctx, 0, &keys, false);
+    assert!(h.drive(&mut ctx, || core.position() == Some(20)));
+    let panics = || -> Vec<u64> {
+        stages
+            .iter()
+            .map(|s| s.drop_panics.load(Ordering::SeqCst))
+            .collect()
+    };
+    // The lanes change: the per-lane instances go.
+    h.live.set("partition_concurrency", "3").unwrap();
+    let changed =
+        std::panic::catch_unwind(AssertUnwindSafe(|| h.drive(&mut ctx, || panics()[1] == 2)));
+    assert_eq!(
+        changed.ok(),
+        Some(true),
+        "a drop panic unwound out of the lane change, or was not counted: {:?}",
+        panics()
+    );
+    // Revoked: the partition instance and the new lanes' ones go.
+    h.offer(&core, &mut ctx, 20, &keys, false);
+    assert!(h.drive(&mut ctx, || core.position() == Some(40)));
+    core.revoke();
+    let closed = std::panic::catch_unwind(AssertUnwindSafe(|| core.close()));
+    assert_eq!(
+        closed.ok(),
+        Some(0),
+        "a drop panic unwound out of the release"
+    );
+    assert_eq!(panics()[0], 1);
+    assert!(panics()[1] > 2, "{:?}", panics());
 }

@@ -343,7 +343,7 @@ impl<T: prost::Message + Default + 'static, P: TaskProcessor<T>> Pipeline<T, P> 
 }
 
 /// The message a panic was raised with, when it is text.
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
     panic
         .downcast_ref::<&str>()
         .copied()
