@@ -68,6 +68,9 @@ pub(crate) struct Assembler {
     dangling: HashMap<Vec<u8>, i64>,
     pub(crate) ops: Ops,
     pub(crate) applied_sources: BTreeSet<i64>,
+    /// Batches applied as thinned out by compaction whose source offset is in
+    /// `applied_sources`, with that offset: an abort marker that follows takes it back.
+    compacted_sources: HashMap<u64, i64>,
     pub(crate) batches_applied: u64,
     pub(crate) compacted_batches_applied: u64,
     pub(crate) partial_batches_ignored: u64,
@@ -94,7 +97,13 @@ impl Assembler {
         match kind {
             Kind::Abort(batch) => {
                 if let Some(p) = self.take(batch) {
-                    self.settle(p, Settle::Ignore);
+                    self.settle(batch, p, Settle::Ignore);
+                } else if let Some(src) = self.compacted_sources.remove(&batch) {
+                    // Applied as thinned out by compaction, then marked aborted by its
+                    // writer (the changelog refused it part-way): its task failed, so
+                    // its offset must not count as applied. The writer wrote the valid
+                    // values of its keys right after the marker.
+                    self.applied_sources.remove(&src);
                 }
             }
             Kind::Unframed => match key {
@@ -163,7 +172,7 @@ impl Assembler {
         p.records.insert(f.index, Rec { offset, key, value });
         if p.records.len() >= p.size as usize {
             if let Some(p) = self.take(batch) {
-                self.settle(p, Settle::Complete);
+                self.settle(batch, p, Settle::Complete);
             }
         }
     }
@@ -178,7 +187,7 @@ impl Assembler {
             .collect();
         for batch in done {
             if let Some(p) = self.take(batch) {
-                self.settle(p, Settle::Compacted);
+                self.settle(batch, p, Settle::Compacted);
             }
         }
         if below == u64::MAX {
@@ -190,7 +199,7 @@ impl Assembler {
                 .collect();
             for batch in rest {
                 if let Some(p) = self.take(batch) {
-                    self.settle(p, Settle::Compacted);
+                    self.settle(batch, p, Settle::Compacted);
                 }
             }
         }
@@ -204,7 +213,7 @@ impl Assembler {
         Some(p)
     }
 
-    fn settle(&mut self, p: Pending, how: Settle) {
+    fn settle(&mut self, batch: u64, p: Pending, how: Settle) {
         match how {
             Settle::Complete => self.batches_applied += 1,
             Settle::Compacted => self.compacted_batches_applied += 1,
@@ -213,6 +222,9 @@ impl Assembler {
         let apply = how != Settle::Ignore;
         if apply && p.src_offset >= self.floor {
             self.applied_sources.insert(p.src_offset);
+            if how == Settle::Compacted {
+                self.compacted_sources.insert(batch, p.src_offset);
+            }
         }
         for rec in p.records.into_values() {
             let superseded = self
@@ -264,10 +276,10 @@ impl Assembler {
                 .writer
                 .is_some_and(|(w, last)| self.max_seq.get(&w).is_some_and(|max| last <= *max));
             if compacted {
-                self.settle(p, Settle::Compacted);
+                self.settle(batch, p, Settle::Compacted);
             } else {
                 torn.push(batch);
-                self.settle(p, Settle::Ignore);
+                self.settle(batch, p, Settle::Ignore);
             }
         }
         torn
