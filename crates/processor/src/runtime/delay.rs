@@ -7,7 +7,8 @@
 //! order to keep and waits alone.
 //!
 //! The queue lives on the consumer thread, which releases due tasks between polls and
-//! polls no longer than until the next one is due. Waiting tasks are registered but not
+//! polls no longer than until the next one is due. A released task still takes a token
+//! of the partition's rate before it goes to a lane. Waiting tasks are registered but not
 //! running: revocation and shutdown do not wait for them, they are simply not committed,
 //! and the next owner of the partition receives them again.
 

@@ -9,8 +9,10 @@
 //!
 //! In bounded mode the number of lanes can change while running (`partition_concurrency`
 //! is reloadable): the partition stops dispatching, waits until its lanes hold no task
-//! ([`Lanes::occupied`]), then replaces them with [`Lanes::resized`] — a key moving to
-//! another lane never overtakes its previous task.
+//! ([`Lanes::occupied`]) and none of its tasks is still deferred (a task deferred in a
+//! per-lane `Batching` or `Compaction` window has left its lane but not finished), then
+//! replaces them with [`Lanes::resized`] — a key moving to another lane never overtakes
+//! its previous task.
 //!
 //! Tasks without a key (null or empty) carry no ordering constraint: bounded mode spreads
 //! them round-robin over the lanes, per-key mode runs each on its own. Every queue here

@@ -66,7 +66,8 @@ pub(crate) struct PartitionContext<T> {
     /// When the next token of the rate is due (epoch ms), while a task waits for it.
     rate_due: Option<i64>,
     /// A new number of lanes (`partition_concurrency` changed): nothing is dispatched
-    /// until the current lanes are empty, then they are replaced.
+    /// until the current lanes are empty and no task of the partition runs (deferred
+    /// ones included), then they are replaced.
     resize_to: Option<usize>,
     /// A rate of its own instead of `processing_rate_per_partition` (the shaping topic).
     fixed_rate: Option<i64>,
@@ -704,7 +705,10 @@ mod tests {
             .unwrap();
         ctx.flow(&pauses, &f.subscription, 1_000);
         assert_eq!(ctx.lanes_occupied(), 1, "one token, one task");
-        assert!(ctx.next_due().is_some_and(|d| d > 1_000), "back for the next token");
+        assert!(
+            ctx.next_due().is_some_and(|d| d > 1_000),
+            "back for the next token"
+        );
         live.set("decaton.processing.rate.per.partition", "-1")
             .unwrap();
         ctx.flow(&pauses, &f.subscription, 1_000);
@@ -756,19 +760,26 @@ mod tests {
             Arc::new(Instant0(f.ran.clone())),
             f._rt.handle().clone(),
         );
-        let mut ctx =
-            PartitionContext::new(retry.clone(), lanes, 100, None, None, None).with_live(live.clone());
+        let mut ctx = PartitionContext::new(retry.clone(), lanes, 100, None, None, None)
+            .with_live(live.clone());
         let retry_task = |o: i64| {
             let mut u = unit(o, Some(b"k"), 0);
             u.partition = retry.clone();
             Incoming::Task(u)
         };
-        assert!(!ctx.offer(retry_task(0), 0), "runs although the source is stopped");
+        assert!(
+            !ctx.offer(retry_task(0), 0),
+            "runs although the source is stopped"
+        );
         assert_eq!(ctx.health().not_ready, None);
         let mut source = live_context(&f, &live);
         assert!(source.offer(task(&f, 0, b"k"), 0), "the source is stopped");
-        live.set("retry_processing_rate_per_partition", "0").unwrap();
-        assert!(ctx.offer(retry_task(1), 0), "the retry topic's own rate 0 stops it");
+        live.set("retry_processing_rate_per_partition", "0")
+            .unwrap();
+        assert!(
+            ctx.offer(retry_task(1), 0),
+            "the retry topic's own rate 0 stops it"
+        );
     }
 
     /// Health tells a partition held at rate 0 apart from a stuck one, from the flow

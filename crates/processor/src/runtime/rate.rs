@@ -10,6 +10,11 @@
 //! Rate 0 stops the partition: nothing is dispatched, and tasks already queued in its
 //! lanes do not start either (the pipeline holds them at their start, reading the live
 //! value directly) until the rate changes again.
+//!
+//! Each topic of a subscription has its own rate: `processing_rate_per_partition` for
+//! the source topic, `retry_processing_rate_per_partition` for the retry topic,
+//! `QuotaConfig::shaping_rate` for the shaping topic. Tasks released from the delay
+//! queue take a token like fetched ones.
 
 use std::num::NonZeroU32;
 use std::time::Duration;

@@ -322,7 +322,7 @@ mod tests {
     /// is refused at build, and the error names both settings.
     #[test]
     fn any_two_roles_on_one_topic_are_refused() {
-        let cases: [(Option<&str>, Option<&str>, Option<&str>, [&str; 2]); 6] = [
+        let cases = [
             (
                 Some("src"),
                 None,
