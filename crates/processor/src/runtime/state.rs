@@ -11,10 +11,17 @@
 //!    position are remembered, and commits forget the ones they pass.
 //! 2. **Completion**: a successful task's writes go to the changelog first. Only when the
 //!    broker has acknowledged every record are they applied to the local store, and only
-//!    then is the offset done and may the key's next task start. A failed append is sent
-//!    again (the values are absolute, so a record that did land and its repeat restore
-//!    the same state) until it is acknowledged or the partition is released: the local
-//!    store never holds a write the changelog lacks, and no task's effects apply twice.
+//!    then is the offset done and may the key's next task start. An append that failed
+//!    transiently is sent again (the values are absolute, so a record that did land and
+//!    its repeat restore the same state) until it is acknowledged or the partition is
+//!    released: the local store never holds a write the changelog lacks, and no task's
+//!    effects apply twice. An append the changelog refused for good (too large, topic
+//!    missing, not authorised, invalid, a broken producer) fails the task instead: none
+//!    of its writes reach the local store, what may have landed of the batch is reverted
+//!    in the changelog, and the task takes the failure path (retry or dead-letter topic
+//!    with the reason, or done as failed when the subscription has neither). A revert
+//!    that cannot be written either stops the partition at that offset, loudly, until
+//!    it can.
 //! 3. **Release**: the slot is fenced: no later apply, append or restore write reaches the
 //!    store. After the final commit a clean store is checkpointed (changelog position plus
 //!    the applied offsets at or above the commit position); a store with abandoned tasks
@@ -36,9 +43,10 @@ use decaton_state::{Backend, StateConfig, StateError, StateStore};
 use tokio::runtime::Handle;
 
 use super::completion::Outcome;
+use super::forward::{Failure, Forwarder, RawRecord};
 use super::kafka_config;
 use super::partition_core::PartitionCore;
-use super::recorder::{PartitionRecorder, SubscriptionRecorder};
+use super::recorder::SubscriptionRecorder;
 use super::topics::PartitionId;
 use super::wakeup::Wakeup;
 
@@ -179,6 +187,20 @@ pub(crate) struct StateRuntime {
     writer: Arc<ChangelogWriter>,
     runtime: Handle,
     recorder: Arc<SubscriptionRecorder>,
+}
+
+/// The longest pause between attempts to revert a refused batch.
+const REVERT_MAX_DELAY: Duration = Duration::from_secs(60);
+
+/// How keeping a task's state writes ended.
+enum Persisted {
+    /// In the changelog and the local store.
+    Durable,
+    /// The partition was released first: nothing of the task counts.
+    Released,
+    /// The changelog refused them for good (the reason); none were applied, and what
+    /// may have landed was reverted.
+    Refused(String),
 }
 
 fn backoff() -> impl Iterator<Item = Duration> {
@@ -335,41 +357,78 @@ impl StateRuntime {
 
     /// Ends a task that ran with state: keeps its writes if it succeeded (durable in the
     /// changelog, then local), then marks its offset done — or nothing, if the partition
-    /// was released before the writes could be kept.
+    /// was released before the writes could be kept. When the changelog refuses the
+    /// writes for good, the task fails: `forward` (the subscription's forwarder and the
+    /// task's record) sends it to the retry or dead-letter topic first, when given.
     pub(crate) async fn finish_task(
         &self,
-        partition: &PartitionCore,
+        partition: &Arc<PartitionCore>,
         offset: i64,
         state: TaskState,
         outcome: Outcome,
+        forward: Option<(Arc<Forwarder>, Arc<RawRecord>)>,
     ) {
         if !outcome.is_success() || state.is_empty() {
             partition.finish(offset);
             return;
         }
-        if self.persist(&state, offset, partition.recorder()).await {
-            partition.finish(offset);
-        } else {
-            partition.release();
+        match self.persist(&state, offset, partition).await {
+            Persisted::Durable => partition.finish(offset),
+            Persisted::Released => partition.release(),
+            Persisted::Refused(reason) => {
+                partition.recorder().failed();
+                tracing::warn!(topic = %partition.topic(), partition = partition.partition(),
+                    offset, "task failed: the changelog refused its state writes for good; \
+                    none of them were applied: {reason}");
+                let Some((forwarder, record)) = forward else {
+                    partition.finish(offset);
+                    return;
+                };
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let failure = Failure::of(
+                    Outcome::Error,
+                    Some(format!("state write refused by the changelog: {reason}")),
+                );
+                forwarder.spawn(partition.clone(), offset, record, failure, move |done| {
+                    let _ = tx.send(done);
+                });
+                match rx.await {
+                    Ok(true) => partition.finish(offset),
+                    _ => partition.release(),
+                }
+            }
         }
     }
 
-    async fn persist(&self, state: &TaskState, offset: i64, recorder: &PartitionRecorder) -> bool {
+    async fn persist(&self, state: &TaskState, offset: i64, partition: &PartitionCore) -> Persisted {
+        let recorder = partition.recorder();
         let slot = &state.slot;
         let Some(store) = slot.store.get() else {
-            return false;
+            return Persisted::Released;
         };
         let Ok(mutations) = store.take_mutations(&state.batch) else {
-            return false;
+            return Persisted::Released;
         };
         let mutations: Arc<[Mutation]> = mutations.into();
         let mut delays = backoff();
         let last = loop {
             if slot.is_fenced() {
-                return false;
+                return Persisted::Released;
             }
             match self.append(store, offset, mutations.clone()).await {
                 Ok(last) => break last,
+                Err(StateError::Closed(_)) => return Persisted::Released,
+                Err(StateError::Refused {
+                    reason, torn_batch, ..
+                }) => {
+                    recorder.state_write_failed();
+                    if let Some(batch) = torn_batch {
+                        if !self.revert(store, offset, batch, &mutations, partition).await {
+                            return Persisted::Released;
+                        }
+                    }
+                    return Persisted::Refused(reason);
+                }
                 Err(e) => {
                     recorder.state_write_failed();
                     let delay = delays.next().unwrap_or(Duration::from_secs(10));
@@ -386,7 +445,7 @@ impl StateRuntime {
             let (s, m) = (store.clone(), mutations.clone());
             match tokio::task::spawn_blocking(move || s.apply_acknowledged(&m, offset)).await {
                 Ok(Ok(())) => break,
-                Ok(Err(StateError::Closed(_))) => return false,
+                Ok(Err(StateError::Closed(_))) => return Persisted::Released,
                 Ok(Err(e)) => {
                     slot.failed.store(true, Ordering::Release);
                     tracing::error!(
@@ -402,7 +461,7 @@ impl StateRuntime {
                 ),
             }
             if slot.is_fenced() {
-                return false;
+                return Persisted::Released;
             }
             tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(10))).await;
         }
@@ -410,7 +469,83 @@ impl StateRuntime {
             slot.next_changelog_offset
                 .fetch_max(last + 1, Ordering::AcqRel);
         }
-        true
+        Persisted::Durable
+    }
+
+    /// Reverts what may have landed of the refused batch `batch` of the task at `offset`:
+    /// an abort marker, then the local store's values of every key the batch wrote (the
+    /// task still holds its key, so no other batch of it is in flight). Sent again until
+    /// acknowledged: a revert refused for good stalls the partition at `offset` (health
+    /// not ready with the reason, the stall gauge, an error log at most once a minute),
+    /// since a later batch could make a restore apply the torn one; a revert that lands
+    /// lifts the stall. False if the partition was released first.
+    async fn revert(
+        &self,
+        store: &PartitionStore,
+        offset: i64,
+        batch: u64,
+        mutations: &Arc<[Mutation]>,
+        partition: &PartitionCore,
+    ) -> bool {
+        let mut delays = backoff();
+        loop {
+            if store.is_fenced() {
+                partition.unstall(offset);
+                return false;
+            }
+            let (writer, s, m) = (self.writer.clone(), store.clone(), mutations.clone());
+            let sent = tokio::task::spawn_blocking(move || {
+                let valid = m
+                    .iter()
+                    .map(|mutation| {
+                        Ok(Mutation {
+                            value: s.get(&mutation.key)?,
+                            key: mutation.key.clone(),
+                        })
+                    })
+                    .collect::<Result<Vec<_>, StateError>>()?;
+                let (topic, partition) = (s.changelog_topic(), s.partition());
+                writer.enqueue_revert(|| s.is_fenced(), topic, partition, batch, &valid)
+            })
+            .await
+            .map_err(|e| StateError::Internal(e.to_string()));
+            let error = match sent.and_then(|r| r) {
+                Ok(pending) => match pending.wait().await {
+                    Ok(_) => {
+                        partition.unstall(offset);
+                        tracing::info!(partition = store.partition(), offset, batch,
+                            "reverted a changelog batch refused part-way");
+                        return true;
+                    }
+                    Err(e) => e,
+                },
+                Err(e) => e,
+            };
+            if matches!(error, StateError::Closed(_)) {
+                partition.unstall(offset);
+                return false;
+            }
+            partition.recorder().state_write_failed();
+            let delay = delays
+                .next()
+                .unwrap_or(REVERT_MAX_DELAY)
+                .min(REVERT_MAX_DELAY);
+            if error.is_permanent() {
+                let reason = format!(
+                    "a changelog batch refused part-way cannot be reverted: {error}"
+                );
+                if partition.stall(offset, &reason) {
+                    tracing::error!(topic = %partition.topic(), partition = partition.partition(),
+                        offset, batch, "partition stopped at offset {offset}: {reason}; \
+                        trying again every {REVERT_MAX_DELAY:?} until the changelog accepts it");
+                }
+            } else {
+                tracing::warn!(partition = store.partition(), offset, batch,
+                    "revert of a refused changelog batch failed; sending it again in \
+                    {delay:?}: {error}");
+            }
+            tokio::time::sleep(delay).await;
+        }
     }
 
     async fn append(
@@ -503,7 +638,7 @@ mod tests {
         partition.close();
         slot.fence();
         runtime
-            .finish_task(&partition, 7, task, Outcome::Done)
+            .finish_task(&partition, 7, task, Outcome::Done, None)
             .await;
         assert_eq!(store.get(b"k").unwrap(), None);
         assert!(!store.is_applied(7));
