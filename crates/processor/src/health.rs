@@ -45,8 +45,9 @@ pub enum NotReady {
     /// copy, even reduced, or its shaped copy) is refused for good, for example because
     /// the topic does not exist or the principal may not write it. The offset stays
     /// unfinished, so nothing past it is committed; once `max_pending` tasks wait, no more
-    /// are fetched. The copy is tried again about once a minute: fixing the cause (create
-    /// the topic, grant the ACL) unblocks the partition without a restart.
+    /// are fetched. The copy is tried again with a backoff that grows to a minute: fixing
+    /// the cause (create the topic, grant the ACL) unblocks the partition without a
+    /// restart. `decaton_partition_stalled` is 1 meanwhile.
     Stalled {
         /// The topic of the stalled partition.
         topic: Arc<str>,

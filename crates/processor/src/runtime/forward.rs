@@ -129,12 +129,13 @@ impl RawRecord {
         T::decode(&*record.task).ok()
     }
 
-    /// The value of the first header named `name` (`None` also for a null value).
+    /// The value of the first header named `name` (empty for a null value, as the
+    /// extractor reads it).
     pub(crate) fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers
             .iter()
             .find(|(k, _)| k.as_slice() == name.as_bytes())
-            .and_then(|(_, v)| v.as_deref())
+            .map(|(_, v)| v.as_deref().unwrap_or_default())
     }
 
     /// Appends the record's headers but those `skip` names to `into`, byte for byte.
