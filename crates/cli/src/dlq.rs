@@ -467,4 +467,34 @@ mod tests {
         assert_eq!(meta.scheduled_time_millis, 0);
         assert_eq!(meta.source_application_id, "app");
     }
+
+    /// A header name that is not UTF-8 used to panic `list` and `replay`; it is kept byte
+    /// for byte, and a null value stays null.
+    #[test]
+    fn header_names_that_are_not_utf8_are_read_and_replayed_byte_for_byte() {
+        let headers = add_raw_header(OwnedHeaders::new(), b"\xff\xfe", Some(b"x"));
+        let headers = add_raw_header(headers, b"null", None);
+        let headers = add_raw_header(headers, dead_letter::REASON.as_bytes(), Some(b"why"));
+        let m = OwnedMessage::new(
+            Some(b"task".to_vec()),
+            None,
+            "ops-dlq".into(),
+            Timestamp::NotAvailable,
+            0,
+            7,
+            Some(headers),
+        );
+        assert_eq!(header(&m, dead_letter::REASON), Some(&b"why"[..]));
+        let replayed = replay_headers(&m);
+        let read: Vec<_> = raw_headers(replayed.as_borrowed())
+            .map(|h| (h.name.to_vec(), h.value.map(<[u8]>::to_vec)))
+            .collect();
+        assert_eq!(
+            read,
+            vec![
+                (b"\xff\xfe".to_vec(), Some(b"x".to_vec())),
+                (b"null".to_vec(), None)
+            ]
+        );
+    }
 }
