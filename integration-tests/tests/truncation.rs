@@ -1,24 +1,36 @@
 #![allow(clippy::field_reassign_with_default, clippy::unwrap_used)]
-//! A committed offset past the log end (the log was truncated: an unclean leader
-//! election, a topic deleted and recreated, a broker that lost its data).
+//! Committed offsets that cannot be trusted or cannot be read.
 //!
-//! The consumer's position is then reset (`auto.offset.reset`) below the committed
+//! **Past the log end** (the log was truncated: an unclean leader election, a topic
+//! deleted and recreated, a broker that lost its data). The consumer's position is then reset (`auto.offset.reset`) below the committed
 //! offset. Every task produced after the truncation must still run: the partition rebases
 //! on what it fetches, counts the event, and commits the new position, so a restart does
 //! not meet the truncation again.
 //!
 //! The truncation is simulated exactly: the group's committed offset is set to 1 000 000
 //! on a topic that holds a few records.
+//!
+//! **Unreadable at assignment** (the coordinator is loading, moving or refuses): the
+//! partition is held — nothing fetched, started or committed — and the read is retried,
+//! so the offset map survives and no finished task runs again.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use decaton_integration_tests::{
-    broker_tests, committed, produce_range, wait_committed, Behaviour, Recorder, Recording,
+    broker_tests, committed, produce_range, put_tasks, wait_committed, Behaviour, Recorder,
+    Recording,
 };
-use decaton_processor::{ProcessorProperties, Subscription, SubscriptionStats};
+use decaton_processor::{
+    async_trait, NotReady, ProcessError, ProcessingContext, ProcessorProperties, SchedulingMode,
+    Subscription, SubscriptionStats, TaskProcessor,
+};
+use decaton_protocol::ChatOp;
 use decaton_testkit::{checker, BrokerKind, TestBroker};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -62,21 +74,19 @@ async fn run_until(
     topic: &str,
     instance: &str,
     rec: &Arc<Recording>,
-    extra: &[(&str, &str)],
     produce: impl std::future::Future<Output = anyhow::Result<()>>,
     done: impl Fn(&Recording) -> bool,
 ) -> anyhow::Result<SubscriptionStats> {
-    let mut builder = Subscription::builder(
+    let sub = Subscription::builder(
         group,
         Recorder::new(instance, rec.clone(), Behaviour::default()),
     )
     .bootstrap_servers(broker.bootstrap_servers())
     .topic(topic)
-    .properties(props());
-    for (k, v) in extra {
-        builder = builder.set(*k, *v);
-    }
-    let sub = builder.build()?;
+    .properties(props())
+    .set("session.timeout.ms", "6000")
+    .set("heartbeat.interval.ms", "500")
+    .build()?;
     let handle = sub.handle();
     let running = tokio::spawn(sub.run());
     produce.await?;
@@ -112,7 +122,6 @@ async fn committed_past_the_log_end(kind: BrokerKind) -> anyhow::Result<()> {
         topic,
         "first",
         &rec,
-        &[],
         async {
             produce_range(&broker, topic, 20..first_round, KEYS)
                 .await
@@ -145,7 +154,6 @@ async fn committed_past_the_log_end(kind: BrokerKind) -> anyhow::Result<()> {
         topic,
         "second",
         &rec,
-        &[],
         async {
             produce_range(&broker, topic, first_round..total_tasks, KEYS)
                 .await
@@ -187,6 +195,8 @@ async fn committed_past_the_log_end_reset_to_latest(kind: BrokerKind) -> anyhow:
     .bootstrap_servers(&bootstrap)
     .topic(topic)
     .properties(props())
+    .set("session.timeout.ms", "6000")
+    .set("heartbeat.interval.ms", "500")
     .set("auto.offset.reset", "latest")
     .build()?;
     let handle = sub.handle();
@@ -247,3 +257,146 @@ broker_tests!(
     committed_past_the_log_end_reset_to_latest_loses_nothing,
     super::committed_past_the_log_end_reset_to_latest
 );
+
+/// Holds the task at one offset until released; records the others.
+struct HoldAt {
+    offset: i64,
+    release: Arc<tokio::sync::Notify>,
+    inner: Recorder,
+}
+
+#[async_trait]
+impl TaskProcessor<ChatOp> for HoldAt {
+    async fn process(&self, ctx: &ProcessingContext, task: ChatOp) -> Result<(), ProcessError> {
+        if ctx.offset() == self.offset {
+            self.release.notified().await;
+        }
+        self.inner.process(ctx, task).await
+    }
+}
+
+/// The first owner finishes every task but the one at offset 10 and commits position 10
+/// with an offset map listing 11..99. The next owner's reads of the committed offset fail
+/// three times (the coordinator refuses them; librdkafka's own read for its fetch start
+/// succeeds). The partition must be held and report why, then start from position 10
+/// with the map: it runs the task at 10 only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_committed_offset_holds_the_partition_until_read() -> anyhow::Result<()> {
+    decaton_integration_tests::init_tracing();
+    const TASKS: u64 = 100;
+    const HELD: i64 = 10;
+    let cluster: MockCluster<'static, DefaultProducerContext> = MockCluster::new(1)?;
+    let bootstrap = cluster.bootstrap_servers();
+    let (topic, group) = ("unreadable", "unreadable-group");
+    cluster.create_topic(topic, 1, 1)?;
+    // One key per task: nothing waits behind the held one.
+    put_tasks(&bootstrap, &[], topic, 0..TASKS, TASKS).await?;
+    let mut p = props();
+    p.mode = SchedulingMode::PerKey;
+    p.shutdown_timeout = Duration::from_millis(200);
+
+    let first = Arc::new(Recording::default());
+    let release = Arc::new(tokio::sync::Notify::new());
+    let sub = Subscription::builder(
+        group,
+        HoldAt {
+            offset: HELD,
+            release: release.clone(),
+            inner: Recorder::new("first", first.clone(), Behaviour::default()),
+        },
+    )
+    .bootstrap_servers(&bootstrap)
+    .topic(topic)
+    .properties(p.clone())
+    .set("session.timeout.ms", "6000")
+    .set("heartbeat.interval.ms", "500")
+    .build()?;
+    let handle = sub.handle();
+    let running = tokio::spawn(sub.run());
+    first
+        .wait_for(WAIT, |r| r.count() as u64 == TASKS - 1)
+        .await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (position, map) = committed(&bootstrap, group, topic, 1)?.remove(0);
+        if position == Some(HELD) && !map.is_empty() {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "committed {position:?} {map:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await; // polling the broker
+    }
+    handle.shutdown();
+    running.await??;
+    release.notify_one();
+
+    // librdkafka's own read (for its fetch start) comes first and succeeds; the
+    // runtime's next three reads are refused.
+    cluster.request_errors(
+        RDKafkaApiKey::OffsetFetch,
+        &[
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_GROUP_AUTHORIZATION_FAILED,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_GROUP_AUTHORIZATION_FAILED,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_GROUP_AUTHORIZATION_FAILED,
+        ],
+    );
+    let second = Arc::new(Recording::default());
+    let sub = Subscription::builder(
+        group,
+        Recorder::new("second", second.clone(), Behaviour::default()),
+    )
+    .bootstrap_servers(&bootstrap)
+    .topic(topic)
+    .properties(p)
+    .set("session.timeout.ms", "6000")
+    .set("heartbeat.interval.ms", "500")
+    .build()?;
+    let handle = sub.handle();
+    let running = tokio::spawn(sub.run());
+    // Polling health (a snapshot) for the hold, with a deadline.
+    let mut held = None;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while held.is_none() && second.count() == 0 && tokio::time::Instant::now() < deadline {
+        held = handle
+            .health()
+            .partitions
+            .into_iter()
+            .find_map(|h| match h.not_ready {
+                Some(NotReady::ReadingCommittedOffset { attempts, error }) => {
+                    Some((attempts, error))
+                }
+                _ => None,
+            });
+        tokio::time::sleep(Duration::from_millis(5)).await; // polling a snapshot
+    }
+    let reached = second.wait_for(WAIT, |r| r.count() >= 1).await;
+    // Polling the broker for the final position; a read that meets an injected error
+    // left over is read again.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut done = None;
+    while done != Some(TASKS as i64) && tokio::time::Instant::now() < deadline {
+        if let Ok(c) = committed(&bootstrap, group, topic, 1) {
+            done = c[0].0;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await; // polling the broker
+    }
+    handle.shutdown();
+    let stats = running.await??;
+    reached?;
+    println!("held: {held:?}; {stats:?}");
+    assert_eq!(
+        *second.offsets.lock(),
+        vec![(0, HELD)],
+        "only the unfinished task runs again"
+    );
+    assert!(
+        held.is_some(),
+        "the partition was never reported held: {stats:?}"
+    );
+    assert_eq!(stats.skipped, TASKS - 1 - HELD as u64, "{stats:?}");
+    assert_eq!(done, Some(TASKS as i64));
+    Ok(())
+}

@@ -41,6 +41,15 @@ pub enum NotReady {
     /// Its processing rate is 0 (`decaton.processing.rate.per.partition`): no task starts
     /// until the rate changes.
     Stopped,
+    /// Its committed offset and offset map could not be read from the group coordinator:
+    /// nothing is fetched, started or committed for it until a read succeeds (starting
+    /// without them would run finished tasks again). The read is retried with backoff.
+    ReadingCommittedOffset {
+        /// Failed reads so far.
+        attempts: u32,
+        /// The last read's error.
+        error: String,
+    },
     /// A record the runtime must write on behalf of the task at `offset` (its dead-letter
     /// copy, even reduced, or its shaped copy) is refused for good, for example because
     /// the topic does not exist or the principal may not write it. The offset stays
@@ -75,6 +84,10 @@ impl fmt::Display for NotReady {
             NotReady::Stopped => write!(
                 f,
                 "stopped: its processing rate is 0 (decaton.processing.rate.per.partition)"
+            ),
+            NotReady::ReadingCommittedOffset { attempts, error } => write!(
+                f,
+                "its committed offset could not be read ({attempts} attempts, last: {error}); retrying"
             ),
             NotReady::Stalled {
                 topic,
@@ -148,7 +161,11 @@ impl HealthBoard {
     /// Publishes the state of every owned partition (one entry per partition: bounded by
     /// the assignment).
     pub(crate) fn publish<T: Send + 'static>(&self, parts: &Partitions<T>) {
-        let now: Vec<PartitionHealth> = parts.contexts().map(|c| c.health()).collect();
+        let now: Vec<PartitionHealth> = parts
+            .contexts()
+            .map(|c| c.health())
+            .chain(parts.held_health())
+            .collect();
         *self.partitions.lock() = now;
     }
 

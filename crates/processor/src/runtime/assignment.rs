@@ -6,6 +6,13 @@
 //! flag across unassign and assign, so a partition paused when it was revoked would
 //! otherwise stay paused forever when it comes back.
 //!
+//! A partition whose committed offset cannot be read (the coordinator is loading, moving
+//! or unreachable) is *held* instead: fetching paused, no context, health not ready. It
+//! must not start without it — the inherited offset map would be lost (finished tasks run
+//! again) and the state store's restore floor would drop to 0. Each read waits at most
+//! [`COMMITTED_READ_TIMEOUT`], so the consumer thread keeps polling; the consumer loop
+//! reads again with backoff until it succeeds.
+//!
 //! **Revoke**: stop starting tasks, wait up to `rebalance_timeout` for running ones, close
 //! the partitions (late completions commit nothing and write no state), commit their final
 //! positions synchronously, then release them: checkpoint clean state stores, keep the
@@ -26,6 +33,43 @@ use super::partition_core::PartitionCore;
 use super::quota::KeyQuota;
 use super::topics::{PartitionId, Topics};
 use super::RuntimeCore;
+
+/// How long one read of committed offsets may block the consumer thread.
+pub(crate) const COMMITTED_READ_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A partition's committed position (none if nothing was committed) and its metadata.
+type Committed = (Option<i64>, String);
+
+/// Reads the committed offsets of `ids` (each, or why it could not be read).
+fn read_committed<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topics: &Topics,
+    ids: &[PartitionId],
+) -> Vec<(PartitionId, Result<Committed, String>)> {
+    let mut tpl = TopicPartitionList::new();
+    for p in ids {
+        tpl.add_partition(topics.name(*p), p.partition);
+    }
+    let committed = match consumer.committed_offsets(tpl, COMMITTED_READ_TIMEOUT) {
+        Ok(c) => c,
+        Err(e) => return ids.iter().map(|p| (*p, Err(e.to_string()))).collect(),
+    };
+    ids.iter()
+        .map(|&id| {
+            let read = match committed.find_partition(topics.name(id), id.partition) {
+                None => Err("the coordinator's answer does not list it".to_string()),
+                Some(e) => match e.error() {
+                    Err(err) => Err(err.to_string()),
+                    Ok(()) => match e.offset() {
+                        Offset::Offset(o) => Ok((Some(o), super::commit::commit_metadata(&e))),
+                        _ => Ok((None, String::new())),
+                    },
+                },
+            };
+            (id, read)
+        })
+        .collect()
+}
 
 /// Pauses and resumes partitions of the subscription's topics on a consumer.
 pub(crate) struct ConsumerPause<'a, C: ConsumerContext> {
@@ -51,7 +95,8 @@ impl<C: ConsumerContext> PauseControl for ConsumerPause<'_, C> {
 }
 
 impl<T: Send + 'static> RuntimeCore<T> {
-    /// Takes `partitions` on (those not owned already).
+    /// Takes `partitions` on (those not owned already); a partition whose committed
+    /// offset cannot be read is held (see the module doc).
     pub(crate) fn assign<C: ConsumerContext>(
         &self,
         consumer: &BaseConsumer<C>,
@@ -62,34 +107,52 @@ impl<T: Send + 'static> RuntimeCore<T> {
             partitions
                 .iter()
                 .copied()
-                .filter(|p| !parts.contains(*p))
+                .filter(|p| !parts.contains(*p) && !parts.is_held(*p))
                 .collect()
         };
         if new.is_empty() {
             return;
         }
-        let mut tpl = TopicPartitionList::new();
-        for p in &new {
-            tpl.add_partition(self.topics.name(*p), p.partition);
+        self.take_on(consumer, read_committed(consumer, &self.topics, &new));
+    }
+
+    /// Reads the committed offsets of the held partitions that are due again, and takes
+    /// on those it could read.
+    pub(crate) fn retry_held<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) {
+        let due = self.partitions.lock().held_due(Instant::now());
+        if due.is_empty() {
+            return;
         }
-        let committed = match consumer.committed_offsets(tpl.clone(), Duration::from_secs(30)) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(subscription = %self.recorder.subscription(),
-                    "could not read committed offsets: {e}; starting from positions only");
-                TopicPartitionList::new()
-            }
-        };
+        self.take_on(consumer, read_committed(consumer, &self.topics, &due));
+    }
+
+    /// Creates the contexts of the partitions whose committed offset was read and resumes
+    /// them; holds (pauses) the others.
+    fn take_on<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        reads: Vec<(PartitionId, Result<Committed, String>)>,
+    ) {
+        let mut resume = TopicPartitionList::new();
+        let mut hold = TopicPartitionList::new();
         let mut parts = self.partitions.lock();
-        for &id in &new {
+        for (id, read) in reads {
             let (topic, p) = (self.topics.name(id), id.partition);
-            let (position, metadata) = match committed
-                .find_partition(topic, p)
-                .map(|e| (e.offset(), super::commit::commit_metadata(&e)))
-            {
-                Some((Offset::Offset(o), metadata)) => (Some(o), metadata),
-                _ => (None, String::new()),
+            let (position, metadata) = match read {
+                Ok(committed) => committed,
+                Err(error) => {
+                    let (attempts, backoff) = parts.hold(id, topic, error.clone(), Instant::now());
+                    tracing::warn!(subscription = %self.recorder.subscription(), topic = %topic, partition = p,
+                        attempts, retry_in = ?backoff, "could not read the committed offset: {error}; \
+                         the partition is held (nothing fetched, started or committed) until it can be read");
+                    hold.add_partition(topic, p);
+                    continue;
+                }
             };
+            if let Some(attempts) = parts.unhold(id) {
+                tracing::info!(subscription = %self.recorder.subscription(), topic = %topic, partition = p,
+                    attempts, "committed offset read after failed attempts; the partition starts");
+            }
             let inherited = match position {
                 Some(o) if self.props.offset_map => {
                     decode_offset_map(o, &metadata).unwrap_or_default()
@@ -137,12 +200,20 @@ impl<T: Send + 'static> RuntimeCore<T> {
                 }
             }
             parts.insert(id, context);
+            resume.add_partition(topic, p);
             self.wakeup.notify(id);
         }
         self.recorder.assigned(parts.len());
         drop(parts);
-        if let Err(e) = consumer.resume(&tpl) {
-            tracing::warn!("resume of newly assigned partitions failed: {e}");
+        if hold.count() > 0 {
+            if let Err(e) = consumer.pause(&hold) {
+                tracing::warn!("pause of held partitions failed: {e}");
+            }
+        }
+        if resume.count() > 0 {
+            if let Err(e) = consumer.resume(&resume) {
+                tracing::warn!("resume of newly assigned partitions failed: {e}");
+            }
         }
     }
 
@@ -158,6 +229,14 @@ impl<T: Send + 'static> RuntimeCore<T> {
         let deadline = Instant::now() + timeout;
         let cores: Vec<_> = {
             let mut parts = self.partitions.lock();
+            // A held partition has nothing to finish or commit.
+            let held = partitions
+                .iter()
+                .filter(|p| parts.unhold(**p).is_some())
+                .count();
+            if held > 0 {
+                self.recorder.assigned(parts.len());
+            }
             partitions
                 .iter()
                 .filter_map(|p| {
@@ -253,7 +332,12 @@ impl<T: Send + 'static> RuntimeCore<T> {
             // another member while this one drains.
             let _ = consumer.poll(Duration::from_millis(10));
         }
-        let owned = self.partitions.lock().ids();
+        let owned = {
+            let parts = self.partitions.lock();
+            let mut owned = parts.ids();
+            owned.extend(parts.held_ids());
+            owned
+        };
         let remaining = deadline.saturating_duration_since(Instant::now());
         self.revoke(consumer, &owned, remaining, true);
     }

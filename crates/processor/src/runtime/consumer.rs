@@ -20,10 +20,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use decaton_protocol::now_millis;
+use rdkafka::consumer::Consumer;
 use rdkafka::consumer::{BaseConsumer, CommitMode, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::{ClientContext, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::assignment::ConsumerPause;
 use super::topics::PartitionId;
@@ -82,11 +83,37 @@ impl<T: prost::Message + Default + Send + 'static> RuntimeCore<T> {
     }
 
     /// Takes one fetched record, fetched at `now` (epoch ms).
-    fn on_message(&self, msg: &BorrowedMessage<'_>, now: i64) {
+    fn on_message(
+        &self,
+        consumer: &BaseConsumer<RuntimeContext<T>>,
+        msg: &BorrowedMessage<'_>,
+        now: i64,
+    ) {
         let Some(id) = self.topics.id(msg.topic(), msg.partition()) else {
             return;
         };
         let mut parts = self.partitions.lock();
+        if parts.is_held(id) {
+            // Fetched before the hold's pause took effect: fetch it again once the
+            // partition starts, rather than skip it.
+            let (topic, partition, offset) = (msg.topic(), msg.partition(), msg.offset());
+            tracing::debug!(
+                topic,
+                partition,
+                offset,
+                "record of a held partition; fetched again later"
+            );
+            if let Err(e) = consumer.seek(topic, partition, Offset::Offset(offset), Duration::ZERO)
+            {
+                tracing::warn!(
+                    topic,
+                    partition,
+                    offset,
+                    "could not seek a held partition back: {e}"
+                );
+            }
+            return;
+        }
         let Some(ctx) = parts.get_mut(id) else {
             tracing::debug!(
                 topic = msg.topic(),
@@ -140,7 +167,7 @@ impl<T: prost::Message + Default + Send + 'static> RuntimeCore<T> {
                     Some(Ok(msg)) => {
                         // The records of one turn arrived together: one clock read.
                         let now = *fetched_at.get_or_insert_with(now_millis);
-                        self.on_message(&msg, now);
+                        self.on_message(consumer, &msg, now);
                     }
                     Some(Err(e)) => {
                         tracing::warn!(subscription = %self.recorder.subscription(), "consumer error: {e}");
@@ -150,6 +177,7 @@ impl<T: prost::Message + Default + Send + 'static> RuntimeCore<T> {
                 }
                 wait = Duration::ZERO;
             }
+            self.retry_held(consumer);
             flagged.extend(self.wakeup.take());
             let now = now_millis();
             {

@@ -5,9 +5,14 @@
 //! partitions that asked for it (a completion freed room, a restore finished, a record had
 //! to wait) and, as a safety net, for all of them a few times a second — never in a busy
 //! loop over every partition.
+//!
+//! A partition whose committed offset could not be read at assignment is *held*: it has
+//! no context yet (so no task starts and nothing is committed for it), fetching is paused,
+//! and health reports why. The read is tried again with backoff until it succeeds.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::partition::{PartitionContext, PauseControl};
 use super::partition_core::PartitionCore;
@@ -20,6 +25,25 @@ pub(crate) struct Partitions<T> {
     /// Closed cores of released partitions whose abandoned tasks still run, until the
     /// partition's next context here takes them as its predecessor.
     zombies: HashMap<PartitionId, Arc<PartitionCore>>,
+    /// Assigned partitions whose committed offset could not be read yet (one entry per
+    /// assigned partition at most).
+    held: HashMap<PartitionId, Held>,
+}
+
+/// The first retry of a failed committed-offset read comes after this; each failure
+/// doubles it, up to [`HELD_RETRY_MAX`].
+const HELD_RETRY_FIRST: Duration = Duration::from_millis(200);
+const HELD_RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// An assigned partition waiting for its committed offset.
+pub(crate) struct Held {
+    topic: Arc<str>,
+    /// Failed reads so far.
+    attempts: u32,
+    /// The last read's error.
+    error: String,
+    /// When to read again.
+    retry_at: Instant,
 }
 
 impl<T> Default for Partitions<T> {
@@ -27,6 +51,7 @@ impl<T> Default for Partitions<T> {
         Partitions {
             owned: HashMap::new(),
             zombies: HashMap::new(),
+            held: HashMap::new(),
         }
     }
 }
@@ -40,8 +65,78 @@ impl<T: Send + 'static> Partitions<T> {
         self.owned.contains_key(&partition)
     }
 
+    /// Assigned partitions: running ones and held ones.
     pub(crate) fn len(&self) -> usize {
-        self.owned.len()
+        self.owned.len() + self.held.len()
+    }
+
+    /// Notes a failed read of `partition`'s committed offset (at `now`): it stays held
+    /// and is read again after a backoff. Returns the failed reads so far and that
+    /// backoff.
+    pub(crate) fn hold(
+        &mut self,
+        partition: PartitionId,
+        topic: &Arc<str>,
+        error: String,
+        now: Instant,
+    ) -> (u32, Duration) {
+        let held = self.held.entry(partition).or_insert_with(|| Held {
+            topic: topic.clone(),
+            attempts: 0,
+            error: String::new(),
+            retry_at: now,
+        });
+        held.attempts = held.attempts.saturating_add(1);
+        held.error = error;
+        let backoff = HELD_RETRY_FIRST
+            .saturating_mul(1 << held.attempts.saturating_sub(1).min(16))
+            .min(HELD_RETRY_MAX);
+        held.retry_at = now + backoff;
+        (held.attempts, backoff)
+    }
+
+    /// Whether `partition` is held.
+    pub(crate) fn is_held(&self, partition: PartitionId) -> bool {
+        self.held.contains_key(&partition)
+    }
+
+    /// Stops holding `partition` (its committed offset was read, or it was revoked);
+    /// returns the failed reads it had.
+    pub(crate) fn unhold(&mut self, partition: PartitionId) -> Option<u32> {
+        self.held.remove(&partition).map(|h| h.attempts)
+    }
+
+    /// The held partitions whose next read is due by `now`.
+    pub(crate) fn held_due(&self, now: Instant) -> Vec<PartitionId> {
+        self.held
+            .iter()
+            .filter(|(_, h)| h.retry_at <= now)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Every held partition.
+    pub(crate) fn held_ids(&self) -> Vec<PartitionId> {
+        self.held.keys().copied().collect()
+    }
+
+    /// What health reports show of the held partitions.
+    pub(crate) fn held_health(&self) -> impl Iterator<Item = crate::health::PartitionHealth> + '_ {
+        self.held
+            .iter()
+            .map(|(id, h)| crate::health::PartitionHealth {
+                topic: h.topic.clone(),
+                partition: id.partition,
+                position: None,
+                pending: 0,
+                delayed: 0,
+                completed: 0,
+                offset_map_gaps: 0,
+                not_ready: Some(crate::health::NotReady::ReadingCommittedOffset {
+                    attempts: h.attempts,
+                    error: h.error.clone(),
+                }),
+            })
     }
 
     pub(crate) fn ids(&self) -> Vec<PartitionId> {
