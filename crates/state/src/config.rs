@@ -30,6 +30,15 @@ pub struct StateConfig {
     /// Page cache size of each partition's sled database, in bytes. sled's own default
     /// (1 GiB) is per database, too much when a host owns many partitions.
     pub sled_cache_bytes: u64,
+    /// How old a local checkpoint may be, in ms, and still be restored from. Compaction
+    /// removes a delete (tombstone) from the changelog `delete.retention.ms` after
+    /// cleaning it, and with it the only trace that a key the local store still holds
+    /// was deleted; an older checkpoint would bring such a key back. So a checkpoint is
+    /// used only while it is younger than this and than half the changelog topic's
+    /// `delete.retention.ms` (when the broker says it); otherwise the local store is
+    /// emptied and restored from the start of the changelog. Default: 12 h, half of
+    /// Kafka's default `delete.retention.ms`.
+    pub checkpoint_max_age_ms: u64,
 }
 
 impl Default for StateConfig {
@@ -39,6 +48,7 @@ impl Default for StateConfig {
             backend: Backend::Sled,
             store_name: "state".to_string(),
             sled_cache_bytes: 64 * 1024 * 1024,
+            checkpoint_max_age_ms: DEFAULT_CHECKPOINT_MAX_AGE_MS,
         }
     }
 }
@@ -69,7 +79,17 @@ impl StateConfig {
         self.sled_cache_bytes = bytes;
         self
     }
+
+    /// Sets how old a local checkpoint may be and still be restored from (see
+    /// [`StateConfig::checkpoint_max_age_ms`]).
+    pub fn checkpoint_max_age(mut self, max_age: std::time::Duration) -> Self {
+        self.checkpoint_max_age_ms = u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX);
+        self
+    }
 }
+
+/// Default of [`StateConfig::checkpoint_max_age_ms`]: 12 hours.
+const DEFAULT_CHECKPOINT_MAX_AGE_MS: u64 = 12 * 60 * 60 * 1000;
 
 /// The changelog topic of `store` for `subscription`: `<subscription>-<store>-changelog`.
 ///

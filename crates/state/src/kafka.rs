@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rdkafka::admin::AdminClient;
+use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::ClientConfig;
 
@@ -114,6 +114,31 @@ pub(crate) fn partition_count(
         .iter()
         .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
         .and_then(|t| i32::try_from(t.partitions().len()).ok()))
+}
+
+/// How long [`delete_retention`] waits for the broker.
+pub(crate) const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The `delete.retention.ms` of `topic`, or `None` when the broker does not say (it
+/// does not serve DescribeConfigs, as librdkafka's mock cluster does not, or does not
+/// answer within [`DESCRIBE_TIMEOUT`]).
+pub(crate) async fn delete_retention(
+    bootstrap: &str,
+    kafka: &BTreeMap<String, String>,
+    topic: &str,
+) -> Option<Duration> {
+    let admin: AdminClient<DefaultClientContext> = client_config(bootstrap, kafka).create().ok()?;
+    let opts = AdminOptions::new().request_timeout(Some(DESCRIBE_TIMEOUT));
+    let resource = ResourceSpecifier::Topic(topic);
+    let described = tokio::time::timeout(
+        DESCRIBE_TIMEOUT,
+        admin.describe_configs([&resource], &opts),
+    )
+    .await;
+    close_off_runtime(admin);
+    let config = described.ok()?.ok()?.into_iter().next()?.ok()?;
+    let value = config.get("delete.retention.ms")?.value.as_deref()?.trim();
+    value.parse::<u64>().ok().map(Duration::from_millis)
 }
 
 /// Runs blocking librdkafka (or sled) calls on tokio's blocking pool.

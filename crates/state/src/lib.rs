@@ -119,7 +119,8 @@ pub trait StateStore: Send + Sync {
 #[doc(hidden)]
 pub mod internal {
     pub use crate::changelog::{
-        create_changelog_topic, ChangelogTopicInfo, ChangelogWriter, PendingAppend,
+        changelog_delete_retention, create_changelog_topic, ChangelogTopicInfo,
+        ChangelogWriter, PendingAppend,
     };
     pub use crate::record::{headers, Mutation};
     pub use crate::restore::{

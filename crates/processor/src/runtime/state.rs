@@ -187,6 +187,10 @@ pub(crate) struct StateRuntime {
     writer: Arc<ChangelogWriter>,
     runtime: Handle,
     recorder: Arc<SubscriptionRecorder>,
+    /// The oldest checkpoint a restore trusts: the configured one, lowered to half the
+    /// changelog's `delete.retention.ms` if the broker tells it. Asked once, by the first
+    /// restore that has a checkpoint.
+    checkpoint_max_age: Arc<tokio::sync::OnceCell<Duration>>,
 }
 
 /// The longest pause between attempts to revert a refused batch.
@@ -225,6 +229,7 @@ impl StateRuntime {
         Ok(StateRuntime {
             changelog_topic: decaton_state::changelog_topic(subscription, &config.store_name),
             writer: Arc::new(ChangelogWriter::new(bootstrap, &kafka)?),
+            checkpoint_max_age: Arc::default(),
             config,
             subscription: subscription.to_string(),
             bootstrap: bootstrap.to_string(),
@@ -302,6 +307,8 @@ impl StateRuntime {
         );
         let (bootstrap, kafka) = (self.bootstrap.clone(), self.kafka.clone());
         let recorder = self.recorder.clone();
+        let max_age = self.checkpoint_max_age.clone();
+        let changelog = self.changelog_topic.clone();
         self.runtime.spawn(async move {
             let slot = task_slot;
             let mut delays = backoff();
@@ -325,7 +332,23 @@ impl StateRuntime {
             }
             tracing::info!(partition, ?report, "state store opened; restoring from the changelog");
             // Restore, retried on the same store: the checkpoint it was opened with stays valid.
-            let options = RestoreOptions::new(report.restore_from(), committed.unwrap_or(0));
+            let mut options = RestoreOptions::new(report.restore_from(), committed.unwrap_or(0));
+            if report.restore_from().is_some() {
+                // Compaction drops a delete `delete.retention.ms` after cleaning it: a
+                // checkpoint older than half of that may miss deletes.
+                let configured = Duration::from_millis(config.checkpoint_max_age_ms);
+                let max_age = *max_age
+                    .get_or_init(|| async {
+                        let retention = decaton_state::internal::changelog_delete_retention(
+                            &bootstrap, &kafka, &changelog,
+                        )
+                        .await;
+                        tracing::debug!(topic = %changelog, ?retention, "changelog delete retention");
+                        retention.map_or(configured, |r| configured.min(r / 2))
+                    })
+                    .await;
+                options = options.with_checkpoint_max_age(max_age);
+            }
             loop {
                 match restore(&store, &bootstrap, &kafka, &options).await {
                     Ok(r) => {

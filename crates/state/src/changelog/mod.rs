@@ -13,5 +13,5 @@
 mod topic;
 mod writer;
 
-pub use topic::{create_changelog_topic, ChangelogTopicInfo};
+pub use topic::{changelog_delete_retention, create_changelog_topic, ChangelogTopicInfo};
 pub use writer::{ChangelogWriter, PendingAppend};

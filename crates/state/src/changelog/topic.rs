@@ -155,6 +155,19 @@ pub async fn create_changelog_topic(
     }
 }
 
+/// The `delete.retention.ms` of the changelog `topic`: how long compaction keeps a delete
+/// after cleaning it, which bounds how old a checkpoint a restore may trust (see
+/// [`RestoreOptions::checkpoint_max_age`](crate::internal::RestoreOptions::checkpoint_max_age)).
+/// `None` when the broker does not say (no DescribeConfigs, as on librdkafka's mock
+/// cluster, or no answer within 5 s).
+pub async fn changelog_delete_retention(
+    bootstrap: &str,
+    kafka: &BTreeMap<String, String>,
+    topic: &str,
+) -> Option<Duration> {
+    crate::kafka::delete_retention(bootstrap, kafka, topic).await
+}
+
 /// `Ok(Ok(true))` created, `Ok(Ok(false))` already existed, `Ok(Err(code))` refused.
 async fn create_one(
     admin: &AdminClient<DefaultClientContext>,

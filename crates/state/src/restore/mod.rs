@@ -65,7 +65,7 @@ use std::time::{Duration, Instant};
 use crate::changelog::ChangelogWriter;
 use crate::kafka::{blocking, restore_consumer_config};
 use crate::record::{Mutation, NO_TASK};
-use crate::store::PartitionStore;
+use crate::store::{now_ms, PartitionStore};
 use crate::StateError;
 use replay::{replay, Plan, Replayed};
 pub use replay::{RESTORED_RECORDS_TOTAL, RESTORE_SECONDS};
@@ -120,6 +120,14 @@ pub struct RestoreOptions {
     /// How long the restore may go without progress — no watermarks, no record — before
     /// it fails with [`StateError::Timeout`]. Default: 60 s.
     pub stall_timeout: Duration,
+    /// The oldest checkpoint this restore trusts: [`StateConfig::checkpoint_max_age_ms`],
+    /// lowered to half the changelog topic's `delete.retention.ms` when the broker says
+    /// it ([`changelog_delete_retention`](crate::internal::changelog_delete_retention)).
+    /// An older checkpoint (or one without a time) is discarded: the local store is
+    /// emptied and restored from the beginning. Default: 12 h.
+    ///
+    /// [`StateConfig::checkpoint_max_age_ms`]: crate::StateConfig::checkpoint_max_age_ms
+    pub checkpoint_max_age: Duration,
 }
 
 /// Default of [`RestoreOptions::stall_timeout`].
@@ -133,6 +141,17 @@ impl RestoreOptions {
             from_offset,
             min_source_offset,
             stall_timeout: DEFAULT_STALL_TIMEOUT,
+            checkpoint_max_age: Duration::from_millis(
+                crate::StateConfig::default().checkpoint_max_age_ms,
+            ),
+        }
+    }
+
+    /// The same options with another [`checkpoint_max_age`](Self::checkpoint_max_age).
+    pub fn with_checkpoint_max_age(self, checkpoint_max_age: Duration) -> RestoreOptions {
+        RestoreOptions {
+            checkpoint_max_age,
+            ..self
         }
     }
 
@@ -174,6 +193,28 @@ pub async fn restore(
 ) -> Result<RestoreReport, StateError> {
     let (changelog_topic, partition) = (store.changelog_topic(), store.partition());
     let started = Instant::now();
+    let mut from_offset = options.from_offset.filter(|_| !store.emptied());
+    let mut stale_checkpoint = false;
+    if let Some(offset) = from_offset {
+        let max_age = options.checkpoint_max_age;
+        let written = store.checkpoint_written_at_ms();
+        if !checkpoint_is_fresh(written, now_ms(), max_age) {
+            tracing::warn!(
+                store = store.label(),
+                changelog = changelog_topic,
+                partition,
+                checkpoint_offset = offset,
+                written_at_ms = ?written,
+                max_age = ?max_age,
+                "checkpoint too old to trust (compaction may have removed deletes written \
+                 after it): restoring from the beginning"
+            );
+            let store = store.clone();
+            blocking(move || store.clear_local()).await?;
+            from_offset = None;
+            stale_checkpoint = true;
+        }
+    }
     let consumer_cfg = restore_consumer_config(bootstrap, kafka, changelog_topic);
     let Replayed {
         progress,
@@ -184,7 +225,7 @@ pub async fn restore(
     } = {
         let store = store.clone();
         let plan = Plan {
-            from_offset: options.from_offset,
+            from_offset,
             floor: options.min_source_offset,
             stall_timeout: options.stall_timeout,
         };
@@ -204,7 +245,7 @@ pub async fn restore(
         skipped_records: asm.skipped_records,
         start_offset: progress.start_offset,
         next_offset: progress.next_offset,
-        checkpoint_discarded: progress.checkpoint_discarded,
+        checkpoint_discarded: progress.checkpoint_discarded || stale_checkpoint,
         applied_source_offsets: std::mem::take(&mut asm.applied_sources),
         ..RestoreReport::default()
     };
@@ -300,4 +341,41 @@ pub async fn restore(
         "state restored"
     );
     Ok(report)
+}
+
+/// Whether a checkpoint written at `written_at_ms` (this host's clock) may still be
+/// restored from at `now_ms`: it must have a time, be younger than `max_age`, and not lie
+/// more than a minute in the future (a clock set back, or files from elsewhere).
+fn checkpoint_is_fresh(written_at_ms: Option<u64>, now_ms: u64, max_age: Duration) -> bool {
+    const CLOCK_SLACK_MS: u64 = 60_000;
+    let Some(written) = written_at_ms else {
+        return false;
+    };
+    if written > now_ms.saturating_add(CLOCK_SLACK_MS) {
+        return false;
+    }
+    u128::from(now_ms.saturating_sub(written)) < max_age.as_millis()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_is_trusted_only_while_younger_than_its_max_age() {
+        let hour = Duration::from_secs(3600);
+        let now = 1_800_000_000_000u64;
+        let ago = |d: Duration| Some(now - d.as_millis() as u64);
+        assert!(checkpoint_is_fresh(ago(Duration::ZERO), now, hour));
+        assert!(checkpoint_is_fresh(ago(hour - Duration::from_millis(1)), now, hour));
+        assert!(!checkpoint_is_fresh(ago(hour), now, hour));
+        assert!(!checkpoint_is_fresh(ago(hour * 30), now, hour));
+        // No time: written before checkpoints had one.
+        assert!(!checkpoint_is_fresh(None, now, hour));
+        // A little ahead is clock skew; far ahead is not this host's checkpoint.
+        assert!(checkpoint_is_fresh(Some(now + 1_000), now, hour));
+        assert!(!checkpoint_is_fresh(Some(now + 3_600_000), now, hour));
+        // A max age of zero trusts nothing.
+        assert!(!checkpoint_is_fresh(Some(now), now, Duration::ZERO));
+    }
 }

@@ -30,7 +30,7 @@ use crate::config::{Backend, StateConfig};
 use crate::record::Mutation;
 use crate::StateError;
 use local::{Entries, Local};
-use open::{check_name, open_sled, Checkpoint, Identity};
+use open::{check_name, open_sled, Checkpoint, Identity, Opened};
 
 /// The state of one source partition for one subscription's store.
 ///
@@ -61,6 +61,8 @@ struct Inner {
     /// A restore emptied the store: its checkpoint no longer applies, and a retried
     /// restore starts from the beginning of the changelog.
     emptied: AtomicBool,
+    /// When the checkpoint the store was opened with was written (ms since the epoch).
+    checkpoint_written_at_ms: Option<u64>,
 }
 
 impl PartitionStore {
@@ -81,8 +83,18 @@ impl PartitionStore {
         check_name("topic", topic)?;
         let id = Identity::new(subscription, &cfg.store_name, topic, partition);
         let label = id.to_string();
-        let (local, report, applied) = match cfg.backend {
-            Backend::Memory => (Local::memory(), OpenReport::Fresh, Vec::new()),
+        let Opened {
+            local,
+            report,
+            applied,
+            checkpoint_written_at_ms,
+        } = match cfg.backend {
+            Backend::Memory => Opened {
+                local: Local::memory(),
+                report: OpenReport::Fresh,
+                applied: Vec::new(),
+                checkpoint_written_at_ms: None,
+            },
             Backend::Sled => {
                 let dir = cfg
                     .state_dir
@@ -102,6 +114,7 @@ impl PartitionStore {
                 applied: Mutex::new(applied.into_iter().collect()),
                 fenced: AtomicBool::new(false),
                 emptied: AtomicBool::new(false),
+                checkpoint_written_at_ms,
             }),
         };
         Ok((store, report))
@@ -217,6 +230,7 @@ impl PartitionStore {
             &Checkpoint {
                 changelog_next_offset,
                 applied_source_offsets: applied_source_offsets.to_vec(),
+                written_at_ms: Some(now_ms()),
             },
         )?;
         tracing::debug!(store = %self.inner.label, changelog_next_offset, "state store closed cleanly");
@@ -317,6 +331,12 @@ impl PartitionStore {
         self.inner.local.clear()
     }
 
+    /// When the checkpoint this store was opened with was written, in ms since the Unix
+    /// epoch; `None` without a checkpoint, or for one written by an older version.
+    pub(crate) fn checkpoint_written_at_ms(&self) -> Option<u64> {
+        self.inner.checkpoint_written_at_ms
+    }
+
     /// Whether a restore emptied the store, so that its checkpoint no longer applies.
     pub(crate) fn emptied(&self) -> bool {
         self.inner.emptied.load(Ordering::Acquire)
@@ -325,6 +345,13 @@ impl PartitionStore {
     pub(crate) fn add_applied(&self, offsets: &BTreeSet<i64>) {
         self.inner.applied.lock().extend(offsets.iter().copied());
     }
+}
+
+/// This host's clock, in ms since the Unix epoch (0 if it is set before 1970).
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

@@ -141,6 +141,22 @@ pub(crate) struct Checkpoint {
     pub(crate) changelog_next_offset: i64,
     /// Source offsets whose effects are in the store and which may be redelivered.
     pub(crate) applied_source_offsets: Vec<i64>,
+    /// When the checkpoint was written, in ms since the Unix epoch (this host's clock).
+    /// A restore trusts a checkpoint only while the changelog still holds every delete
+    /// written after it (see `restore`); one without a time (written by an older
+    /// version) is not trusted.
+    #[serde(default)]
+    pub(crate) written_at_ms: Option<u64>,
+}
+
+/// What [`open_sled`] found and opened.
+pub(crate) struct Opened {
+    pub(crate) local: Local,
+    pub(crate) report: OpenReport,
+    /// The checkpoint's applied source offsets.
+    pub(crate) applied: Vec<i64>,
+    /// The checkpoint's [`Checkpoint::written_at_ms`].
+    pub(crate) checkpoint_written_at_ms: Option<u64>,
 }
 
 /// Refuses names that are empty or would escape the state directory.
@@ -179,24 +195,34 @@ enum Inspected {
         sled: Sled,
         report: OpenReport,
         applied: Vec<i64>,
+        written_at_ms: Option<u64>,
     },
     Rebuild(RebuildReason),
 }
 
 /// Opens (or creates) the sled database in `dir` for `id`, deleting files it cannot
-/// trust. Returns the store, what was found, and the checkpoint's applied offsets.
+/// trust. Returns the store, what was found, and the checkpoint's applied offsets and
+/// time.
 pub(crate) fn open_sled(
     cfg: &StateConfig,
     id: &Identity,
     dir: &Path,
     claim: DirClaim,
-) -> Result<(Local, OpenReport, Vec<i64>), StateError> {
+) -> Result<Opened, StateError> {
     let reason = match catch_unwind(AssertUnwindSafe(|| inspect(cfg, id, dir))) {
         Ok(Ok(Inspected::Ready {
             sled,
             report,
             applied,
-        })) => return Ok((sled.into_local(claim), report, applied)),
+            written_at_ms,
+        })) => {
+            return Ok(Opened {
+                local: sled.into_local(claim),
+                report,
+                applied,
+                checkpoint_written_at_ms: written_at_ms,
+            })
+        }
         Ok(Ok(Inspected::Rebuild(reason))) => reason,
         Ok(Err(e)) => return Err(e),
         Err(panic) => RebuildReason::Panicked(panic_message(&*panic)),
@@ -215,11 +241,12 @@ pub(crate) fn open_sled(
         Ok(Sled { db, data, meta })
     }));
     match fresh {
-        Ok(Ok(sled)) => Ok((
-            sled.into_local(claim),
-            OpenReport::Rebuilt { reason },
-            Vec::new(),
-        )),
+        Ok(Ok(sled)) => Ok(Opened {
+            local: sled.into_local(claim),
+            report: OpenReport::Rebuilt { reason },
+            applied: Vec::new(),
+            checkpoint_written_at_ms: None,
+        }),
         Ok(Err(e)) => Err(e),
         Err(panic) => Err(StateError::Internal(format!(
             "sled panicked creating an empty database in {}: {}",
@@ -262,6 +289,7 @@ fn inspect(cfg: &StateConfig, id: &Identity, dir: &Path) -> Result<Inspected, St
                 sled: Sled { db, data, meta },
                 report: OpenReport::Fresh,
                 applied: Vec::new(),
+                written_at_ms: None,
             });
         }
         Some(bytes) => match serde_json::from_slice::<Identity>(&bytes) {
@@ -289,6 +317,7 @@ fn inspect(cfg: &StateConfig, id: &Identity, dir: &Path) -> Result<Inspected, St
                 sled: Sled { db, data, meta },
                 report: OpenReport::Fresh,
                 applied: Vec::new(),
+                written_at_ms: None,
             });
         }
         return Ok(Inspected::Rebuild(RebuildReason::NoCheckpoint));
@@ -315,6 +344,7 @@ fn inspect(cfg: &StateConfig, id: &Identity, dir: &Path) -> Result<Inspected, St
             offset: checkpoint.changelog_next_offset,
         },
         applied: checkpoint.applied_source_offsets,
+        written_at_ms: checkpoint.written_at_ms,
     })
 }
 
