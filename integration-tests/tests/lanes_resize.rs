@@ -48,7 +48,7 @@ async fn windows_survive_lane_changes(kind: BrokerKind) -> anyhow::Result<()> {
     let handle = sub.handle();
     let running = tokio::spawn(sub.run());
     for (i, lanes) in ["3", "2", "4", "1", "3"].iter().enumerate() {
-        let at = (i as usize + 1) * 400;
+        let at = (i + 1) * 400;
         rec.wait_for(Duration::from_secs(60), |r| r.count() >= at)
             .await?;
         live.set("decaton.partition.concurrency", lanes)?;
