@@ -5,24 +5,27 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# One feature set for every step: the TLS, SASL and zstd build (vendored OpenSSL) and
+# the OpenTelemetry export. Cargo builds librdkafka and OpenSSL once per feature set, and
+# a build script's output is shared by clippy, doc and test when the features match; so
+# lints, docs and tests all use the same set, and a cold run compiles each C library once.
+# Features only add code: the `tls`/`zstd` tests check what the full build accepts.
+FEATURES="decaton-cli/tls,decaton-cli/sasl,decaton-cli/zstd"
+FEATURES+=",decaton-processor/tls,decaton-processor/sasl,decaton-processor/zstd"
+FEATURES+=",decaton-examples/otel"
+
 # Cheap checks first, so a formatting slip fails in seconds rather than after the tests.
 cargo fmt --all --check
-cargo clippy --workspace --all-targets --locked -- -D warnings
-RUSTDOCFLAGS="-D warnings -D missing-docs" cargo doc --workspace --no-deps --locked
+cargo clippy --workspace --all-targets --locked --features "$FEATURES" -- -D warnings
+RUSTDOCFLAGS="-D warnings -D missing-docs" \
+    cargo doc --workspace --no-deps --locked --features "$FEATURES"
 TANSU_BIN="$(scripts/install-tansu.sh)"
 export TANSU_BIN
 echo "using tansu at $TANSU_BIN" >&2
-
-# The TLS, SASL and zstd build (vendored OpenSSL: several minutes the first time) and the
-# tests that check librdkafka accepts those settings (SCRAM against a Tansu that requires
-# it).
-cargo test --locked -p decaton-client --features tls,sasl,zstd --test security
-cargo check --locked -p decaton-cli --features tls,sasl,zstd
-# Span export to an OpenTelemetry collector (the service's `otel` feature).
-cargo test --locked -p decaton-examples --features otel --test otel
 
 # librdkafka logs broker disconnects at error level when a test stops its broker; keep
 # test output readable unless asked otherwise.
 export RUST_LOG="${RUST_LOG:-warn,librdkafka=off,rdkafka::client=off}"
 
-cargo test --workspace --locked "$@"
+# Every test of the workspace, the SCRAM-against-Tansu and span-export tests included.
+cargo test --workspace --locked --features "$FEATURES" "$@"
