@@ -18,6 +18,11 @@ pub const REWOUND: &str = "decaton_records_rewound_total";
 /// Partitions whose committed offset was past the log end (the log was truncated or the
 /// topic recreated): processing went on from the fetch position, which was committed.
 pub const OFFSET_TRUNCATIONS: &str = "decaton_offset_truncations_total";
+/// Offset commits that failed, by error `class`: `transient` (the coordinator is moving,
+/// a rebalance is under way, a timeout) or `permanent` (refused as sent, for example the
+/// group is not authorised). Either way the positions are sent again next round; nothing
+/// is ever committed past an unfinished task.
+pub const COMMIT_FAILURES: &str = "decaton_commit_failures_total";
 /// Deferred tasks that timed out.
 pub const DEFERRED_TIMEOUTS: &str = "decaton_deferred_timeouts_total";
 /// Completions dropped without completing.

@@ -8,12 +8,22 @@
 //! Whether the broker keeps commit metadata at all is learnt once: the first commit that
 //! carries an offset map is synchronous and read back. A broker that drops metadata gets
 //! position-only commits from then on (correct, less economical), with one warning.
+//!
+//! A failed commit is classified: *transient* (the coordinator is moving or loading, a
+//! rebalance is under way, a timeout) is logged as a warning; *permanent* (refused as
+//! sent: the group or topic is not authorised, the partition no longer exists) as an
+//! error naming the positions that could not be committed. Both are counted
+//! (`decaton_commit_failures_total`) and sent again next round: waiting is all a commit
+//! can do, and a commit never passes an unfinished task, so nothing is lost; what a
+//! permanent failure costs is re-running, after a restart, what finished since the last
+//! commit that succeeded.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
+use decaton_protocol::failure::{classify, ErrorClass};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::error::KafkaResult;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -34,6 +44,18 @@ pub(crate) fn commit_metadata(
             );
             String::new()
         })
+}
+
+/// Whether sending the same commit again can succeed.
+fn commit_error_class(error: &KafkaError) -> ErrorClass {
+    match error.rdkafka_error_code() {
+        Some(
+            RDKafkaErrorCode::GroupAuthorizationFailed
+            | RDKafkaErrorCode::OffsetMetadataTooLarge
+            | RDKafkaErrorCode::InvalidCommitOffsetSize,
+        ) => ErrorClass::Permanent,
+        _ => classify(error),
+    }
 }
 
 const UNKNOWN: u8 = 0;
@@ -108,6 +130,7 @@ impl<T: Send + 'static> RuntimeCore<T> {
             mode
         };
         let result = consumer.commit(&tpl, mode);
+        let positions: Vec<(i32, i64)> = sent.iter().map(|(p, c)| (p.partition, c.0)).collect();
         {
             let mut parts = self.partitions.lock();
             for (p, commit) in sent {
@@ -134,7 +157,7 @@ impl<T: Send + 'static> RuntimeCore<T> {
                     "the broker refuses offset maps of this size (offset.metadata.max.bytes); \
                      committing positions only — lower offset_map_max_bytes to keep the map");
             } else {
-                tracing::warn!(subscription = %self.recorder.subscription(), "commit failed: {e}");
+                self.commit_failed(&e, &positions);
             }
             return;
         }
@@ -178,8 +201,21 @@ impl<T: Send + 'static> RuntimeCore<T> {
         }
     }
 
+    /// Logs and counts a failed commit of `positions` ((partition, offset) pairs).
+    fn commit_failed(&self, e: &KafkaError, positions: &[(i32, i64)]) {
+        let class = commit_error_class(e);
+        self.recorder.commit_failed(class);
+        match class {
+            ErrorClass::Transient => tracing::warn!(subscription = %self.recorder.subscription(),
+                ?positions, "commit failed, sent again next round: {e}"),
+            ErrorClass::Permanent => tracing::error!(subscription = %self.recorder.subscription(),
+                ?positions, "commit refused: {e}; these positions are sent again every round, \
+                 and a restart runs again what finished since the last commit that succeeded"),
+        }
+    }
+
     /// The commit callback: record confirmed positions; forget failed asynchronous
-    /// commits so they are sent again.
+    /// commits (the whole request, or single partitions in it) so they are sent again.
     pub(crate) fn on_commit_result(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
         let Err(e) = result else {
             let mut parts = self.partitions.lock();
@@ -187,19 +223,76 @@ impl<T: Send + 'static> RuntimeCore<T> {
                 let Some(id) = self.topics.id(e.topic(), e.partition()) else {
                     continue;
                 };
-                if let (Some(ctx), Offset::Offset(o)) = (parts.get_mut(id), e.offset()) {
-                    ctx.confirmed(o);
+                let Some(ctx) = parts.get_mut(id) else {
+                    continue;
+                };
+                match (e.error(), e.offset()) {
+                    (Ok(()), Offset::Offset(o)) => ctx.confirmed(o),
+                    (Ok(()), _) => {}
+                    (Err(err), offset) => {
+                        ctx.forget_committed();
+                        let position = match offset {
+                            Offset::Offset(o) => o,
+                            _ => -1,
+                        };
+                        self.commit_failed(&err, &[(e.partition(), position)]);
+                    }
                 }
             }
             return;
         };
-        tracing::warn!(subscription = %self.recorder.subscription(),
-            "commit of {} partitions failed: {e}", offsets.count());
+        let positions: Vec<(i32, i64)> = offsets
+            .elements()
+            .iter()
+            .map(|e| match e.offset() {
+                Offset::Offset(o) => (e.partition(), o),
+                _ => (e.partition(), -1),
+            })
+            .collect();
+        self.commit_failed(&e, &positions);
         let mut parts = self.partitions.lock();
         for id in self.topics.ids_in(offsets) {
             if let Some(ctx) = parts.get_mut(id) {
                 ctx.forget_committed();
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A commit the coordinator refuses as sent is permanent (logged as an error); one
+    /// that waiting can fix is transient.
+    #[test]
+    fn commit_errors_are_classified() {
+        let commit = |code| KafkaError::ConsumerCommit(code);
+        for code in [
+            RDKafkaErrorCode::GroupAuthorizationFailed,
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+            RDKafkaErrorCode::UnknownPartition,
+            RDKafkaErrorCode::OffsetMetadataTooLarge,
+        ] {
+            assert_eq!(
+                commit_error_class(&commit(code)),
+                ErrorClass::Permanent,
+                "{code:?}"
+            );
+        }
+        for code in [
+            RDKafkaErrorCode::RebalanceInProgress,
+            RDKafkaErrorCode::IllegalGeneration,
+            RDKafkaErrorCode::UnknownMemberId,
+            RDKafkaErrorCode::NotCoordinator,
+            RDKafkaErrorCode::CoordinatorLoadInProgress,
+            RDKafkaErrorCode::RequestTimedOut,
+        ] {
+            assert_eq!(
+                commit_error_class(&commit(code)),
+                ErrorClass::Transient,
+                "{code:?}"
+            );
         }
     }
 }

@@ -65,6 +65,12 @@ impl SubscriptionRecorder {
             .set(self.counters.paused_partitions.load(Relaxed) as f64);
     }
 
+    /// An offset commit failed with an error of `class`.
+    pub(crate) fn commit_failed(&self, class: ErrorClass) {
+        counter!(names::COMMIT_FAILURES, "subscription" => self.subscription.to_string(), "class" => class.as_str())
+            .increment(1);
+    }
+
     pub(crate) fn state_restored(&self, records: u64) {
         self.counters
             .state_records_restored
