@@ -31,15 +31,16 @@ pub enum NotReady {
         tasks: usize,
     },
     /// Its number of lanes changed (`partition_concurrency`): it waits until its current
-    /// lanes are empty, then runs on the new ones.
+    /// lanes are empty and its deferred tasks have completed, then runs on the new ones.
     ChangingLanes {
         /// The new number of lanes.
         to: usize,
-        /// Tasks still queued in or run by the current lanes.
+        /// Tasks still queued in or run by the current lanes, or still deferred.
         tasks: usize,
     },
-    /// Its processing rate is 0 (`decaton.processing.rate.per.partition`): no task starts
-    /// until the rate changes.
+    /// Its topic's processing rate is 0 (`decaton.processing.rate.per.partition` for the
+    /// source topic, `retry_processing_rate_per_partition` for the retry topic): no task
+    /// starts until the rate changes.
     Stopped,
     /// Its committed offset and offset map could not be read from the group coordinator:
     /// nothing is fetched, started or committed for it until a read succeeds (starting
