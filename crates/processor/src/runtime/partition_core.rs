@@ -374,7 +374,70 @@ impl PartitionCore {
 #[cfg(test)]
 mod tests {
     use crate::runtime::task::tests::core;
+    use metrics::{
+        Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit,
+    };
+    use parking_lot::Mutex;
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
     use std::time::Duration;
+
+    /// Keeps every counter and gauge by name and labels.
+    #[derive(Default)]
+    struct Captured(Mutex<HashMap<String, Arc<AtomicU64>>>);
+
+    impl Captured {
+        fn cell(&self, key: &Key) -> Arc<AtomicU64> {
+            let mut labels: Vec<String> = key
+                .labels()
+                .map(|l| format!("{}={}", l.key(), l.value()))
+                .collect();
+            labels.sort();
+            let name = format!("{}{{{}}}", key.name(), labels.join(","));
+            self.0.lock().entry(name).or_default().clone()
+        }
+
+        fn read(&self, name: &str) -> Option<u64> {
+            self.0.lock().get(name).map(|c| c.load(Ordering::Relaxed))
+        }
+    }
+
+    impl Recorder for Captured {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+            Counter::from_arc(self.cell(key))
+        }
+        fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::from_arc(self.cell(key))
+        }
+        fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::noop()
+        }
+    }
+
+    #[test]
+    fn a_stall_sets_its_gauge_and_forward_failures_count_by_class() {
+        let captured = Captured::default();
+        let core = metrics::with_local_recorder(&captured, core);
+        let gauge = "decaton_partition_stalled{partition=0,subscription=s,topic=t}";
+        let gauge_value = || captured.read(gauge).map(f64::from_bits);
+        assert_eq!(gauge_value(), Some(0.0));
+        core.stall(3, "refused");
+        assert_eq!(gauge_value(), Some(1.0));
+        core.unstall(3);
+        assert_eq!(gauge_value(), Some(0.0));
+        core.recorder()
+            .forward_failed(decaton_protocol::failure::ErrorClass::Permanent);
+        let permanent =
+            "decaton_forward_failures_total{class=permanent,partition=0,subscription=s,topic=t}";
+        assert_eq!(captured.read(permanent), Some(1));
+        let transient =
+            "decaton_forward_failures_total{class=transient,partition=0,subscription=s,topic=t}";
+        assert_eq!(captured.read(transient), Some(0));
+    }
 
     #[tokio::test]
     async fn closing_ends_every_wait_on_the_partition() {
