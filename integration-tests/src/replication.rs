@@ -5,12 +5,12 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use decaton_client::TaskClient;
+use decaton_protocol::headers::raw_headers;
 use decaton_protocol::{ChatOp, OpType};
 use decaton_testkit::{checker, CheckReport, Processed};
 use futures::StreamExt;
 use prost::Message as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Headers as _;
 use rdkafka::{ClientConfig, Message as _, Offset, TopicPartitionList};
 
 /// The derived topics of the chat example and the operation types each one takes.
@@ -164,16 +164,18 @@ pub fn read_topic(
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
                 at_end.remove(&m.partition());
-                let meta = m
-                    .headers()
-                    .and_then(|h| h.iter().find(|h| h.key == "dt_meta").and_then(|h| h.value));
+                let meta = m.headers().and_then(|h| {
+                    raw_headers(h)
+                        .find(|h| h.is("dt_meta"))
+                        .and_then(|h| h.value)
+                });
                 let task = decaton_protocol::decode_record(meta, m.payload())?;
                 let op = ChatOp::decode(&*task.task)?;
                 let headers = m
                     .headers()
                     .map(|h| {
-                        h.iter()
-                            .map(|h| (h.key.to_string(), h.value.unwrap_or(&[]).to_vec()))
+                        raw_headers(h)
+                            .map(|h| (h.name_lossy().into_owned(), h.value.unwrap_or(&[]).to_vec()))
                             .collect()
                     })
                     .unwrap_or_default();
