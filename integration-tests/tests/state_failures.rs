@@ -136,7 +136,11 @@ async fn a_state_write_the_changelog_refuses_fails_the_task_and_leaves_no_state(
     handle.shutdown();
     let stats = tokio::time::timeout(Duration::from_secs(30), running).await???;
     assert!(done, "{stats:?}");
-    assert_eq!(committed, Some(TASKS as i64), "every offset done and committed");
+    assert_eq!(
+        committed,
+        Some(TASKS as i64),
+        "every offset done and committed"
+    );
     assert!(stats.state_write_failures >= 1, "{stats:?}");
 
     // The dead-letter copy says why.
@@ -180,9 +184,14 @@ async fn a_state_write_the_changelog_refuses_fails_the_task_and_leaves_no_state(
     assert_eq!(changelog.len(), TASKS as usize - 1);
     let mut keys = BTreeMap::<Vec<u8>, usize>::new();
     for m in &changelog {
-        *keys.entry(m.key().unwrap_or_default().to_vec()).or_default() += 1;
+        *keys
+            .entry(m.key().unwrap_or_default().to_vec())
+            .or_default() += 1;
     }
     assert!(!keys.contains_key(&b"blob/user-0"[..]), "{keys:?}");
-    assert_eq!(keys.get(&b"count/user-0"[..]), Some(&(per_user as usize - 1)));
+    assert_eq!(
+        keys.get(&b"count/user-0"[..]),
+        Some(&(per_user as usize - 1))
+    );
     Ok(())
 }

@@ -130,11 +130,8 @@ pub(crate) async fn delete_retention(
     let admin: AdminClient<DefaultClientContext> = client_config(bootstrap, kafka).create().ok()?;
     let opts = AdminOptions::new().request_timeout(Some(DESCRIBE_TIMEOUT));
     let resource = ResourceSpecifier::Topic(topic);
-    let described = tokio::time::timeout(
-        DESCRIBE_TIMEOUT,
-        admin.describe_configs([&resource], &opts),
-    )
-    .await;
+    let described =
+        tokio::time::timeout(DESCRIBE_TIMEOUT, admin.describe_configs([&resource], &opts)).await;
     close_off_runtime(admin);
     let config = described.ok()?.ok()?.into_iter().next()?.ok()?;
     let value = config.get("delete.retention.ms")?.value.as_deref()?.trim();

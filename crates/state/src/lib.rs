@@ -67,7 +67,13 @@
 //!    [`internal::PartitionStore::take_mutations`], [`internal::ChangelogWriter::enqueue`]
 //!    (blocking: run it on the blocking pool), await [`internal::PendingAppend::wait`],
 //!    then [`internal::PartitionStore::apply_acknowledged`]; only then does the task count
-//!    as done. After a failed append, re-send the same mutations.
+//!    as done. After a failed append, re-send the same mutations — unless the error
+//!    [is permanent](StateError::is_permanent): then the task fails, nothing is applied,
+//!    and a batch named as torn is reverted with
+//!    [`internal::ChangelogWriter::enqueue_revert`].
+//!    Restore from a checkpoint only while it is younger than
+//!    [`StateConfig::checkpoint_max_age_ms`] and half the changelog's
+//!    `delete.retention.ms` ([`internal::RestoreOptions::checkpoint_max_age`]).
 //! 4. On release, once every append was acknowledged and applied:
 //!    [`internal::PartitionStore::close_clean`] with the next changelog offset and the
 //!    applied offsets at or above the committed offset
@@ -119,8 +125,8 @@ pub trait StateStore: Send + Sync {
 #[doc(hidden)]
 pub mod internal {
     pub use crate::changelog::{
-        changelog_delete_retention, create_changelog_topic, ChangelogTopicInfo,
-        ChangelogWriter, PendingAppend,
+        changelog_delete_retention, create_changelog_topic, ChangelogTopicInfo, ChangelogWriter,
+        PendingAppend,
     };
     pub use crate::record::{headers, Mutation};
     pub use crate::restore::{

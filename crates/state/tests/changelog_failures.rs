@@ -113,7 +113,10 @@ async fn a_batch_refused_part_way_is_reverted() -> anyhow::Result<()> {
     // One record per produce request, so the broker can refuse the second alone.
     let kafka = BTreeMap::from([
         ("batch.num.messages".to_string(), "1".to_string()),
-        ("max.in.flight.requests.per.connection".to_string(), "1".to_string()),
+        (
+            "max.in.flight.requests.per.connection".to_string(),
+            "1".to_string(),
+        ),
         ("message.timeout.ms".to_string(), "20000".to_string()),
     ]);
     let writer = ChangelogWriter::new(&bootstrap, &kafka)?;
@@ -160,7 +163,10 @@ async fn a_batch_refused_part_way_is_reverted() -> anyhow::Result<()> {
 
     let store = restored(&bootstrap).await?;
     assert_eq!(store.entries()?, local.entries()?);
-    assert!(!store.is_applied(2), "the refused task's effects are not in the state");
+    assert!(
+        !store.is_applied(2),
+        "the refused task's effects are not in the state"
+    );
     Ok(())
 }
 

@@ -48,7 +48,10 @@ async fn stale_history(
     a.close_clean(1, &[])?;
     drop(a);
     // B's write that survived compaction.
-    writer.enqueue(&topic, 0, 2, &[put("j", b"x")])?.wait().await?;
+    writer
+        .enqueue(&topic, 0, 2, &[put("j", b"x")])?
+        .wait()
+        .await?;
     Ok(())
 }
 

@@ -423,7 +423,12 @@ impl StateRuntime {
         }
     }
 
-    async fn persist(&self, state: &TaskState, offset: i64, partition: &PartitionCore) -> Persisted {
+    async fn persist(
+        &self,
+        state: &TaskState,
+        offset: i64,
+        partition: &PartitionCore,
+    ) -> Persisted {
         let recorder = partition.recorder();
         let slot = &state.slot;
         let Some(store) = slot.store.get() else {
@@ -446,7 +451,10 @@ impl StateRuntime {
                 }) => {
                     recorder.state_write_failed();
                     if let Some(batch) = torn_batch {
-                        if !self.revert(store, offset, batch, &mutations, partition).await {
+                        if !self
+                            .revert(store, offset, batch, &mutations, partition)
+                            .await
+                        {
                             return Persisted::Released;
                         }
                     }
@@ -536,8 +544,12 @@ impl StateRuntime {
                 Ok(pending) => match pending.wait().await {
                     Ok(_) => {
                         partition.unstall(offset);
-                        tracing::info!(partition = store.partition(), offset, batch,
-                            "reverted a changelog batch refused part-way");
+                        tracing::info!(
+                            partition = store.partition(),
+                            offset,
+                            batch,
+                            "reverted a changelog batch refused part-way"
+                        );
                         return true;
                     }
                     Err(e) => e,
@@ -554,18 +566,21 @@ impl StateRuntime {
                 .unwrap_or(REVERT_MAX_DELAY)
                 .min(REVERT_MAX_DELAY);
             if error.is_permanent() {
-                let reason = format!(
-                    "a changelog batch refused part-way cannot be reverted: {error}"
-                );
+                let reason =
+                    format!("a changelog batch refused part-way cannot be reverted: {error}");
                 if partition.stall(offset, &reason) {
                     tracing::error!(topic = %partition.topic(), partition = partition.partition(),
                         offset, batch, "partition stopped at offset {offset}: {reason}; \
                         trying again every {REVERT_MAX_DELAY:?} until the changelog accepts it");
                 }
             } else {
-                tracing::warn!(partition = store.partition(), offset, batch,
+                tracing::warn!(
+                    partition = store.partition(),
+                    offset,
+                    batch,
                     "revert of a refused changelog batch failed; sending it again in \
-                    {delay:?}: {error}");
+                    {delay:?}: {error}"
+                );
             }
             tokio::time::sleep(delay).await;
         }

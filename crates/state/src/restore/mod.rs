@@ -367,7 +367,11 @@ mod tests {
         let now = 1_800_000_000_000u64;
         let ago = |d: Duration| Some(now - d.as_millis() as u64);
         assert!(checkpoint_is_fresh(ago(Duration::ZERO), now, hour));
-        assert!(checkpoint_is_fresh(ago(hour - Duration::from_millis(1)), now, hour));
+        assert!(checkpoint_is_fresh(
+            ago(hour - Duration::from_millis(1)),
+            now,
+            hour
+        ));
         assert!(!checkpoint_is_fresh(ago(hour), now, hour));
         assert!(!checkpoint_is_fresh(ago(hour * 30), now, hour));
         // No time: written before checkpoints had one.
