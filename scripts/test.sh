@@ -17,6 +17,13 @@ FEATURES+=",decaton-examples/otel"
 # Cheap checks first, so a formatting slip fails in seconds rather than after the tests.
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked --features "$FEATURES" -- -D warnings
+# Library and binary code never panics on what a broker or a configuration hands it: no
+# unwrap, expect, panic or unchecked indexing outside tests. An invariant the code
+# guarantees is an `allow` with its reason next to it.
+cargo clippy --workspace --lib --bins --locked --features "$FEATURES" \
+    --exclude decaton-examples --exclude decaton-integration-tests -- -D warnings \
+    -D clippy::indexing_slicing -D clippy::string_slice -D clippy::panic \
+    -D clippy::unwrap_used -D clippy::expect_used
 RUSTDOCFLAGS="-D warnings -D missing-docs" \
     cargo doc --workspace --no-deps --locked --features "$FEATURES"
 TANSU_BIN="$(scripts/install-tansu.sh)"

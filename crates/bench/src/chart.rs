@@ -27,7 +27,10 @@ const COLORS: [RGBColor; 8] = [
 ];
 
 fn color(i: usize) -> RGBColor {
-    COLORS[i % COLORS.len()]
+    COLORS
+        .get(i % COLORS.len())
+        .copied()
+        .unwrap_or(RGBColor(0, 0, 0))
 }
 
 fn err(e: impl std::fmt::Display) -> BenchError {

@@ -24,14 +24,17 @@ impl LatencyStats {
         let ms = |us: i64| us as f64 / 1_000.0;
         let rank = |p: f64| {
             let idx = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-            sorted[idx.clamp(1, sorted.len()) - 1]
+            sorted
+                .get(idx.clamp(1, sorted.len()) - 1)
+                .copied()
+                .unwrap_or_default()
         };
         let sum: i128 = sorted.iter().map(|&v| v as i128).sum();
         LatencyStats {
             avg: sum as f64 / sorted.len() as f64 / 1_000.0,
             p50: ms(rank(50.0)),
             p99: ms(rank(99.0)),
-            max: ms(sorted[sorted.len() - 1]),
+            max: ms(sorted.last().copied().unwrap_or_default()),
         }
     }
 }
@@ -91,10 +94,10 @@ impl RssSamples {
     /// From samples in time order; `None` without samples.
     pub(crate) fn of(samples: &[u64]) -> Option<RssSamples> {
         let max_kib = *samples.iter().max()?;
-        let mut second: Vec<u64> = samples[samples.len() / 2..].to_vec();
+        let mut second: Vec<u64> = samples.iter().skip(samples.len() / 2).copied().collect();
         second.sort_unstable();
         Some(RssSamples {
-            steady_kib: second[second.len() / 2],
+            steady_kib: second.get(second.len() / 2).copied().unwrap_or(max_kib),
             max_kib,
         })
     }
@@ -106,10 +109,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
     v.sort_by(f64::total_cmp);
     let n = v.len();
+    let at = |i: usize| v.get(i).copied().unwrap_or_default();
     if n % 2 == 1 {
-        v[n / 2]
+        at(n / 2)
     } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
+        (at(n / 2 - 1) + at(n / 2)) / 2.0
     }
 }
 

@@ -157,19 +157,15 @@ pub async fn run_replicate(config: &ReplicateConfig) -> Result<Vec<ReplicateRepo
     let mut replicator_runs = Vec::new();
     let mut raw_runs = Vec::new();
     for run in 0..w.runs {
-        let mut topics = Vec::new();
-        for t in TOPICS {
-            let name = cluster.unique_name(&format!("replicate-{t}"));
-            cluster.create_topic(&name, w.partitions).await?;
-            topics.push(name);
+        let topics = TOPICS.map(|t| cluster.unique_name(&format!("replicate-{t}")));
+        for name in &topics {
+            cluster.create_topic(name, w.partitions).await?;
         }
         let r = run_replicator(cluster.bootstrap(), &source, &topics, w, run, expected).await?;
         replicator_runs.push(total as f64 / r.as_secs_f64());
-        let mut raw_topics = Vec::new();
-        for t in TOPICS {
-            let name = cluster.unique_name(&format!("raw-{t}"));
-            cluster.create_topic(&name, w.partitions).await?;
-            raw_topics.push(name);
+        let raw_topics = TOPICS.map(|t| cluster.unique_name(&format!("raw-{t}")));
+        for name in &raw_topics {
+            cluster.create_topic(name, w.partitions).await?;
         }
         let (bootstrap, source, workload) =
             (cluster.bootstrap().to_string(), source.clone(), w.clone());
@@ -203,7 +199,7 @@ fn median(v: &[f64]) -> f64 {
 async fn run_replicator(
     bootstrap: &str,
     source: &str,
-    topics: &[String],
+    topics: &[String; 3],
     w: &Workload,
     run: u32,
     expected: u64,
@@ -281,7 +277,7 @@ impl ProducerContext for Count {
 fn run_raw(
     bootstrap: &str,
     source: &str,
-    topics: &[String],
+    topics: &[String; 3],
     w: &Workload,
     run: u32,
     expected: u64,
@@ -319,10 +315,10 @@ fn run_raw(
         let task = decaton_protocol::decode_record(meta, m.payload())
             .map_err(|e| BenchError::Decode(e.to_string()))?;
         let op = ChatOp::decode(&*task.task).map_err(|e| BenchError::Decode(e.to_string()))?;
-        let Some(route) = route_of(op.op()) else {
+        let Some(topic) = route_of(op.op()).and_then(|r| topics.get(r)) else {
             continue;
         };
-        let mut record = BaseRecord::to(&topics[route]).payload(m.payload().unwrap_or(&[]));
+        let mut record = BaseRecord::to(topic).payload(m.payload().unwrap_or(&[]));
         if let Some(k) = m.key() {
             record = record.key(k);
         }

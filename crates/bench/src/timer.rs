@@ -59,6 +59,10 @@ struct Timer {
     changed: Condvar,
 }
 
+#[allow(
+    clippy::panic,
+    reason = "a benchmark cannot time anything without its timer thread"
+)]
 fn timer() -> &'static Timer {
     static TIMER: OnceLock<&'static Timer> = OnceLock::new();
     TIMER.get_or_init(|| {

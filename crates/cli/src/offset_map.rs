@@ -74,7 +74,10 @@ fn count_finished(position: i64, metadata: &str) -> Result<u64, &'static str> {
             }
             let mut done = 0u64;
             for i in 0..len {
-                if payload[(i / 8) as usize] & (1 << (i % 8)) != 0 {
+                if payload
+                    .get((i / 8) as usize)
+                    .is_some_and(|byte| byte & (1 << (i % 8)) != 0)
+                {
                     done += 1;
                 }
             }

@@ -161,10 +161,16 @@ impl<T: Send + 'static, B: BatchProcessor<T>> TaskProcessor<T> for Compaction<T,
                     w.tasks.push(arrived);
                     (None, opened)
                 }
-                Some(at) => match (shared.choose)(&w.tasks[at], &arrived) {
-                    Survivor::Kept => (Some(arrived), opened),
-                    Survivor::Arrived => {
-                        (Some(std::mem::replace(&mut w.tasks[at], arrived)), opened)
+                Some(at) => match w.tasks.get_mut(at) {
+                    Some(held) => match (shared.choose)(held, &arrived) {
+                        Survivor::Kept => (Some(arrived), opened),
+                        Survivor::Arrived => (Some(std::mem::replace(held, arrived)), opened),
+                    },
+                    // `by_key` only names positions in `tasks`; were one missing, the task
+                    // joins the window as a new key rather than being dropped.
+                    None => {
+                        w.tasks.push(arrived);
+                        (None, opened)
                     }
                 },
             }

@@ -40,7 +40,7 @@ pub(crate) fn task_span(
     let key = key.map(|k| {
         let text = String::from_utf8_lossy(k);
         match text.char_indices().nth(MAX_KEY_CHARS) {
-            Some((cut, _)) => format!("{}…", &text[..cut]),
+            Some(_) => format!("{}…", text.chars().take(MAX_KEY_CHARS).collect::<String>()),
             None => text.into_owned(),
         }
     });

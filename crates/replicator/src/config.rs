@@ -84,8 +84,10 @@ struct MapSection {
 
 /// Byte offset -> (line, column), both from 1.
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
-    let before = &text[..offset];
+    // A span from the parser is a byte offset; one inside a character counts from the
+    // end of the text rather than panicking.
+    let before = text.get(..offset).unwrap_or(text);
+    let offset = before.len();
     let line = before.matches('\n').count() + 1;
     let column = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
     (line, column)

@@ -361,7 +361,11 @@ impl Pipeline {
             return;
         }
         match token.dest {
-            Dest::Route(i) => self.replicator.routes[i].counters.out(),
+            Dest::Route(i) => {
+                if let Some(route) = self.replicator.routes.get(i) {
+                    route.counters.out();
+                }
+            }
             Dest::Router => {
                 if let Some(c) = &self.replicator.router_counters {
                     c.out();
@@ -852,7 +856,10 @@ impl Pipeline {
         for (dest, out) in outs {
             let topic = match (&out.topic, dest) {
                 (Some(t), _) => t.clone(),
-                (None, Dest::Route(i)) => self.replicator.routes[i].topic.clone(),
+                (None, Dest::Route(i)) => match self.replicator.routes.get(i) {
+                    Some(route) => route.topic.clone(),
+                    None => continue,
+                },
                 (None, _) => continue,
             };
             self.send(m, topic, dest, out, partition, offset, generation);
@@ -914,8 +921,11 @@ impl Pipeline {
                     // Refused locally (too large, unknown topic...): this record is lost
                     // to this route; the source offset completes through its token.
                     tracing::warn!(error = %e, topic = %topic, partition, offset, "derived record refused");
-                    if let Dest::Route(i) = dest {
-                        self.replicator.routes[i].counters.failed();
+                    if let Some(route) = match dest {
+                        Dest::Route(i) => self.replicator.routes.get(i),
+                        _ => None,
+                    } {
+                        route.counters.failed();
                     }
                     self.settle(&r.delivery_opaque);
                     return;

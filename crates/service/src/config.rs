@@ -266,7 +266,10 @@ impl ServiceConfig {
         read_file(text, origin, &mut raw)?;
         let mut env: Vec<(String, String)> = env
             .into_iter()
-            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k[ENV_PREFIX.len()..].contains("__"))
+            .filter(|(k, _)| {
+                k.strip_prefix(ENV_PREFIX)
+                    .is_some_and(|rest| rest.contains("__"))
+            })
             .collect();
         env.sort();
         for (name, value) in env {
@@ -277,8 +280,9 @@ impl ServiceConfig {
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())]
+    text.as_bytes()
         .iter()
+        .take(offset)
         .filter(|b| **b == b'\n')
         .count()
         + 1
@@ -391,7 +395,11 @@ fn read_env(name: &str, value: String, raw: &mut Raw) -> Result<(), ConfigError>
         origin: format!("environment variable {name}"),
         line: None,
     };
-    let parts: Vec<&str> = name[ENV_PREFIX.len()..].split("__").collect();
+    let parts: Vec<&str> = name
+        .strip_prefix(ENV_PREFIX)
+        .unwrap_or(name)
+        .split("__")
+        .collect();
     let entry = |key: String| Entry {
         key,
         value,
@@ -414,13 +422,13 @@ fn read_env(name: &str, value: String, raw: &mut Raw) -> Result<(), ConfigError>
                 )));
             };
             let lower = key.to_ascii_lowercase();
-            let section = ["state_", "retry_", "dead_letter_"]
+            let section = [("state_", "state"), ("retry_", "retry"), ("dead_letter_", "dead_letter")]
                 .into_iter()
-                .find(|p| lower.starts_with(p));
+                .find_map(|(p, table)| lower.strip_prefix(p).map(|rest| (table, rest)));
             let key = if lower == "topic" || lower == "live_properties_file" {
                 lower
-            } else if let Some(prefix) = section {
-                format!("{}.{}", &prefix[..prefix.len() - 1], &lower[prefix.len()..])
+            } else if let Some((table, rest)) = section {
+                format!("{table}.{rest}")
             } else if !matches!(
                 ProcessorProperties::default().set(&lower, "1"),
                 Err(PropertyError::Unknown(_))

@@ -159,6 +159,10 @@ impl<T: Send + 'static> Lanes<T> {
                 };
                 unit.lane = Some(lane);
                 self.occupied.fetch_add(1, Ordering::AcqRel);
+                #[allow(
+                    clippy::indexing_slicing,
+                    reason = "`lane` is taken modulo `lanes.len()`, never 0"
+                )]
                 lanes[lane].queued.push(unit);
             }
             Mode::PerKey { queues, jobs } => {

@@ -62,12 +62,20 @@ impl Sketch {
         out
     }
 
+    #[allow(
+        clippy::indexing_slicing,
+        reason = "slots come from `slots`: row * WIDTH + (hash % WIDTH) < DEPTH * WIDTH"
+    )]
     fn estimate_at(&self, slots: &[usize; DEPTH]) -> u32 {
         slots.iter().map(|&s| self.cells[s]).min().unwrap_or(0)
     }
 
     /// Adds one (conservative update: only the smallest cells grow) and returns the new
     /// estimate.
+    #[allow(
+        clippy::indexing_slicing,
+        reason = "slots come from `slots`: row * WIDTH + (hash % WIDTH) < DEPTH * WIDTH"
+    )]
     fn add(&mut self, slots: &[usize; DEPTH]) -> u32 {
         let next = self.estimate_at(slots).saturating_add(1);
         for &s in slots {

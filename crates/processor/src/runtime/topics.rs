@@ -63,11 +63,19 @@ impl Topics {
     }
 
     /// The name of the topic `id` belongs to.
+    #[allow(
+        clippy::indexing_slicing,
+        reason = "ids are made by `id` from positions in `names`, which never shrinks"
+    )]
     pub(crate) fn name(&self, id: PartitionId) -> &Arc<str> {
         &self.names[usize::from(id.topic)]
     }
 
     /// The source topic.
+    #[allow(
+        clippy::indexing_slicing,
+        reason = "`names` is made with the source first and never shrinks"
+    )]
     pub(crate) fn source(&self) -> &Arc<str> {
         &self.names[0]
     }

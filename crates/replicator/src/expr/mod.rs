@@ -241,7 +241,11 @@ pub(crate) fn resolve_path(
         if f.is_list() || f.is_map() {
             return Err(format!(
                 "field {} is repeated or a map; it cannot be compared",
-                path[..=i].join(".")
+                path.iter()
+                    .take(i + 1)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(".")
             ));
         }
         let last = i + 1 == path.len();
@@ -257,8 +261,12 @@ pub(crate) fn resolve_path(
             _ if !last => {
                 return Err(format!(
                     "field {} is not a message; it has no field {}",
-                    path[..=i].join("."),
-                    path[i + 1]
+                    path.iter()
+                        .take(i + 1)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join("."),
+                    path.get(i + 1).map_or("", String::as_str)
                 ))
             }
             _ => {}

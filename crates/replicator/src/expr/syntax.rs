@@ -58,8 +58,7 @@ fn tokenize(text: &str) -> Result<Vec<(usize, Tok)>, ExprError> {
     let chars: Vec<char> = text.chars().collect();
     let mut out = Vec::new();
     let mut i = 0;
-    while i < chars.len() {
-        let c = chars[i];
+    while let Some(&c) = chars.get(i) {
         let start = i;
         let two = |n: char| chars.get(i + 1) == Some(&n);
         let tok = match c {
@@ -127,12 +126,18 @@ fn tokenize(text: &str) -> Result<Vec<(usize, Tok)>, ExprError> {
                 || (c == '-' && chars.get(i + 1).is_some_and(|d| d.is_ascii_digit())) =>
             {
                 let mut j = i + 1;
-                while j < chars.len()
-                    && (chars[j].is_ascii_alphanumeric() || chars[j] == '.' || chars[j] == '_')
+                while chars
+                    .get(j)
+                    .is_some_and(|c| c.is_ascii_alphanumeric() || *c == '.' || *c == '_')
                 {
                     j += 1;
                 }
-                let lit: String = chars[i..j].iter().filter(|c| **c != '_').collect();
+                let lit: String = chars
+                    .iter()
+                    .take(j)
+                    .skip(i)
+                    .filter(|c| **c != '_')
+                    .collect();
                 i = j - 1;
                 if let Ok(n) = lit.parse::<i128>() {
                     Tok::Int(n)
@@ -144,10 +149,13 @@ fn tokenize(text: &str) -> Result<Vec<(usize, Tok)>, ExprError> {
             }
             c if c.is_alphabetic() || c == '_' => {
                 let mut j = i + 1;
-                while j < chars.len() && (chars[j].is_alphanumeric() || chars[j] == '_') {
+                while chars
+                    .get(j)
+                    .is_some_and(|c| c.is_alphanumeric() || *c == '_')
+                {
                     j += 1;
                 }
-                let word: String = chars[i..j].iter().collect();
+                let word: String = chars.iter().take(j).skip(i).collect();
                 i = j - 1;
                 match word.as_str() {
                     "and" => Tok::And,

@@ -49,7 +49,9 @@ pub(crate) fn encode_offset_map(
         let mut bits = vec![0u8; bitset_bytes as usize];
         for (s, e) in intervals {
             for i in s..e {
-                bits[(i / 8) as usize] |= 1 << (i % 8);
+                if let Some(byte) = bits.get_mut((i / 8) as usize) {
+                    *byte |= 1 << (i % 8);
+                }
             }
         }
         ('b', bits)
@@ -116,7 +118,9 @@ pub fn decode_offset_map(position: i64, metadata: &str) -> Option<DoneRanges> {
             }
             let mut open: Option<u64> = None;
             for i in 0..len {
-                let set = payload[(i / 8) as usize] & (1 << (i % 8)) != 0;
+                let set = payload
+                    .get((i / 8) as usize)
+                    .is_some_and(|byte| byte & (1 << (i % 8)) != 0);
                 match (set, open) {
                     (true, None) => open = Some(i),
                     (false, Some(s)) => {
