@@ -1,15 +1,14 @@
 #![allow(clippy::unwrap_used, clippy::field_reassign_with_default)]
 //! State writes the changelog refuses for good, end to end: the task fails and takes the
 //! failure path with its reason, none of its writes reach the state (local or changelog),
-//! and the partition goes on. On the mock cluster (it has the producer limits needed; the
-//! same writer refusal runs against any broker).
+//! and the partition goes on. Against the mock cluster and Tansu.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use decaton_integration_tests::{init_tracing, put_tasks};
+use decaton_integration_tests::{broker_tests, put_tasks};
 use decaton_processor::{
     async_trait, DeadLetterConfig, ProcessError, ProcessingContext, ProcessorProperties,
     SchedulingMode, Subscription, TaskProcessor,
@@ -93,17 +92,16 @@ fn header(m: &rdkafka::message::OwnedMessage, name: &str) -> String {
 /// dead-letter topic with the changelog's reason, none of its writes (not even its small
 /// counter update) reach the local store or the changelog, and every other task of the
 /// partition is processed and committed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_state_write_the_changelog_refuses_fails_the_task_and_leaves_no_state(
-) -> anyhow::Result<()> {
-    init_tracing();
-    let broker = TestBroker::start(BrokerKind::Embedded)?;
+async fn refused_state_write(kind: BrokerKind) -> anyhow::Result<()> {
+    let broker = TestBroker::start(kind)?;
     let bootstrap = broker.bootstrap_servers();
     broker.create_topic("big", 1)?;
     broker.create_topic("big-dlq", 1)?;
-    // The mock cluster has no CreateTopics: the changelog is made here.
-    broker.create_topic("big-state-changelog", 1)?;
-    put_tasks(&bootstrap, &[], "big", 0..TASKS, USERS).await?;
+    if kind == BrokerKind::Embedded {
+        // The mock cluster has no CreateTopics; on Tansu the runtime creates it.
+        broker.create_topic("big-state-changelog", 1)?;
+    }
+    put_tasks(&bootstrap, kind.producer_settings(), "big", 0..TASKS, USERS).await?;
 
     let dir = tempfile::tempdir()?;
     let state = StateConfig::new(dir.path()).backend(Backend::Sled);
@@ -111,13 +109,16 @@ async fn a_state_write_the_changelog_refuses_fails_the_task_and_leaves_no_state(
     props.mode = SchedulingMode::PerKey;
     props.commit_interval = Duration::from_millis(100);
     let seen = Arc::new(AtomicU64::new(0));
-    let sub = Subscription::builder("big", Counter { seen: seen.clone() })
+    let mut builder = Subscription::builder("big", Counter { seen: seen.clone() })
         .bootstrap_servers(&bootstrap)
         .topic("big")
         .properties(props)
         .state_store(state.clone())
-        .dead_letter(DeadLetterConfig::new())
-        .build()?;
+        .dead_letter(DeadLetterConfig::new());
+    for (k, v) in kind.producer_settings() {
+        builder = builder.set(*k, *v);
+    }
+    let sub = builder.build()?;
     let handle = sub.handle();
     let running = tokio::spawn(sub.run());
     let done = wait_until(Duration::from_secs(60), || {
@@ -195,3 +196,8 @@ async fn a_state_write_the_changelog_refuses_fails_the_task_and_leaves_no_state(
     );
     Ok(())
 }
+
+broker_tests!(
+    a_state_write_the_changelog_refuses_fails_the_task_and_leaves_no_state,
+    super::refused_state_write
+);
