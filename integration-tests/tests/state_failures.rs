@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use decaton_integration_tests::{broker_tests, put_tasks};
+use decaton_integration_tests::{broker_tests, put_tasks, CounterProcessor};
 use decaton_processor::{
     async_trait, DeadLetterConfig, ProcessError, ProcessingContext, ProcessorProperties,
     SchedulingMode, Subscription, TaskProcessor,
@@ -200,4 +200,100 @@ async fn refused_state_write(kind: BrokerKind) -> anyhow::Result<()> {
 broker_tests!(
     a_state_write_the_changelog_refuses_fails_the_task_and_leaves_no_state,
     super::refused_state_write
+);
+
+/// Runs the counter subscription `group` on `topic` until it has seen `until` tasks, then
+/// shuts it down cleanly (a checkpoint per partition) and returns its stats.
+async fn count(
+    broker: &TestBroker,
+    group: &str,
+    topic: &str,
+    state: &StateConfig,
+    until: u64,
+) -> anyhow::Result<decaton_processor::SubscriptionStats> {
+    let seen = Arc::new(AtomicU64::new(0));
+    let mut props = ProcessorProperties::default();
+    props.commit_interval = Duration::from_millis(100);
+    let mut builder = Subscription::builder(
+        group,
+        CounterProcessor {
+            log: None,
+            seen: seen.clone(),
+        },
+    )
+    .bootstrap_servers(broker.bootstrap_servers())
+    .topic(topic)
+    .properties(props)
+    .state_store(state.clone());
+    for (k, v) in broker.kind().producer_settings() {
+        builder = builder.set(*k, *v);
+    }
+    let sub = builder.build()?;
+    let handle = sub.handle();
+    let running = tokio::spawn(sub.run());
+    let done = wait_until(Duration::from_secs(60), || {
+        seen.load(Ordering::Relaxed) >= until
+    })
+    .await;
+    handle.shutdown();
+    let stats = tokio::time::timeout(Duration::from_secs(30), running).await???;
+    anyhow::ensure!(
+        done,
+        "saw {} of {until}: {stats:?}",
+        seen.load(Ordering::Relaxed)
+    );
+    Ok(stats)
+}
+
+/// The runtime restores from a checkpoint only while it is younger than the configured
+/// `checkpoint_max_age_ms`: with a max age of zero, a clean restart with the same state
+/// directory reads the whole changelog instead of its tail, and the counters are exact.
+async fn old_checkpoint_is_not_trusted(kind: BrokerKind) -> anyhow::Result<()> {
+    const FIRST: u64 = 200;
+    const USERS: u64 = 10;
+    let broker = TestBroker::start(kind)?;
+    broker.create_topic("aged", 1)?;
+    if kind == BrokerKind::Embedded {
+        broker.create_topic("aged-state-changelog", 1)?;
+    }
+    put_tasks(
+        &broker.bootstrap_servers(),
+        kind.producer_settings(),
+        "aged",
+        0..FIRST,
+        USERS,
+    )
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let young = StateConfig::new(dir.path());
+    count(&broker, "aged", "aged", &young, FIRST).await?;
+    // Two records per task in the changelog.
+    let changelog = 2 * FIRST;
+
+    put_tasks(
+        &broker.bootstrap_servers(),
+        kind.producer_settings(),
+        "aged",
+        FIRST..FIRST + 1,
+        USERS,
+    )
+    .await?;
+    let stale = young.clone().checkpoint_max_age(Duration::ZERO);
+    let second = count(&broker, "aged", "aged", &stale, 1).await?;
+    assert!(
+        second.state_records_restored >= changelog,
+        "a checkpoint older than the max age must not be used: restored {} of {changelog}",
+        second.state_records_restored
+    );
+    let counts = decaton_integration_tests::read_counters(&young, "aged", "aged", 1)?;
+    assert_eq!(
+        counts,
+        decaton_integration_tests::expected_counts(FIRST + 1, USERS)
+    );
+    Ok(())
+}
+
+broker_tests!(
+    a_checkpoint_older_than_the_max_age_is_not_used,
+    super::old_checkpoint_is_not_trusted
 );
