@@ -12,9 +12,10 @@
 //! keys, values from 0 bytes up to just under the producer's `message.max.bytes`,
 //! tombstones, a `dt_meta` that is garbage, metadata timestamps, schedules and retry
 //! counts at the extremes of `i64`, record timestamps at the extremes, batches compressed
-//! with gzip, lz4 and zstd (when the build has it), and, on the mock cluster, transactional
-//! batches (one aborted and one committed transaction) and transaction markers (control
-//! records, which no consumer receives) written with a Produce request of their own. Valid tasks carry hostile
+//! with gzip, lz4 and zstd (when the build has it), transaction markers (control records,
+//! which no consumer receives) written with a Produce request of their own, and, on the
+//! mock cluster (Tansu has no transactions), transactional batches: one aborted and one
+//! committed transaction. Valid tasks carry hostile
 //! headers too. Some hostile tasks always fail, so their records are copied to the retry
 //! and dead-letter topics.
 //!
@@ -218,7 +219,8 @@ impl Codec {
 struct Case {
     codec: Codec,
     items: Vec<Item>,
-    /// Write an aborted and a committed transaction after the items (mock cluster only).
+    /// Write an aborted and a committed transaction (mock cluster only) and two
+    /// transaction markers after the items.
     transactions: bool,
 }
 
@@ -845,8 +847,10 @@ impl Suite {
                 expected.insert(user, count);
             }
         }
-        if case.transactions && self.kind == BrokerKind::Embedded {
-            self.transactions(n).await?;
+        if case.transactions {
+            if self.kind == BrokerKind::Embedded {
+                self.transactions(n).await?;
+            }
             // Real markers: holes in the source's offsets that no consumer receives.
             let bootstrap = self.bootstrap.clone();
             let partition = (n % PARTITIONS as u64) as i32;
@@ -1066,11 +1070,32 @@ impl Suite {
         }
         self.handle.shutdown();
         let running = self.running.lock().take();
-        if let Some(running) = running {
-            let stats = tokio::time::timeout(Duration::from_secs(30), running).await???;
-            println!("{}: {stats:?}", self.kind.name());
+        let Some(running) = running else {
+            anyhow::bail!("the subscription stopped before the end");
+        };
+        let stats = tokio::time::timeout(Duration::from_secs(30), running).await???;
+        println!("{}: {stats:?}", self.kind.name());
+        // The reader gets the last dead letters a moment after the broker has them.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while (self.dead_letters.lock().records.lock().len() as u64) < stats.dead_lettered
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await; // polling a condition
         }
         self.dead_letters.lock().stop()?;
+        // The counters tell the same story as the dead-letter topic.
+        {
+            let reader = self.dead_letters.lock();
+            let dead = reader.records.lock();
+            let discarded = dead.iter().filter(|d| d.kind == "discarded").count() as u64;
+            anyhow::ensure!(
+                dead.len() as u64 == stats.dead_lettered && discarded == stats.discarded,
+                "{} dead letters ({discarded} discarded) in the topic, counted {} ({} discarded)",
+                dead.len(),
+                stats.dead_lettered,
+                stats.discarded
+            );
+        }
         let written = self.written.lock().clone();
         let outcome = self.outcome("c", &written);
         println!(
@@ -1311,8 +1336,8 @@ fn hostile_records_tansu_many() -> anyhow::Result<()> {
 /// A transaction coordinator writes these markers at the end of every transaction; a
 /// consumer never receives them, so their offsets are holes that the commit position must
 /// pass. librdkafka's mock cluster writes no markers for its transactions (see
-/// `Suite::transactions`), but stores a control batch sent to it like any other, which
-/// puts real markers into the source topic.
+/// `Suite::transactions`) and Tansu has no transactions, but both store a control batch
+/// sent to them like any other, which puts real markers into the source topic.
 fn write_marker(bootstrap: &str, topic: &str, partition: i32, commit: bool) -> anyhow::Result<i64> {
     use std::io::{Read, Write};
 
