@@ -27,8 +27,20 @@
 //! `DECATON_SUBSCRIPTIONS__<ID>__<KEY>`, where `<ID>` is the subscription id in upper case
 //! with `-` and `.` written as `_` (`STORAGE_MUTATION_PROCESSOR`), and `<KEY>` a property
 //! (`PARTITION_CONCURRENCY`, `DECATON_PARTITION_CONCURRENCY`), `TOPIC`, `STATE_DIR`, or a
-//! librdkafka setting (`SESSION_TIMEOUT_MS`). Variables without a `__` after the prefix
-//! are not configuration and are left alone.
+//! librdkafka setting (`SESSION_TIMEOUT_MS`).
+//!
+//! The bootstrap servers, from the strongest source to the weakest: the binary's
+//! `-b`/`--bootstrap` flag ([`ServiceConfig::with_bootstrap_servers`]), a subscription's own
+//! `bootstrap.servers` (`DECATON_SUBSCRIPTIONS__<ID>__BOOTSTRAP_SERVERS`, then the table in
+//! the file), `DECATON_KAFKA__BOOTSTRAP_SERVERS`, `DECATON_BOOTSTRAP` (the variable every
+//! decaton-rs binary reads, the `decaton` command line included), then `[kafka]` in the
+//! file. There is no built-in default: a subscription without any is refused.
+//!
+//! A `DECATON_` variable that is none of these (a typo such as
+//! `DECATON_KAFKA_BOOTSTRAP_SERVERS`) is ignored with a note naming the closest known
+//! variable, and so is a `DECATON_SUBSCRIPTIONS__<ID>__<KEY>` for a subscription the file
+//! does not have (one shell may serve several services); [`ServiceConfig::notes`] lists
+//! them and [`crate::Service::start`] logs them as warnings.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -44,6 +56,98 @@ use toml_edit::{Item, Value};
 
 /// Prefix of the environment variables that override the file.
 pub const ENV_PREFIX: &str = "DECATON_";
+
+/// The bootstrap servers for every decaton-rs binary that is given no `-b`/`--bootstrap`
+/// flag; in a service it stands below `DECATON_KAFKA__BOOTSTRAP_SERVERS`.
+pub const BOOTSTRAP_ENV: &str = "DECATON_BOOTSTRAP";
+
+/// `DECATON_` variables read outside the configuration file: the bootstrap servers, and
+/// the test tooling's.
+const OTHER_VARIABLES: &[&str] = &[
+    BOOTSTRAP_ENV,
+    "DECATON_TEST_BROKERS",
+    "DECATON_RESTORE_BROKER",
+    "DECATON_RESTORE_RECORDS",
+    "DECATON_CACHE",
+];
+
+/// The `[service]` keys, for suggestions.
+const SERVICE_KEYS: &[&str] = &[
+    "http_addr",
+    "log_format",
+    "log_filter",
+    "stall_timeout_ms",
+    "lag_interval_ms",
+    "liveness_timeout_ms",
+    "otlp_endpoint",
+];
+
+/// Notes about the `DECATON_` variables among `names` that no decaton-rs binary reads,
+/// each naming the closest variable that one does. Configuration-file overrides
+/// (`DECATON_SERVICE__…`, `DECATON_KAFKA__…`, `DECATON_SUBSCRIPTIONS__…`) count as known
+/// here; [`ServiceConfig::load`] checks those against the file.
+pub fn unknown_variable_notes<S: AsRef<str>>(names: impl IntoIterator<Item = S>) -> Vec<String> {
+    let mut names: Vec<String> = names
+        .into_iter()
+        .map(|n| n.as_ref().to_string())
+        .filter(|n| n.starts_with(ENV_PREFIX))
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .filter(|name| {
+            let rest = name.strip_prefix(ENV_PREFIX).unwrap_or(name);
+            !OTHER_VARIABLES.contains(&name.as_str())
+                && !["SERVICE__", "KAFKA__", "SUBSCRIPTIONS__", "SUBSCRIPTION__"]
+                    .iter()
+                    .any(|p| rest.starts_with(p))
+        })
+        .map(|name| unknown_variable_note(&name, &[]))
+        .collect()
+}
+
+/// "unknown environment variable X ignored (did you mean Y?)", Y the closest of the known
+/// variables and of `extra`.
+fn unknown_variable_note(name: &str, extra: &[String]) -> String {
+    let mut known: Vec<String> = OTHER_VARIABLES.iter().map(|s| s.to_string()).collect();
+    known.push("DECATON_KAFKA__BOOTSTRAP_SERVERS".into());
+    known.extend(
+        SERVICE_KEYS
+            .iter()
+            .map(|k| format!("DECATON_SERVICE__{}", k.to_ascii_uppercase())),
+    );
+    known.extend(extra.iter().cloned());
+    let closest = known
+        .iter()
+        .min_by_key(|k| edit_distance(name, k))
+        .map(String::as_str)
+        .unwrap_or(BOOTSTRAP_ENV);
+    format!("unknown environment variable {name} ignored (did you mean {closest}?)")
+}
+
+/// Levenshtein distance over bytes.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b = b.as_bytes();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.bytes().enumerate() {
+        let mut diagonal = row.first().copied().unwrap_or(0);
+        if let Some(first) = row.first_mut() {
+            *first = i + 1;
+        }
+        for (j, cb) in b.iter().enumerate() {
+            let above = row.get(j + 1).copied().unwrap_or(usize::MAX - 1);
+            let left = row.get(j).copied().unwrap_or(usize::MAX - 1);
+            let value = (diagonal + usize::from(ca != *cb))
+                .min(above + 1)
+                .min(left + 1);
+            diagonal = above;
+            if let Some(cell) = row.get_mut(j + 1) {
+                *cell = value;
+            }
+        }
+    }
+    row.last().copied().unwrap_or(0)
+}
 
 /// How log lines are written (to stderr).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -180,6 +284,8 @@ pub struct ServiceConfig {
     pub service: ServiceSettings,
     /// The subscriptions, by id.
     pub subscriptions: BTreeMap<String, SubscriptionConfig>,
+    /// Environment variables that were ignored, and why.
+    notes: Vec<String>,
 }
 
 /// Why a configuration was refused: where (file and line, or environment variable) and
@@ -266,16 +372,49 @@ impl ServiceConfig {
         read_file(text, origin, &mut raw)?;
         let mut env: Vec<(String, String)> = env
             .into_iter()
-            .filter(|(k, _)| {
-                k.strip_prefix(ENV_PREFIX)
-                    .is_some_and(|rest| rest.contains("__"))
-            })
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
             .collect();
         env.sort();
-        for (name, value) in env {
-            read_env(&name, value, &mut raw)?;
+        let mut notes = Vec::new();
+        // Below every DECATON_KAFKA__ variable: those are applied after it.
+        if let Some((name, value)) = env.iter().find(|(k, _)| k == BOOTSTRAP_ENV) {
+            if !value.trim().is_empty() {
+                raw.kafka.push(Entry {
+                    key: "bootstrap.servers".into(),
+                    value: value.trim().to_string(),
+                    at: Location {
+                        origin: format!("environment variable {name}"),
+                        line: None,
+                    },
+                });
+            }
         }
-        build(raw)
+        for (name, value) in env {
+            read_env(&name, value, &mut raw, &mut notes)?;
+        }
+        let mut config = build(raw)?;
+        config.notes = notes;
+        Ok(config)
+    }
+
+    /// Environment variables that were ignored (unknown, or for a subscription the file
+    /// does not have), each with the reason; [`crate::Service::start`] logs them.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    /// Sets every subscription's `bootstrap.servers`, over the file and the environment:
+    /// what a binary's `-b`/`--bootstrap` flag does. Blank `servers` change nothing.
+    pub fn with_bootstrap_servers(mut self, servers: &str) -> ServiceConfig {
+        let servers = servers.trim();
+        if !servers.is_empty() {
+            for subscription in self.subscriptions.values_mut() {
+                subscription
+                    .kafka
+                    .insert("bootstrap.servers".into(), servers.to_string());
+            }
+        }
+        self
     }
 }
 
@@ -390,7 +529,15 @@ fn normalize_id(id: &str) -> String {
     id.to_ascii_uppercase().replace(['-', '.'], "_")
 }
 
-fn read_env(name: &str, value: String, raw: &mut Raw) -> Result<(), ConfigError> {
+fn read_env(
+    name: &str,
+    value: String,
+    raw: &mut Raw,
+    notes: &mut Vec<String>,
+) -> Result<(), ConfigError> {
+    if OTHER_VARIABLES.contains(&name) {
+        return Ok(());
+    }
     let at = Location {
         origin: format!("environment variable {name}"),
         line: None,
@@ -411,15 +558,19 @@ fn read_env(name: &str, value: String, raw: &mut Raw) -> Result<(), ConfigError>
             .kafka
             .push(entry(key.to_ascii_lowercase().replace('_', "."))),
         ["SUBSCRIPTIONS" | "SUBSCRIPTION", id, key] => {
+            let ids: Vec<String> = raw.subscriptions.keys().map(|s| normalize_id(s)).collect();
             let Some((_, entries)) = raw
                 .subscriptions
                 .iter_mut()
                 .find(|(sub, _)| normalize_id(sub) == *id)
                 .map(|(_, v)| v)
             else {
-                return Err(at.error(format!(
-                    "no subscription `{id}` in the file (ids are matched in upper case, with - and . as _)"
-                )));
+                notes.push(format!(
+                    "environment variable {name} ignored: the file has no subscription {id} \
+                     (it has {}; ids are matched in upper case, with - and . as _)",
+                    ids.join(", ")
+                ));
+                return Ok(());
             };
             let lower = key.to_ascii_lowercase();
             let section = [("state_", "state"), ("retry_", "retry"), ("dead_letter_", "dead_letter")]
@@ -440,9 +591,12 @@ fn read_env(name: &str, value: String, raw: &mut Raw) -> Result<(), ConfigError>
             entries.push(entry(key));
         }
         _ => {
-            return Err(at.error(
-                "expected DECATON_SERVICE__<KEY>, DECATON_KAFKA__<KEY> or DECATON_SUBSCRIPTIONS__<ID>__<KEY>",
-            ))
+            let extra: Vec<String> = raw
+                .subscriptions
+                .keys()
+                .map(|id| format!("DECATON_SUBSCRIPTIONS__{}__TOPIC", normalize_id(id)))
+                .collect();
+            notes.push(unknown_variable_note(name, &extra));
         }
     }
     Ok(())
@@ -746,6 +900,7 @@ fn build(raw: Raw) -> Result<ServiceConfig, ConfigError> {
     Ok(ServiceConfig {
         service,
         subscriptions,
+        notes: Vec::new(),
     })
 }
 
@@ -853,13 +1008,92 @@ state.dir = "/tmp/x"
         assert_eq!(s.kafka["session.timeout.ms"], "7000");
         assert_eq!(s.bootstrap_servers(), "b:1");
 
-        let e = parse(FILE, &[("DECATON_SUBSCRIPTIONS__NOPE__TOPIC", "x")]).unwrap_err();
-        assert!(
-            e.origin().contains("DECATON_SUBSCRIPTIONS__NOPE__TOPIC"),
-            "{e}"
-        );
         let e = parse(FILE, &[("DECATON_KAFKA__NO_SUCH_THING", "x")]).unwrap_err();
         assert!(e.message().contains("`no.such.thing`"), "{e}");
+    }
+
+    #[test]
+    fn bootstrap_precedence_flag_then_kafka_variable_then_decaton_bootstrap_then_file() {
+        let servers = |env: &[(&str, &str)], flag: Option<&str>| {
+            let mut c = parse(FILE, env).unwrap();
+            if let Some(flag) = flag {
+                c = c.with_bootstrap_servers(flag);
+            }
+            c.subscriptions["storage-mutation-processor"]
+                .bootstrap_servers()
+                .to_string()
+        };
+        assert_eq!(servers(&[], None), "127.0.0.1:9092");
+        assert_eq!(servers(&[("DECATON_BOOTSTRAP", "env:1")], None), "env:1");
+        let both = [
+            ("DECATON_BOOTSTRAP", "env:1"),
+            ("DECATON_KAFKA__BOOTSTRAP_SERVERS", "kafka:2"),
+        ];
+        assert_eq!(servers(&both, None), "kafka:2");
+        assert_eq!(servers(&both, Some("flag:3")), "flag:3");
+        assert_eq!(servers(&both, Some(" ")), "kafka:2");
+        let c = parse(
+            "[subscriptions.a]\ntopic = \"t\"\n",
+            &[("DECATON_BOOTSTRAP", "env:1")],
+        )
+        .unwrap();
+        assert_eq!(c.subscriptions["a"].bootstrap_servers(), "env:1");
+        assert!(c.notes().is_empty(), "{:?}", c.notes());
+    }
+
+    #[test]
+    fn unknown_variables_and_other_subscriptions_are_noted_not_fatal() {
+        let c = parse(
+            FILE,
+            &[
+                ("DECATON_SUBSCRIPTIONS__NOTIFICATION_PROCESSOR__TOPIC", "x"),
+                ("DECATON_KAFKA_BOOTSTRAP_SERVERS", "typo:1"),
+                ("DECATON_BOOTSTRAPS", "typo:2"),
+                ("DECATON_SERVCE__HTTP_ADDR", "127.0.0.1:1"),
+                ("NOT_OURS", "x"),
+            ],
+        )
+        .unwrap();
+        let s = &c.subscriptions["storage-mutation-processor"];
+        assert_eq!(s.topic, "chat-ops");
+        assert_eq!(s.bootstrap_servers(), "127.0.0.1:9092");
+        let notes = c.notes();
+        assert_eq!(notes.len(), 4, "{notes:?}");
+        let note = |var: &str| {
+            notes
+                .iter()
+                .find(|n| n.contains(&format!("{var} ")))
+                .unwrap_or_else(|| panic!("no note on {var}: {notes:?}"))
+        };
+        assert!(
+            note("DECATON_SUBSCRIPTIONS__NOTIFICATION_PROCESSOR__TOPIC")
+                .contains("STORAGE_MUTATION_PROCESSOR"),
+            "{notes:?}"
+        );
+        assert!(
+            note("DECATON_KAFKA_BOOTSTRAP_SERVERS")
+                .contains("did you mean DECATON_KAFKA__BOOTSTRAP_SERVERS?"),
+            "{notes:?}"
+        );
+        assert!(
+            note("DECATON_BOOTSTRAPS").contains("did you mean DECATON_BOOTSTRAP?"),
+            "{notes:?}"
+        );
+        assert!(
+            note("DECATON_SERVCE__HTTP_ADDR").contains("did you mean DECATON_SERVICE__HTTP_ADDR?"),
+            "{notes:?}"
+        );
+        assert_eq!(
+            unknown_variable_notes([
+                "DECATON_BOOTSTRAP",
+                "DECATON_KAFKA__BOOTSTRAP_SERVERS",
+                "DECATON_BOOTSTRP",
+                "PATH"
+            ]),
+            vec!["unknown environment variable DECATON_BOOTSTRP ignored (did you mean DECATON_BOOTSTRAP?)"]
+        );
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "ab"), 2);
     }
 
     #[test]

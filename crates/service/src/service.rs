@@ -127,6 +127,9 @@ impl Service {
             .unwrap_or_else(|| "decaton-service".into());
         let logging =
             crate::logging::install(&config.service, &name).map_err(ServiceError::Start)?;
+        for note in config.notes() {
+            tracing::warn!("{note}");
+        }
         let metrics = crate::metrics::install().map_err(ServiceError::Start)?;
         let listener = TcpListener::bind(config.service.http_addr)
             .await
