@@ -687,4 +687,43 @@ mod tests {
             "offset 7 must stay unfinished"
         );
     }
+
+    /// A state value the changelog refuses for good fails the task instead of being sent
+    /// again forever: with no retry or dead-letter topic, the task is done as failed (its
+    /// offset finishes), none of its writes reach the store, and the failure is counted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_state_write_fails_the_task_and_applies_nothing() {
+        let store = memory_store();
+        let slot = StateSlot::ready_with(store.clone());
+        // Refused before anything is sent: no broker is needed.
+        let runtime = StateRuntime::new(
+            StateConfig::default(),
+            "s",
+            "127.0.0.1:1",
+            &BTreeMap::new(),
+            Handle::current(),
+            Arc::new(SubscriptionRecorder::new(Arc::from("s"), Arc::default())),
+        )
+        .unwrap();
+        let partition = core();
+        let task = slot.task_state().unwrap();
+        task.put(b"small", b"fits").unwrap();
+        task.put(b"huge", &vec![0u8; 1_100_000]).unwrap();
+        assert!(partition.try_start_for_test(7));
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            runtime.finish_task(&partition, 7, task, Outcome::Done, None),
+        )
+        .await
+        .expect("a refused write must not be retried forever");
+        assert_eq!(store.get(b"small").unwrap(), None);
+        assert_eq!(store.get(b"huge").unwrap(), None);
+        assert!(!store.is_applied(7));
+        assert_eq!(partition.running(), 0);
+        assert_eq!(
+            partition.position(),
+            Some(8),
+            "offset 7 is done (as failed)"
+        );
+    }
 }
