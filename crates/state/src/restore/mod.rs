@@ -54,6 +54,13 @@
 //! partition at once (a zombie) are not told apart; fencing a revoked partition's store
 //! and purging its queued appends keeps that window short.
 //!
+//! A checkpoint is trusted only while it is younger than
+//! [`RestoreOptions::checkpoint_max_age`]: compaction removes a delete's tombstone
+//! `delete.retention.ms` after cleaning it, and a store restored from an older checkpoint
+//! would keep a key that was deleted since. Whether that cleaning happened cannot be seen
+//! from the changelog, so an older checkpoint empties the store and the restore starts
+//! from the beginning ([`RestoreReport::checkpoint_discarded`]).
+//!
 //! A restore can be retried: see [`restore`].
 
 mod assembler;
