@@ -332,13 +332,14 @@ async fn an_unreadable_committed_offset_holds_the_partition_until_read() -> anyh
     running.await??;
     release.notify_one();
 
-    // librdkafka's own read (for its fetch start) comes first and succeeds; the
-    // runtime's next three reads are refused.
+    // The runtime reads before the consumer takes the partition on: refused. The
+    // consumer's own read (for its fetch start) succeeds; the runtime's next two reads
+    // are refused again.
     cluster.request_errors(
         RDKafkaApiKey::OffsetFetch,
         &[
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR,
             RDKafkaRespErr::RD_KAFKA_RESP_ERR_GROUP_AUTHORIZATION_FAILED,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR,
             RDKafkaRespErr::RD_KAFKA_RESP_ERR_GROUP_AUTHORIZATION_FAILED,
             RDKafkaRespErr::RD_KAFKA_RESP_ERR_GROUP_AUTHORIZATION_FAILED,
         ],

@@ -26,10 +26,12 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::commit::OffsetReset;
 use super::lanes::Lanes;
 use super::offsets::{decode_offset_map, DoneRanges, OffsetTracker};
 use super::partition::{PartitionContext, PauseControl};
 use super::partition_core::PartitionCore;
+use super::partitions::CommittedRead;
 use super::quota::KeyQuota;
 use super::topics::{PartitionId, Topics};
 use super::RuntimeCore;
@@ -37,15 +39,15 @@ use super::RuntimeCore;
 /// How long one read of committed offsets may block the consumer thread.
 pub(crate) const COMMITTED_READ_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A partition's committed position (none if nothing was committed) and its metadata.
-type Committed = (Option<i64>, String);
+/// Committed offsets past the log end are looked for this long at most per assignment.
+const WATERMARKS_BUDGET: Duration = Duration::from_secs(5);
 
 /// Reads the committed offsets of `ids` (each, or why it could not be read).
 fn read_committed<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     topics: &Topics,
     ids: &[PartitionId],
-) -> Vec<(PartitionId, Result<Committed, String>)> {
+) -> Vec<(PartitionId, CommittedRead)> {
     let mut tpl = TopicPartitionList::new();
     for p in ids {
         tpl.add_partition(topics.name(*p), p.partition);
@@ -113,7 +115,112 @@ impl<T: Send + 'static> RuntimeCore<T> {
         if new.is_empty() {
             return;
         }
-        self.take_on(consumer, read_committed(consumer, &self.topics, &new));
+        let (mut reads, missing) = self.partitions.lock().take_stashed(&new);
+        if !missing.is_empty() {
+            reads.extend(read_committed(consumer, &self.topics, &missing));
+        }
+        self.take_on(consumer, reads);
+    }
+
+    /// Before the consumer takes `partitions` on: reads their committed offsets (kept for
+    /// [`Self::assign`]) and moves those past the log end to where `auto.offset.reset`
+    /// says (see [`Self::reset_truncated`]).
+    pub(crate) fn prepare_assign<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        partitions: &[PartitionId],
+    ) {
+        let new: Vec<PartitionId> = {
+            let parts = self.partitions.lock();
+            partitions
+                .iter()
+                .copied()
+                .filter(|p| !parts.contains(*p) && !parts.is_held(*p))
+                .collect()
+        };
+        let mut reads = if new.is_empty() {
+            Vec::new()
+        } else {
+            read_committed(consumer, &self.topics, &new)
+        };
+        if let Some(reset) = self.committer.offset_reset() {
+            self.reset_truncated(consumer, reset, &mut reads);
+        }
+        self.partitions.lock().stash(reads);
+    }
+
+    /// A committed offset above the log end means the log was truncated (an unclean
+    /// leader election, a topic deleted and recreated, a broker that lost its data).
+    /// Kafka answers a fetch there with "offset out of range" and the consumer resets by
+    /// itself (the tracker then rebases on the first record it fetches), but a broker that
+    /// answers with an empty fetch instead would leave the partition waiting forever. So
+    /// before the consumer starts, such an offset is moved to the log start (or end, with
+    /// `auto.offset.reset=latest`) and committed there, for the consumer and the tracker
+    /// alike; the inherited offset map goes with it. Logged and counted as a truncation.
+    /// Watermarks that cannot be read in time leave the offset as it is.
+    fn reset_truncated<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        reset: OffsetReset,
+        reads: &mut [(PartitionId, CommittedRead)],
+    ) {
+        let deadline = Instant::now() + WATERMARKS_BUDGET;
+        let mut tpl = TopicPartitionList::new();
+        let mut moved = Vec::new();
+        for (id, read) in reads.iter() {
+            let Ok((Some(committed), _)) = read else {
+                continue;
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::debug!("no time left to compare committed offsets with log ends");
+                break;
+            }
+            let (topic, p) = (self.topics.name(*id), id.partition);
+            let (low, high) = match consumer.fetch_watermarks(
+                topic,
+                p,
+                left.min(COMMITTED_READ_TIMEOUT),
+            ) {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::debug!(topic = %topic, partition = p, "could not read the log end: {e}");
+                    continue;
+                }
+            };
+            if *committed <= high {
+                continue;
+            }
+            let to = match reset {
+                OffsetReset::Earliest => low,
+                OffsetReset::Latest => high,
+            };
+            if tpl
+                .add_partition_offset(topic, p, Offset::Offset(to))
+                .is_ok()
+            {
+                moved.push((*id, *committed, to));
+            }
+        }
+        if moved.is_empty() {
+            return;
+        }
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+            tracing::warn!(subscription = %self.recorder.subscription(),
+                "committed offsets past the log end could not be moved: {e}; the consumer resets when it fetches");
+            return;
+        }
+        for (id, committed, to) in moved {
+            let (topic, p) = (self.topics.name(id), id.partition);
+            tracing::warn!(subscription = %self.recorder.subscription(), topic = %topic, partition = p,
+                committed, position = to, ?reset,
+                "the committed offset is past the log end (the log was truncated or recreated); \
+                 processing from the reset position, now committed");
+            self.recorder.partition(topic, p).truncated();
+            if let Some((_, read)) = reads.iter_mut().find(|(i, _)| *i == id) {
+                *read = Ok((Some(to), String::new()));
+            }
+        }
     }
 
     /// Reads the committed offsets of the held partitions that are due again, and takes
@@ -131,7 +238,7 @@ impl<T: Send + 'static> RuntimeCore<T> {
     fn take_on<C: ConsumerContext>(
         &self,
         consumer: &BaseConsumer<C>,
-        reads: Vec<(PartitionId, Result<Committed, String>)>,
+        reads: Vec<(PartitionId, CommittedRead)>,
     ) {
         let mut resume = TopicPartitionList::new();
         let mut hold = TopicPartitionList::new();

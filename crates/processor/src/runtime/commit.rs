@@ -62,11 +62,34 @@ const UNKNOWN: u8 = 0;
 const SUPPORTED: u8 = 1;
 const UNSUPPORTED: u8 = 2;
 
+/// Where the consumer starts when its committed offset is out of range
+/// (`auto.offset.reset`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OffsetReset {
+    /// The log start (`earliest`, the runtime's default).
+    Earliest,
+    /// The log end (`latest`).
+    Latest,
+}
+
+impl OffsetReset {
+    /// The reset `auto.offset.reset=value` asks for (unset: the runtime's default,
+    /// earliest); none for `error` or a value librdkafka will refuse.
+    pub(crate) fn parse(value: Option<&str>) -> Option<OffsetReset> {
+        match value.map(str::trim) {
+            None | Some("earliest" | "smallest" | "beginning") => Some(OffsetReset::Earliest),
+            Some("latest" | "largest" | "end") => Some(OffsetReset::Latest),
+            Some(_) => None,
+        }
+    }
+}
+
 /// Commit settings and what was learnt about the broker.
 pub(crate) struct Committer {
     offset_map: bool,
     max_bytes: usize,
     metadata_support: AtomicU8,
+    offset_reset: Option<OffsetReset>,
 }
 
 impl Committer {
@@ -75,7 +98,20 @@ impl Committer {
             offset_map,
             max_bytes,
             metadata_support: AtomicU8::new(UNKNOWN),
+            offset_reset: Some(OffsetReset::Earliest),
         }
+    }
+
+    /// Uses the consumer's `auto.offset.reset` setting (if the user gave one).
+    pub(crate) fn with_offset_reset(mut self, value: Option<&str>) -> Self {
+        self.offset_reset = OffsetReset::parse(value);
+        self
+    }
+
+    /// Where a committed offset past the log end moves to; none when the consumer is set
+    /// to fail instead.
+    pub(crate) fn offset_reset(&self) -> Option<OffsetReset> {
+        self.offset_reset
     }
 
     fn map_bytes(&self) -> Option<usize> {

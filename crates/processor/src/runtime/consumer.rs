@@ -48,6 +48,10 @@ impl<T: prost::Message + Default + Send + 'static> ClientContext for RuntimeCont
 
 impl<T: prost::Message + Default + Send + 'static> ConsumerContext for RuntimeContext<T> {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let parts = self.core.own_partitions(tpl);
+            self.core.prepare_assign(consumer, &parts);
+        }
         if let Rebalance::Revoke(tpl) = rebalance {
             let parts = self.core.own_partitions(tpl);
             self.core

@@ -941,6 +941,60 @@ mod tests {
         assert_eq!(f.counters.rewound.load(Ordering::Relaxed), 1);
     }
 
+    /// The log was truncated under a committed position of 1 000 000 with an offset map,
+    /// and the consumer was reset to offset 0: every fetched record runs (none is dropped
+    /// as rewound), the truncation is counted once, and the next commit is the new
+    /// position without the old map.
+    #[test]
+    fn a_truncated_log_rebases_on_what_is_fetched() {
+        let f = fixture(0, 100, None);
+        let inherited = DoneRanges::from_sorted([(1_000_001, 1_000_005)]);
+        let core = Arc::new(PartitionCore::new(
+            Arc::from("t"),
+            PartitionId {
+                topic: 0,
+                partition: 0,
+            },
+            OffsetTracker::starting_at(Some(1_000_000), inherited),
+            f.subscription.partition("t", 0),
+            f.wakeup.clone(),
+        ));
+        let lanes = Lanes::new(
+            &ProcessorProperties::default(),
+            Arc::new(Instant0(f.ran.clone())),
+            f._rt.handle().clone(),
+        );
+        let committed = (1_000_000, core.commit_point(Some(4000)).unwrap().1);
+        assert!(!committed.1.is_empty(), "the inherited map is committed");
+        let mut ctx = PartitionContext::new(core.clone(), lanes, 100, Some(committed), None, None);
+        assert_eq!(ctx.commit_candidate(Some(4000)), None, "nothing new yet");
+        for o in 0..5 {
+            let mut u = unit(o, Some(b"k"), 0);
+            u.partition = core.clone();
+            assert!(!ctx.offer(Incoming::Task(u), 0));
+        }
+        ctx.flush();
+        assert_eq!(f.counters.rewound.load(Ordering::Relaxed), 0);
+        assert_eq!(f.counters.truncations.load(Ordering::Relaxed), 1);
+        f._rt.block_on(async {
+            let all_ran = async {
+                while f.ran.load(Ordering::SeqCst) < 5 {
+                    tokio::task::yield_now().await;
+                }
+            };
+            tokio::time::timeout(std::time::Duration::from_secs(10), all_ran)
+                .await
+                .expect("every fetched task runs");
+        });
+        assert_eq!(ctx.commit_candidate(Some(4000)), Some((5, String::new())));
+        ctx.confirmed(5);
+        assert_eq!(
+            ctx.confirmed_position(),
+            Some(5),
+            "the old position no longer counts"
+        );
+    }
+
     /// Applied offsets below the committed position are forgotten: the set is bounded by
     /// what can still be redelivered.
     #[test]

@@ -28,7 +28,14 @@ pub(crate) struct Partitions<T> {
     /// Assigned partitions whose committed offset could not be read yet (one entry per
     /// assigned partition at most).
     held: HashMap<PartitionId, Held>,
+    /// Committed offsets read just before the consumer takes partitions on, for the
+    /// assignment that follows (one entry per partition being assigned).
+    stashed: HashMap<PartitionId, CommittedRead>,
 }
+
+/// A partition's committed position (none if nothing was committed) and its metadata, or
+/// why they could not be read.
+pub(crate) type CommittedRead = Result<(Option<i64>, String), String>;
 
 /// The first retry of a failed committed-offset read comes after this; each failure
 /// doubles it, up to [`HELD_RETRY_MAX`].
@@ -52,6 +59,7 @@ impl<T> Default for Partitions<T> {
             owned: HashMap::new(),
             zombies: HashMap::new(),
             held: HashMap::new(),
+            stashed: HashMap::new(),
         }
     }
 }
@@ -93,6 +101,32 @@ impl<T: Send + 'static> Partitions<T> {
             .min(HELD_RETRY_MAX);
         held.retry_at = now + backoff;
         (held.attempts, backoff)
+    }
+
+    /// Keeps committed offsets read before an assignment for [`Self::take_stashed`]
+    /// (replacing what an earlier one left).
+    pub(crate) fn stash(&mut self, reads: Vec<(PartitionId, CommittedRead)>) {
+        self.stashed = reads.into_iter().collect();
+    }
+
+    /// The stashed reads of `ids`, and the ids that have none; forgets the rest.
+    pub(crate) fn take_stashed(
+        &mut self,
+        ids: &[PartitionId],
+    ) -> (Vec<(PartitionId, CommittedRead)>, Vec<PartitionId>) {
+        let mut stashed = std::mem::take(&mut self.stashed);
+        let mut missing = Vec::new();
+        let reads = ids
+            .iter()
+            .filter_map(|id| match stashed.remove(id) {
+                Some(read) => Some((*id, read)),
+                None => {
+                    missing.push(*id);
+                    None
+                }
+            })
+            .collect();
+        (reads, missing)
     }
 
     /// Whether `partition` is held.

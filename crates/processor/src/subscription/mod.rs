@@ -238,7 +238,8 @@ where
             committer: Committer::new(
                 self.properties.offset_map,
                 self.properties.offset_map_max_bytes,
-            ),
+            )
+            .with_offset_reset(self.kafka.get("auto.offset.reset").map(String::as_str)),
             extractor: Extractor::new(
                 &self.properties,
                 forwarder.is_some() || in_process.0 > 0 || quota.is_some(),
