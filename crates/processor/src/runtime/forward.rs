@@ -277,7 +277,9 @@ impl Forwarder {
             if !failure.permanent && retries_done < q.max_retries {
                 let delay = q.backoff.delay(retries_done);
                 let next = TaskMetadata {
-                    retry_count: metadata.retry_count.saturating_add(1),
+                    // From the count this runtime trusted (a negative one read as 0), so
+                    // a hostile count cannot buy more attempts than `max_retries`.
+                    retry_count: i64::from(retries_done) + 1,
                     scheduled_time_millis: now_millis()
                         .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
                     ..metadata.clone()
@@ -907,6 +909,33 @@ mod tests {
             "a null value stays null"
         );
         assert_eq!(core.stalled(), None);
+    }
+
+    /// A negative `retry_count` (no producer of this project writes one) used to stay
+    /// negative in the retry copy, so the task went round the retry topic about
+    /// |retry_count| times instead of `max_retries`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_negative_retry_count_buys_no_extra_retries() {
+        let cluster = cluster();
+        let bootstrap = cluster.bootstrap_servers();
+        let f = forwarder(&bootstrap, None, Some("retry"));
+        let mut record = record(10);
+        record.headers[0].1 = Some(encode_metadata(&TaskMetadata {
+            timestamp_millis: 1,
+            retry_count: i64::MIN,
+            ..Default::default()
+        }));
+        let acked = tokio::time::timeout(
+            Duration::from_secs(30),
+            f.forward(&core(), 3, &record, &failure()),
+        )
+        .await
+        .expect("the forward ended");
+        assert!(acked);
+        let m = read_one(&bootstrap, "retry");
+        let meta = header_of(&m, METADATA_HEADER.as_bytes()).flatten().unwrap();
+        let meta = decaton_protocol::decode_metadata(&meta).unwrap();
+        assert_eq!(meta.retry_count, 1, "counted from 0, as it was read");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
