@@ -60,6 +60,15 @@ pub struct ServiceArgs {
     /// Default: the binary's file in `examples/config/`.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Kafka bootstrap servers for every subscription, over the file and the environment
+    /// (`DECATON_KAFKA__BOOTSTRAP_SERVERS`, then `DECATON_BOOTSTRAP`, override the file).
+    #[arg(short = 'b', long, value_name = "HOST:PORT[,HOST:PORT...]")]
+    pub bootstrap: Option<String>,
+    /// The subscription to run: the file's `[subscriptions.<ID>]` table, and the consumer
+    /// group. Default: the binary's own name. A second instance on another topic needs its
+    /// own (and its own `http_addr`), or it joins the first one's group.
+    #[arg(long, value_name = "ID")]
+    pub subscription: Option<String>,
 }
 
 impl ServiceArgs {
@@ -70,13 +79,39 @@ impl ServiceArgs {
                 .join("config")
                 .join(format!("{name}.toml"))
         });
-        Ok(ServiceConfig::load(&path)?)
+        let config = ServiceConfig::load(&path)?;
+        Ok(match &self.bootstrap {
+            Some(servers) => config.with_bootstrap_servers(servers),
+            None => config,
+        })
+    }
+
+    /// The subscription to run: `--subscription`, or `default`; an error naming the
+    /// file's subscriptions when the file has no such table.
+    pub fn subscription_id(&self, config: &ServiceConfig, default: &str) -> anyhow::Result<String> {
+        let id = self.subscription.as_deref().unwrap_or(default);
+        if config.subscriptions.contains_key(id) {
+            return Ok(id.to_string());
+        }
+        anyhow::bail!(
+            "the configuration has no [subscriptions.{id}] table (it has: {}); fix the table's \
+             name, or pass --subscription ID to run another",
+            config
+                .subscriptions
+                .keys()
+                .map(|k| format!("[subscriptions.{k}]"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
     }
 
     /// Loads the configuration ([`Self::load`]) and starts the service: logging,
     /// metrics, the HTTP endpoint.
     pub async fn start(&self, name: &str) -> anyhow::Result<Service> {
-        Ok(Service::start(self.load(name)?).await?)
+        let config = self.load(name)?;
+        // Before anything is bound or logged: a wrong table name fails at once.
+        self.subscription_id(&config, name)?;
+        Ok(Service::start(config).await?)
     }
 }
 
@@ -86,4 +121,44 @@ pub fn exit_code(result: anyhow::Result<ExitCode>) -> ExitCode {
         eprintln!("error: {e:#}");
         ExitCode::FAILURE
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "[kafka]\n\"bootstrap.servers\" = \"file:1\"\n\n\
+                        [subscriptions.chat-messages-notifier]\ntopic = \"chat-messages\"\n";
+
+    #[test]
+    fn the_bootstrap_flag_wins_and_the_subscription_is_chosen_by_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("svc.toml");
+        std::fs::write(&path, FILE).unwrap();
+        let args = ServiceArgs {
+            config: Some(path),
+            bootstrap: Some("flag:2".into()),
+            subscription: None,
+        };
+        let config = args.load("notification-processor").unwrap();
+        let e = args
+            .subscription_id(&config, "notification-processor")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no [subscriptions.notification-processor] table")
+                && e.contains("it has: [subscriptions.chat-messages-notifier]"),
+            "{e}"
+        );
+        let args = ServiceArgs {
+            subscription: Some("chat-messages-notifier".into()),
+            ..args
+        };
+        let id = args
+            .subscription_id(&config, "notification-processor")
+            .unwrap();
+        assert_eq!(id, "chat-messages-notifier");
+        assert_eq!(config.subscriptions[&id].bootstrap_servers(), "flag:2");
+    }
 }

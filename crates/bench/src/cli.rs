@@ -101,8 +101,9 @@ pub struct WorkloadArgs {
     /// Bytes of payload per task.
     #[arg(long, default_value_t = 64)]
     pub payload_bytes: usize,
-    /// Kafka bootstrap servers [default: start the embedded mock cluster in-process].
-    #[arg(long)]
+    /// Kafka bootstrap servers (or `DECATON_BOOTSTRAP`) [default: start the embedded
+    /// mock cluster in-process].
+    #[arg(short = 'b', long, env = "DECATON_BOOTSTRAP")]
     pub bootstrap: Option<String>,
     /// Repetitions, each on a fresh topic; the summary is the median.
     #[arg(long, default_value_t = 1)]

@@ -86,12 +86,46 @@ struct Filter {
     /// Only records whose reason contains this text.
     #[arg(long, value_name = "TEXT")]
     reason: Option<String>,
-    /// Only records of this failure kind (error, permanent, panic, timeout, leaked, retry).
-    #[arg(long, value_name = "KIND")]
-    kind: Option<String>,
+    /// Only records of this failure kind.
+    #[arg(long, value_enum, value_name = "KIND")]
+    kind: Option<FailureKind>,
     /// Only records dead-lettered at or after this time (milliseconds since the epoch).
     #[arg(long, value_name = "MILLIS")]
     since: Option<i64>,
+}
+
+/// The failure kinds a dead-letter record's kind header names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum FailureKind {
+    /// `process` returned an error.
+    Error,
+    /// The processor asked for a retry and no retry was left.
+    Retry,
+    /// A permanent error: not retried.
+    Permanent,
+    /// `process` panicked.
+    Panic,
+    /// A deferred completion timed out.
+    Timeout,
+    /// A deferred completion was dropped without completing.
+    Leaked,
+    /// Discarded before it could run (undecodable, or scheduled too far ahead).
+    Discarded,
+}
+
+impl FailureKind {
+    /// The kind header's value.
+    fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Error => "error",
+            FailureKind::Retry => "retry",
+            FailureKind::Permanent => "permanent",
+            FailureKind::Panic => "panic",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Leaked => "leaked",
+            FailureKind::Discarded => "discarded",
+        }
+    }
 }
 
 /// What a dead-letter record says about itself.
@@ -145,7 +179,7 @@ impl Filter {
                 .reason
                 .as_ref()
                 .is_none_or(|r| d.reason.contains(r.as_str()))
-            && self.kind.as_ref().is_none_or(|k| &d.kind == k)
+            && self.kind.is_none_or(|k| d.kind == k.as_str())
             && self
                 .since
                 .is_none_or(|s| d.time_millis.is_some_and(|t| t >= s))
@@ -437,7 +471,7 @@ mod tests {
             Filter {
                 key: key.iter().map(|k| k.to_string()).collect(),
                 reason: reason.map(String::from),
-                kind: kind.map(String::from),
+                kind: kind.map(|k| <FailureKind as clap::ValueEnum>::from_str(k, false).unwrap()),
                 since,
             }
             .matches(&d)

@@ -110,6 +110,15 @@ fn lag_blocking(args: &LagArgs) -> anyhow::Result<()> {
         rows.push(row(partition, position, low, high, &map));
     }
     rows.sort_by_key(|r| r.partition);
+    if rows.iter().all(|r| r.committed.is_none()) {
+        anyhow::bail!(
+            "group {} has no committed offset on any of the {} partitions of {}: no such \
+             group (check the name), or it has not committed on this topic yet",
+            args.group,
+            rows.len(),
+            args.topic
+        );
+    }
     let report = Report {
         group: &args.group,
         topic: &args.topic,

@@ -77,6 +77,13 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
+    // `config check` reports them itself, against the file.
+    if !matches!(cli.command, Command::Config(_)) {
+        let names = std::env::vars_os().filter_map(|(name, _)| name.into_string().ok());
+        for note in decaton_service::config::unknown_variable_notes(names) {
+            tracing::warn!("{note}");
+        }
+    }
     let result = match cli.command {
         // The harness manages its own runtime; it must not start inside ours.
         Command::Bench(cmd) => decaton_bench::run_cli(cmd),

@@ -1,5 +1,7 @@
 //! What several subcommands share: how to reach Kafka and when to stop.
 
+use std::time::Duration;
+
 use anyhow::Context as _;
 
 /// Connection settings for a command that talks to Kafka.
@@ -70,6 +72,35 @@ pub fn topic_partitions<C: rdkafka::consumer::ConsumerContext>(
         );
     }
     Ok(found.partitions().iter().map(|p| p.id()).collect())
+}
+
+/// Whether the broker knows `topic`, asked without letting the question create it
+/// (a producer's metadata request may; a consumer's with `allow.auto.create.topics=false`
+/// does not). Blocks: call it from a blocking thread.
+pub fn topic_exists(kafka: &KafkaArgs, topic: &str, timeout: Duration) -> anyhow::Result<bool> {
+    let mut config = rdkafka::ClientConfig::new();
+    config.set("bootstrap.servers", &kafka.bootstrap);
+    for (key, value) in &kafka.properties {
+        config.set(key, value);
+    }
+    config.set("allow.auto.create.topics", "false");
+    let consumer: rdkafka::consumer::BaseConsumer =
+        config.create().context("creating a metadata client")?;
+    let metadata = rdkafka::consumer::Consumer::fetch_metadata(&consumer, Some(topic), timeout)
+        .with_context(|| {
+            format!(
+                "fetching metadata of topic {topic} from {}",
+                kafka.bootstrap
+            )
+        })?;
+    let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) else {
+        return Ok(false);
+    };
+    match found.error().map(rdkafka::types::RDKafkaErrorCode::from) {
+        None => Ok(!found.partitions().is_empty()),
+        Some(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition) => Ok(false),
+        Some(code) => anyhow::bail!("topic {topic}: {code}"),
+    }
 }
 
 #[cfg(test)]

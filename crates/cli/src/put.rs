@@ -20,6 +20,9 @@ use prost::encoding::{DecodeContext, WireType};
 use crate::options::KafkaArgs;
 use crate::schema::{SchemaArgs, TaskType};
 
+/// How long to wait for the broker to say whether the topic exists.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Arguments of `decaton put`.
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("task").required(true).args(["json", "file", "ndjson"])))]
@@ -30,9 +33,15 @@ pub struct PutArgs {
     #[command(flatten)]
     schema: SchemaArgs,
 
-    /// Topic to enqueue on.
+    /// Topic to enqueue on. It must exist, unless `--create-topic`.
     #[arg(long)]
     topic: String,
+
+    /// Let the broker create `--topic` if it does not exist (with the broker's default
+    /// partition count, where its `auto.create.topics.enable` allows it). Without it, a
+    /// missing topic is an error: a misspelt name does not quietly become a new topic.
+    #[arg(long)]
+    create_topic: bool,
 
     /// Record key: the ordering key, usually the user id (with `--json` and `--file`).
     #[arg(long, required_unless_present = "ndjson", conflicts_with = "ndjson")]
@@ -89,6 +98,22 @@ pub async fn run(args: PutArgs) -> anyhow::Result<()> {
     };
     let mut options = PutOptions::default();
     options.scheduled_time = scheduled_time;
+    if !args.create_topic {
+        let (kafka, topic) = (args.kafka.clone(), args.topic.clone());
+        let exists = tokio::task::spawn_blocking(move || {
+            crate::options::topic_exists(&kafka, &topic, METADATA_TIMEOUT)
+        })
+        .await
+        .context("the topic lookup stopped")??;
+        if !exists {
+            anyhow::bail!(
+                "topic {} does not exist on {} (check the name, or pass --create-topic to \
+                 let the broker create it)",
+                args.topic,
+                args.kafka.bootstrap
+            );
+        }
+    }
     if args.ndjson {
         let task_type = args.schema.load()?;
         let client = client(&args)?;

@@ -22,8 +22,14 @@ pub struct ReplicateArgs {
     /// The replicator's configuration (see docs/configuration.md).
     #[arg(long, value_name = "FILE")]
     config: PathBuf,
-    /// `bootstrap.servers`, overriding the file's `bootstrap_servers`.
-    #[arg(short = 'b', long, value_name = "HOST:PORT")]
+    /// `bootstrap.servers`, overriding the file's `bootstrap_servers` (the flag, else
+    /// `DECATON_BOOTSTRAP`, else the file).
+    #[arg(
+        short = 'b',
+        long,
+        env = "DECATON_BOOTSTRAP",
+        value_name = "HOST:PORT[,HOST:PORT...]"
+    )]
     bootstrap: Option<String>,
     /// Serve Prometheus metrics (`decaton_replicator_*`) on this address.
     #[arg(long, value_name = "ADDR")]

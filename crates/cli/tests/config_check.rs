@@ -92,3 +92,79 @@ fn the_example_configurations_pass() -> anyhow::Result<()> {
     assert!(checked >= 4, "only {checked} files in {}", dir.display());
     Ok(())
 }
+
+/// Runs `decaton config check svc.toml ARGS...` with `env` (and no other `DECATON_`
+/// variable).
+fn check_with(text: &str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<(bool, String)> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("svc.toml");
+    std::fs::write(&path, text)?;
+    let mut command = Command::new(BIN);
+    command.args(["config", "check"]).arg(&path).args(args);
+    for (name, _) in std::env::vars() {
+        if name.starts_with("DECATON_") {
+            command.env_remove(name);
+        }
+    }
+    command.envs(env.iter().copied());
+    let out = command.output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).replace(&path.display().to_string(), "svc.toml"),
+    ))
+}
+
+#[test]
+fn a_misspelt_subscription_table_is_reported_given_the_binary_s_subscriptions() -> anyhow::Result<()>
+{
+    let misspelt = GOOD.replace(
+        "[subscriptions.storage-mutation-processor]",
+        "[subscriptions.storage-mutation-procesor]",
+    );
+    let expect = ["--subscription", "storage-mutation-processor"];
+    let (ok, stderr) = check_with(&misspelt, &expect, &[])?;
+    assert!(!ok);
+    assert!(
+        stderr.contains("svc.toml: no [subscriptions.storage-mutation-processor] table")
+            && stderr.contains(
+                "[subscriptions.storage-mutation-procesor] is not a subscription the binary \
+                 runs (a misspelt [subscriptions.storage-mutation-processor]?)"
+            ),
+        "{stderr}"
+    );
+    let (ok, stderr) = check_with(GOOD, &expect, &[])?;
+    assert!(ok, "{stderr}");
+    Ok(())
+}
+
+#[test]
+fn ignored_variables_are_warnings_and_other_services_variables_are_not_fatal() -> anyhow::Result<()>
+{
+    let (ok, stderr) = check_with(
+        GOOD,
+        &[],
+        &[
+            (
+                "DECATON_SUBSCRIPTIONS__NOTIFICATION_PROCESSOR__TOPIC",
+                "chat-messages",
+            ),
+            ("DECATON_KAFKA_BOOTSTRAP_SERVERS", "typo:1"),
+        ],
+    )?;
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains(
+            "warning: environment variable DECATON_SUBSCRIPTIONS__NOTIFICATION_PROCESSOR__TOPIC \
+             ignored: the file has no subscription NOTIFICATION_PROCESSOR"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(
+            "warning: unknown environment variable DECATON_KAFKA_BOOTSTRAP_SERVERS ignored \
+             (did you mean DECATON_KAFKA__BOOTSTRAP_SERVERS?)"
+        ),
+        "{stderr}"
+    );
+    Ok(())
+}

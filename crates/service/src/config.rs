@@ -358,7 +358,11 @@ impl ServiceConfig {
             line: None,
             message: format!("cannot read: {e}"),
         })?;
-        Self::parse(&text, &origin, std::env::vars())
+        // vars() would panic on a variable that is not UTF-8; such a variable is no
+        // override of ours.
+        let env = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+        Self::parse(&text, &origin, env)
     }
 
     /// Parses `text` (named `origin` in errors) and applies the `DECATON_` variables among
@@ -573,9 +577,13 @@ fn read_env(
                 return Ok(());
             };
             let lower = key.to_ascii_lowercase();
-            let section = [("state_", "state"), ("retry_", "retry"), ("dead_letter_", "dead_letter")]
-                .into_iter()
-                .find_map(|(p, table)| lower.strip_prefix(p).map(|rest| (table, rest)));
+            let section = [
+                ("state_", "state"),
+                ("retry_", "retry"),
+                ("dead_letter_", "dead_letter"),
+            ]
+            .into_iter()
+            .find_map(|(p, table)| lower.strip_prefix(p).map(|rest| (table, rest)));
             let key = if lower == "topic" || lower == "live_properties_file" {
                 lower
             } else if let Some((table, rest)) = section {

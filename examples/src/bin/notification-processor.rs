@@ -39,13 +39,14 @@ async fn main() -> ExitCode {
 async fn run() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
     let mut service = args.service.start("notification-processor").await?;
+    let id = args
+        .service
+        .subscription_id(service.config(), "notification-processor")?;
     let processor = NotificationProcessor::new(
         args.min_latency_ms..=args.max_latency_ms.max(args.min_latency_ms),
     );
     let stats = processor.stats();
-    let subscription = service
-        .subscription("notification-processor", processor)?
-        .build()?;
+    let subscription = service.subscription(&id, processor)?.build()?;
     service.add(subscription);
     let exit = service.run().await;
     println!("{}", stats.summary());

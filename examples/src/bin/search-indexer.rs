@@ -43,13 +43,16 @@ async fn main() -> ExitCode {
 async fn run() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
     let mut service = args.service.start("search-indexer").await?;
+    let id = args
+        .service
+        .subscription_id(service.config(), "search-indexer")?;
     let (indexer, batcher) = SearchIndexer::start(IndexerConfig {
         flush_interval: Duration::from_millis(args.flush_interval_ms),
         max_batch: args.max_batch.max(1),
         bulk_latency: Duration::from_millis(args.bulk_latency_ms),
     });
     let stats = indexer.stats();
-    let subscription = service.subscription("search-indexer", indexer)?.build()?;
+    let subscription = service.subscription(&id, indexer)?.build()?;
     service.add(subscription);
     // The subscription waits for deferred tasks while shutting down, so the batch indexer
     // must keep flushing until the service has stopped.

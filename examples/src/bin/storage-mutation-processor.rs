@@ -46,6 +46,9 @@ async fn main() -> ExitCode {
 async fn run() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
     let mut service = args.service.start("storage-mutation-processor").await?;
+    let id = args
+        .service
+        .subscription_id(service.config(), "storage-mutation-processor")?;
     let store = FlakyStore::new(InMemoryStore::default());
     let watcher = args
         .storage_down_file
@@ -53,9 +56,7 @@ async fn run() -> anyhow::Result<ExitCode> {
     let processor = StorageMutationProcessor::new(Arc::new(store));
     // The processor moves into the subscription; a clone shares its store and counters.
     let observer = processor.clone();
-    let subscription = service
-        .subscription("storage-mutation-processor", processor)?
-        .build()?;
+    let subscription = service.subscription(&id, processor)?.build()?;
     service.add(subscription);
     let exit = service.run().await;
     if let Some(w) = watcher {

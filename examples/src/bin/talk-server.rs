@@ -28,8 +28,13 @@ use governor::{Quota, RateLimiter};
     about = "Enqueue realistic chat operations as decaton tasks"
 )]
 struct Args {
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "DECATON_BOOTSTRAP", default_value = "127.0.0.1:9092")]
+    /// Kafka bootstrap servers (required: the flag or `DECATON_BOOTSTRAP`).
+    #[arg(
+        short = 'b',
+        long,
+        env = "DECATON_BOOTSTRAP",
+        value_name = "HOST:PORT[,HOST:PORT...]"
+    )]
     bootstrap: String,
     /// Topic to enqueue on.
     #[arg(long, default_value = "chat-ops")]

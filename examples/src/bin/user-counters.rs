@@ -59,21 +59,24 @@ async fn main() -> ExitCode {
 async fn run() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
     let service_config = args.service.load(SUBSCRIPTION)?;
+    let id = args
+        .service
+        .subscription_id(&service_config, SUBSCRIPTION)?;
     let config = service_config
         .subscriptions
-        .get(SUBSCRIPTION)
+        .get(&id)
         .cloned()
-        .with_context(|| format!("no [subscriptions.{SUBSCRIPTION}] in the configuration"))?;
+        .with_context(|| format!("no [subscriptions.{id}] in the configuration"))?;
     let state = config
         .state
         .clone()
-        .with_context(|| format!("[subscriptions.{SUBSCRIPTION}] needs state.dir"))?;
+        .with_context(|| format!("[subscriptions.{id}] needs state.dir"))?;
     let topic = config.topic.clone();
 
     if let Some(user) = &args.dump {
-        let (cfg, topic) = (state.clone(), topic.clone());
-        let dump = tokio::task::spawn_blocking(move || count_state_dir(&cfg, SUBSCRIPTION, &topic))
-            .await??;
+        let (cfg, topic, sub) = (state.clone(), topic.clone(), id.clone());
+        let dump =
+            tokio::task::spawn_blocking(move || count_state_dir(&cfg, &sub, &topic)).await??;
         for (p, why) in &dump.discarded {
             eprintln!("partition {p} not read: {why}");
         }
@@ -97,11 +100,11 @@ async fn run() -> anyhow::Result<ExitCode> {
     tracing::info!(
         state_dir = %state.state_dir.display(),
         backend = ?state.backend,
-        changelog = %changelog_topic(SUBSCRIPTION, &state.store_name),
+        changelog = %changelog_topic(&id, &state.store_name),
         "state store configured"
     );
     let processor = UserCountersProcessor::new();
-    let subscription = service.subscription(SUBSCRIPTION, processor)?.build()?;
+    let subscription = service.subscription(&id, processor)?.build()?;
     let handle = subscription.handle();
     service.add(subscription);
     let exit = service.run().await;
@@ -118,8 +121,7 @@ async fn run() -> anyhow::Result<ExitCode> {
         Backend::Sled => {
             let top = args.top;
             let summary =
-                tokio::task::spawn_blocking(move || count_state_dir(&state, SUBSCRIPTION, &topic))
-                    .await?;
+                tokio::task::spawn_blocking(move || count_state_dir(&state, &id, &topic)).await?;
             match summary {
                 Ok(dump) => println!("{}", dump.summary(top)),
                 Err(e) => eprintln!("cannot read the state back: {e:#}"),
