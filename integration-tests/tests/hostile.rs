@@ -1383,7 +1383,7 @@ fn write_marker(bootstrap: &str, topic: &str, partition: i32, commit: bool) -> a
     batch.extend_from_slice(&(after_length as i32).to_be_bytes());
     batch.extend_from_slice(&(-1i32).to_be_bytes()); // partition leader epoch
     batch.push(2); // magic
-    batch.extend_from_slice(&crc32c(&tail).to_be_bytes());
+    batch.extend_from_slice(&crc32c::crc32c(&tail).to_be_bytes());
     batch.extend_from_slice(&tail);
 
     // Produce v3: header v1, then the request.
@@ -1432,25 +1432,4 @@ fn put_varint(out: &mut Vec<u8>, v: i64) {
 fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&(s.len() as i16).to_be_bytes());
     out.extend_from_slice(s.as_bytes());
-}
-
-/// CRC-32C (Castagnoli), as record batches carry it.
-fn crc32c(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ 0x82f6_3b78
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
-#[test]
-fn crc32c_matches_the_standard_check_value() {
-    assert_eq!(crc32c(b"123456789"), 0xe306_9283);
 }
