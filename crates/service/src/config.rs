@@ -853,10 +853,19 @@ fn build(raw: Raw) -> Result<ServiceConfig, ConfigError> {
                             ))
                         })?
                     }
+                    "checkpoint_max_age_ms" => {
+                        s.checkpoint_max_age_ms = e.value.trim().parse().map_err(|_| {
+                            e.at.error(format!(
+                                "`state.checkpoint_max_age_ms`: expected a number, got {:?}",
+                                e.value
+                            ))
+                        })?
+                    }
                     other => {
                         return Err(e.at.error(format!(
                             "unknown key `state.{other}` (expected state.dir, state.backend, \
-                             state.store_name or state.sled_cache_bytes)"
+                             state.store_name, state.sled_cache_bytes or \
+                             state.checkpoint_max_age_ms)"
                         )))
                     }
                 }
@@ -958,6 +967,17 @@ state.dir = "/tmp/x"
             s.state.as_ref().unwrap().state_dir,
             std::path::PathBuf::from("/tmp/x")
         );
+    }
+
+    #[test]
+    fn the_checkpoint_max_age_is_a_state_key() {
+        let text = format!("{FILE}state.checkpoint_max_age_ms = 60000\n");
+        let c = parse(&text, &[]).unwrap();
+        let state = c.subscriptions["storage-mutation-processor"].state.clone();
+        assert_eq!(state.unwrap().checkpoint_max_age_ms, 60_000);
+        let text = format!("{FILE}state.checkpoint_max_age_ms = \"soon\"\n");
+        let err = parse(&text, &[]).unwrap_err().to_string();
+        assert!(err.contains("checkpoint_max_age_ms"), "{err}");
     }
 
     #[test]
