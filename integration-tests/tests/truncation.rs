@@ -401,3 +401,59 @@ async fn an_unreadable_committed_offset_holds_the_partition_until_read() -> anyh
     assert_eq!(done, Some(TASKS as i64));
     Ok(())
 }
+
+/// A memory broker restarted under a running subscription loses its log, its topics and
+/// the group's commits: the topic is created again and tasks produced after the restart
+/// start again at offset 0, below what the subscription had taken (and commits again
+/// when the group is rebuilt). Every one of them must run. Tansu's memory engine only; skipped when it is not
+/// installed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_broker_restart_loses_no_later_task() -> anyhow::Result<()> {
+    decaton_integration_tests::init_tracing();
+    if let Err(e) = decaton_testkit::tansu_binary() {
+        println!("skipped: {e}");
+        return Ok(());
+    }
+    const KEYS: u64 = 5;
+    let (topic, group) = ("restarted", "restarted-group");
+    let mut broker = TestBroker::start(BrokerKind::TansuMemory)?;
+    broker.create_topic(topic, 1)?;
+    let bootstrap = broker.bootstrap_servers();
+    produce_range(&broker, topic, 0..50, KEYS).await?;
+    let rec = Arc::new(Recording::default());
+    let sub = Subscription::builder(
+        group,
+        Recorder::new("restart", rec.clone(), Behaviour::default()),
+    )
+    .bootstrap_servers(&bootstrap)
+    .topic(topic)
+    .properties(props())
+    .set("session.timeout.ms", "6000")
+    .set("heartbeat.interval.ms", "500")
+    .build()?;
+    let handle = sub.handle();
+    let running = tokio::spawn(sub.run());
+    rec.wait_for(WAIT, |r| r.count() == 50).await?;
+    wait_committed(&bootstrap, group, topic, 50, WAIT).await?;
+    tokio::task::block_in_place(|| broker.restart())?;
+    broker.create_topic(topic, 1)?;
+    // Fewer records than the old committed offset: whenever the subscription takes the
+    // partition on again, its committed offset is past the new log's end.
+    produce_range(&broker, topic, 50..60, KEYS).await?;
+    let first = rec.wait_for(WAIT, |r| r.count() >= 60).await;
+    produce_range(&broker, topic, 60..130, KEYS).await?;
+    let reached = match first {
+        Ok(()) => rec.wait_for(WAIT, |r| r.count() >= 130).await,
+        Err(e) => Err(e),
+    };
+    handle.shutdown();
+    let stats = running.await??;
+    reached.map_err(|e| anyhow::anyhow!("{e}: processed {}, {stats:?}", rec.count()))?;
+    let report = checker::check(
+        &decaton_integration_tests::expected_counts(130, KEYS),
+        &rec.log.lock(),
+    );
+    println!("{report}; {stats:?}");
+    assert!(report.ok(), "{report}");
+    Ok(())
+}
