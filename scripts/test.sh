@@ -36,3 +36,7 @@ export RUST_LOG="${RUST_LOG:-warn,librdkafka=off,rdkafka::client=off}"
 
 # Every test of the workspace, the SCRAM-against-Tansu and span-export tests included.
 cargo test --workspace --locked --features "$FEATURES" "$@"
+
+# Every runnable command of README.md, examples/README.md and docs/*.md, as written, on an
+# embedded broker (about 30 s with the binaries the tests built).
+DOC_FEATURES="$FEATURES" scripts/doc-commands.sh

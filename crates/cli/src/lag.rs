@@ -4,7 +4,9 @@
 //! and how many tasks above the committed offset are already finished, decoded from the
 //! offset map in the commit metadata (see [`crate::offset_map`]). `pending` is what is
 //! left to process: the lag minus those finished tasks. Reading the committed offsets
-//! does not join the group, so a running processor is not disturbed.
+//! does not join the group, so a running processor is not disturbed. A group with no
+//! committed offset on any partition of the topic (a misspelt group, or one that has not
+//! committed yet) is an error, not a table of empty rows.
 
 use std::time::Duration;
 
