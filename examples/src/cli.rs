@@ -15,7 +15,8 @@ use decaton_service::{Service, ServiceConfig};
 use tracing_subscriber::EnvFilter;
 
 /// Installs a `tracing` subscriber that logs to stderr; `RUST_LOG` overrides
-/// `default_filter` (for example `"info"` or `"warn"`).
+/// `default_filter` (for example `"info"` or `"warn"`). Then warns about each `DECATON_`
+/// variable no binary reads (a misspelt one), naming the closest known variable.
 pub fn init_tracing(default_filter: &str) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
@@ -25,6 +26,10 @@ pub fn init_tracing(default_filter: &str) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .try_init();
+    let names = std::env::vars_os().filter_map(|(name, _)| name.into_string().ok());
+    for note in decaton_service::config::unknown_variable_notes(names) {
+        tracing::warn!("{note}");
+    }
 }
 
 /// Resolves on the first Ctrl-C (SIGINT) or SIGTERM.
