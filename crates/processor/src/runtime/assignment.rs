@@ -143,10 +143,11 @@ impl<T: Send + 'static> RuntimeCore<T> {
         } else {
             read_committed(consumer, &self.topics, &new)
         };
-        if let Some(reset) = self.committer.offset_reset() {
-            self.reset_truncated(consumer, reset, &mut reads);
-        }
-        self.partitions.lock().stash(reads);
+        let moved = match self.committer.offset_reset() {
+            Some(reset) => self.reset_truncated(consumer, reset, &mut reads),
+            None => Vec::new(),
+        };
+        self.partitions.lock().stash(reads, moved);
     }
 
     /// A committed offset above the log end means the log was truncated (an unclean
@@ -163,7 +164,7 @@ impl<T: Send + 'static> RuntimeCore<T> {
         consumer: &BaseConsumer<C>,
         reset: OffsetReset,
         reads: &mut [(PartitionId, CommittedRead)],
-    ) {
+    ) -> Vec<PartitionId> {
         let deadline = Instant::now() + WATERMARKS_BUDGET;
         let mut tpl = TopicPartitionList::new();
         let mut moved = Vec::new();
@@ -203,13 +204,14 @@ impl<T: Send + 'static> RuntimeCore<T> {
             }
         }
         if moved.is_empty() {
-            return;
+            return Vec::new();
         }
         if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
             tracing::warn!(subscription = %self.recorder.subscription(),
                 "committed offsets past the log end could not be moved: {e}; the consumer resets when it fetches");
-            return;
+            return Vec::new();
         }
+        let ids = moved.iter().map(|(id, _, _)| *id).collect();
         for (id, committed, to) in moved {
             let (topic, p) = (self.topics.name(id), id.partition);
             tracing::warn!(subscription = %self.recorder.subscription(), topic = %topic, partition = p,
@@ -221,6 +223,7 @@ impl<T: Send + 'static> RuntimeCore<T> {
                 *read = Ok((Some(to), String::new()));
             }
         }
+        ids
     }
 
     /// Reads the committed offsets of the held partitions that are due again, and takes
@@ -296,6 +299,9 @@ impl<T: Send + 'static> RuntimeCore<T> {
                 predecessor,
             )
             .with_live(self.live.clone());
+            if parts.take_moved(id) {
+                context = context.with_replaced_log();
+            }
             if let Some(q) = &self.quota {
                 if id.topic == 0 {
                     context = context.with_quota(KeyQuota::new(

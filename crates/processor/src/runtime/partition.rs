@@ -73,6 +73,9 @@ pub(crate) struct PartitionContext<T> {
     fixed_rate: Option<i64>,
     /// The per-key quota check (source partitions of a subscription with a quota).
     quota: Option<KeyQuota>,
+    /// The log was replaced under the committed position (see [`Self::with_replaced_log`]):
+    /// the state store's applied offsets are forgotten before the first record is taken.
+    replaced_log: bool,
 }
 
 impl<T: Send + 'static> PartitionContext<T> {
@@ -102,6 +105,7 @@ impl<T: Send + 'static> PartitionContext<T> {
             resize_to: None,
             fixed_rate: None,
             quota: None,
+            replaced_log: false,
         }
     }
 
@@ -120,6 +124,14 @@ impl<T: Send + 'static> PartitionContext<T> {
             *seen = u64::MAX;
         }
         self.refresh();
+        self
+    }
+
+    /// The committed offset was past the log end and was moved to the new log before the
+    /// assignment: the state store's applied offsets belong to the old log (a new record
+    /// at one of them must run), so they are forgotten once the store is restored.
+    pub(crate) fn with_replaced_log(mut self) -> Self {
+        self.replaced_log = true;
         self
     }
 
@@ -294,6 +306,12 @@ impl<T: Send + 'static> PartitionContext<T> {
     }
 
     fn dispatch(&mut self, incoming: Incoming<T>, now_ms: i64) {
+        // Records are dispatched only once the state store is restored.
+        if std::mem::take(&mut self.replaced_log) {
+            if let Some(slot) = &self.state {
+                slot.forget_applied_below(i64::MAX);
+            }
+        }
         let offset = incoming.offset();
         let registration = self.core.register(offset);
         if let Registration::Rebased { committed } = registration {
@@ -993,6 +1011,48 @@ mod tests {
             Some(5),
             "the old position no longer counts"
         );
+    }
+
+    /// A committed offset moved to a new log before the assignment: offsets the state
+    /// store applied belong to the old log, so a new record at one of them runs instead
+    /// of being skipped as already applied; without the move it would be skipped.
+    #[test]
+    fn a_replaced_log_forgets_the_applied_offsets() {
+        let run = |replaced: bool| {
+            let cfg = decaton_state::StateConfig {
+                backend: decaton_state::Backend::Memory,
+                ..Default::default()
+            };
+            let (store, _) =
+                decaton_state::internal::PartitionStore::open(&cfg, "s", "t", 0).unwrap();
+            for o in 2..4 {
+                store.apply_acknowledged(&[], o).unwrap();
+            }
+            let slot = crate::runtime::state::StateSlot::ready_with(store.clone());
+            let f = fixture(0, 100, None);
+            let lanes = Lanes::new(
+                &ProcessorProperties::default(),
+                Arc::new(Instant0(f.ran.clone())),
+                f._rt.handle().clone(),
+            );
+            let mut ctx = PartitionContext::new(
+                f.core.clone(),
+                lanes,
+                100,
+                Some((0, String::new())),
+                Some(slot),
+                None,
+            );
+            if replaced {
+                ctx = ctx.with_replaced_log();
+            }
+            for o in 0..4 {
+                assert!(!ctx.offer(task(&f, o, b"k"), 0));
+            }
+            f.counters.skipped.load(Ordering::Relaxed)
+        };
+        assert_eq!(run(false), 2, "the same log: applied offsets are skipped");
+        assert_eq!(run(true), 0, "a new log: every record runs");
     }
 
     /// Applied offsets below the committed position are forgotten: the set is bounded by

@@ -10,7 +10,7 @@
 //! no context yet (so no task starts and nothing is committed for it), fetching is paused,
 //! and health reports why. The read is tried again with backoff until it succeeds.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,9 @@ pub(crate) struct Partitions<T> {
     /// Committed offsets read just before the consumer takes partitions on, for the
     /// assignment that follows (one entry per partition being assigned).
     stashed: HashMap<PartitionId, CommittedRead>,
+    /// Of those, the partitions whose committed offset was past the log end and was moved
+    /// to the new log.
+    moved: HashSet<PartitionId>,
 }
 
 /// A partition's committed position (none if nothing was committed) and its metadata, or
@@ -60,6 +63,7 @@ impl<T> Default for Partitions<T> {
             zombies: HashMap::new(),
             held: HashMap::new(),
             stashed: HashMap::new(),
+            moved: HashSet::new(),
         }
     }
 }
@@ -105,8 +109,18 @@ impl<T: Send + 'static> Partitions<T> {
 
     /// Keeps committed offsets read before an assignment for [`Self::take_stashed`]
     /// (replacing what an earlier one left).
-    pub(crate) fn stash(&mut self, reads: Vec<(PartitionId, CommittedRead)>) {
+    pub(crate) fn stash(
+        &mut self,
+        reads: Vec<(PartitionId, CommittedRead)>,
+        moved: impl IntoIterator<Item = PartitionId>,
+    ) {
         self.stashed = reads.into_iter().collect();
+        self.moved = moved.into_iter().collect();
+    }
+
+    /// Whether `partition`'s stashed committed offset was moved to a new log (asked once).
+    pub(crate) fn take_moved(&mut self, partition: PartitionId) -> bool {
+        self.moved.remove(&partition)
     }
 
     /// The stashed reads of `ids`, and the ids that have none; forgets the rest.
