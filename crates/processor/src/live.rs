@@ -337,6 +337,15 @@ impl FileProperties {
         self
     }
 
+    /// How long a changed file must stay unchanged before its values apply.
+    const SETTLE: Duration = Duration::from_millis(50);
+
+    /// Whether the file still reads as `seen` after [`Self::SETTLE`].
+    fn settled(path: &Path, seen: &BTreeMap<String, String>) -> bool {
+        std::thread::sleep(Self::SETTLE);
+        Self::read(path).is_ok_and(|again| &again == seen)
+    }
+
     /// Reads the file into `name -> value` text.
     fn read(path: &Path) -> Result<BTreeMap<String, String>, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -413,7 +422,11 @@ impl PropertySupplier for FileProperties {
                     let Some(inner) = weak.upgrade() else { return };
                     let live = LiveProperties { inner };
                     match Self::read(&watched) {
-                        Ok(now) if now != last => {
+                        // A file written in place can be read half-written, and a line
+                        // missing from a torn read would reset its property (a stopped
+                        // subscription would briefly run). A change applies once a second
+                        // read a moment later agrees with it.
+                        Ok(now) if now != last && Self::settled(&watched, &now) => {
                             // A property no longer in the file (by either name) returns
                             // to its configured value.
                             let kept: Vec<&str> =
