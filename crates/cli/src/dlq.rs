@@ -29,8 +29,6 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::options::{topic_partitions, KafkaArgs};
 
-const METADATA_TIMEOUT: Duration = Duration::from_secs(15);
-
 /// Arguments of `decaton dlq`.
 #[derive(Debug, clap::Args)]
 pub struct DlqArgs {
@@ -369,12 +367,12 @@ async fn read_to_end(kafka: &KafkaArgs, topic: &str) -> anyhow::Result<Vec<Owned
             .set("enable.auto.commit", "false")
             .set("allow.auto.create.topics", "false");
         let consumer: BaseConsumer = config.create().context("creating the consumer")?;
-        let partitions = topic_partitions(&consumer, &topic, METADATA_TIMEOUT)?;
+        let partitions = topic_partitions(&consumer, &topic, &kafka)?;
         let mut ends: HashMap<i32, i64> = HashMap::new();
         let mut tpl = TopicPartitionList::new();
         for &p in &partitions {
             let (low, high) = consumer
-                .fetch_watermarks(&topic, p, METADATA_TIMEOUT)
+                .fetch_watermarks(&topic, p, kafka.timeout)
                 .with_context(|| format!("reading the end of {topic}/{p}"))?;
             if high > low {
                 ends.insert(p, high);

@@ -8,8 +8,6 @@
 //! committed offset on any partition of the topic (a misspelt group, or one that has not
 //! committed yet) is an error, not a table of empty rows.
 
-use std::time::Duration;
-
 use anyhow::Context as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -17,9 +15,6 @@ use serde::Serialize;
 
 use crate::offset_map::{self, OffsetMap};
 use crate::options::KafkaArgs;
-
-/// How long to wait for each answer from the cluster.
-const TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Arguments of `decaton lag`.
 #[derive(Debug, clap::Args)]
@@ -86,20 +81,25 @@ fn lag_blocking(args: &LagArgs) -> anyhow::Result<()> {
         config.set(key, value);
     }
     let consumer: BaseConsumer = config.create().context("creating the consumer")?;
-    let partitions = crate::options::topic_partitions(&consumer, &args.topic, TIMEOUT)?;
+    let partitions = crate::options::topic_partitions(&consumer, &args.topic, &args.kafka)?;
     let mut wanted = TopicPartitionList::new();
     for p in &partitions {
         wanted.add_partition(&args.topic, *p);
     }
     let committed = consumer
-        .committed_offsets(wanted, TIMEOUT)
-        .with_context(|| format!("reading the committed offsets of group {}", args.group))?;
+        .committed_offsets(wanted, args.kafka.timeout)
+        .with_context(|| {
+            crate::options::no_answer(
+                &args.kafka,
+                &format!("reading the committed offsets of group {}", args.group),
+            )
+        })?;
 
     let mut rows = Vec::new();
     for element in committed.elements() {
         let partition = element.partition();
         let (low, high) = consumer
-            .fetch_watermarks(&args.topic, partition, TIMEOUT)
+            .fetch_watermarks(&args.topic, partition, args.kafka.timeout)
             .with_context(|| format!("reading the watermarks of partition {partition}"))?;
         let position = match element.offset() {
             Offset::Offset(n) => Some(n),

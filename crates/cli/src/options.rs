@@ -20,6 +20,30 @@ pub struct KafkaArgs {
     /// (for example `-X security.protocol=ssl -X linger.ms=0`).
     #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_property)]
     pub properties: Vec<(String, String)>,
+
+    /// How long to wait for each answer from the cluster (metadata, offsets) before
+    /// failing, in seconds: an unreachable or wrong broker fails within this time.
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_seconds)]
+    pub timeout: Duration,
+}
+
+/// Parses a positive number of seconds (fractions allowed).
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    text.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s > 0.0 && *s < 1e9)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("expected a positive number of seconds, got {text:?}"))
+}
+
+/// What a metadata or offset request that failed says: the broker, and the flag to wait
+/// longer when it timed out.
+pub fn no_answer(kafka: &KafkaArgs, what: &str) -> String {
+    format!(
+        "{what} from {} (no answer within {:?}? --timeout waits longer)",
+        kafka.bootstrap, kafka.timeout
+    )
 }
 
 /// Parses `KEY=VALUE` (the value may itself contain `=`).
@@ -55,11 +79,11 @@ pub async fn shutdown_signal() -> anyhow::Result<()> {
 pub fn topic_partitions<C: rdkafka::consumer::ConsumerContext>(
     consumer: &impl rdkafka::consumer::Consumer<C>,
     topic: &str,
-    timeout: std::time::Duration,
+    kafka: &KafkaArgs,
 ) -> anyhow::Result<std::collections::BTreeSet<i32>> {
     let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .with_context(|| format!("fetching metadata of topic {topic}"))?;
+        .fetch_metadata(Some(topic), kafka.timeout)
+        .with_context(|| no_answer(kafka, &format!("fetching metadata of topic {topic}")))?;
     let found = metadata
         .topics()
         .iter()
@@ -77,7 +101,7 @@ pub fn topic_partitions<C: rdkafka::consumer::ConsumerContext>(
 /// Whether the broker knows `topic`, asked without letting the question create it
 /// (a producer's metadata request may; a consumer's with `allow.auto.create.topics=false`
 /// does not). Blocks: call it from a blocking thread.
-pub fn topic_exists(kafka: &KafkaArgs, topic: &str, timeout: Duration) -> anyhow::Result<bool> {
+pub fn topic_exists(kafka: &KafkaArgs, topic: &str) -> anyhow::Result<bool> {
     let mut config = rdkafka::ClientConfig::new();
     config.set("bootstrap.servers", &kafka.bootstrap);
     for (key, value) in &kafka.properties {
@@ -86,13 +110,9 @@ pub fn topic_exists(kafka: &KafkaArgs, topic: &str, timeout: Duration) -> anyhow
     config.set("allow.auto.create.topics", "false");
     let consumer: rdkafka::consumer::BaseConsumer =
         config.create().context("creating a metadata client")?;
-    let metadata = rdkafka::consumer::Consumer::fetch_metadata(&consumer, Some(topic), timeout)
-        .with_context(|| {
-            format!(
-                "fetching metadata of topic {topic} from {}",
-                kafka.bootstrap
-            )
-        })?;
+    let metadata =
+        rdkafka::consumer::Consumer::fetch_metadata(&consumer, Some(topic), kafka.timeout)
+            .with_context(|| no_answer(kafka, &format!("fetching metadata of topic {topic}")))?;
     let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) else {
         return Ok(false);
     };

@@ -20,9 +20,6 @@ use prost::encoding::{DecodeContext, WireType};
 use crate::options::KafkaArgs;
 use crate::schema::{SchemaArgs, TaskType};
 
-/// How long to wait for the broker to say whether the topic exists.
-const METADATA_TIMEOUT: Duration = Duration::from_secs(15);
-
 /// Arguments of `decaton put`.
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("task").required(true).args(["json", "file", "ndjson"])))]
@@ -100,11 +97,10 @@ pub async fn run(args: PutArgs) -> anyhow::Result<()> {
     options.scheduled_time = scheduled_time;
     if !args.create_topic {
         let (kafka, topic) = (args.kafka.clone(), args.topic.clone());
-        let exists = tokio::task::spawn_blocking(move || {
-            crate::options::topic_exists(&kafka, &topic, METADATA_TIMEOUT)
-        })
-        .await
-        .context("the topic lookup stopped")??;
+        let exists =
+            tokio::task::spawn_blocking(move || crate::options::topic_exists(&kafka, &topic))
+                .await
+                .context("the topic lookup stopped")??;
         if !exists {
             anyhow::bail!(
                 "topic {} does not exist on {} (check the name, or pass --create-topic to \

@@ -17,7 +17,6 @@ use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::str::FromStr;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use decaton_protocol::headers::raw_headers;
@@ -30,9 +29,6 @@ use serde::Serialize;
 
 use crate::options::{shutdown_signal, KafkaArgs};
 use crate::schema::{to_hex, SchemaArgs, TaskType};
-
-/// How long to wait for the topic's metadata.
-const METADATA_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Arguments of `decaton tail`.
 #[derive(Debug, clap::Args)]
@@ -207,7 +203,7 @@ fn assignment(
     args: &TailArgs,
     start: StartAt,
 ) -> anyhow::Result<TopicPartitionList> {
-    let existing = crate::options::topic_partitions(consumer, &args.topic, METADATA_TIMEOUT)?;
+    let existing = crate::options::topic_partitions(consumer, &args.topic, &args.kafka)?;
     anyhow::ensure!(
         !existing.is_empty(),
         "topic {} has no partitions",
@@ -239,7 +235,7 @@ fn assignment(
         // offsets_for_times takes the timestamps in the offset slots and answers with the
         // first offset at or after each (the end when there is none).
         list = consumer
-            .offsets_for_times(list, METADATA_TIMEOUT)
+            .offsets_for_times(list, args.kafka.timeout)
             .with_context(|| format!("looking up offsets for timestamp {millis}"))?;
         for element in list.elements() {
             if let Some(error) = element.error().err() {

@@ -183,3 +183,61 @@ fn lag_of_a_group_that_committed_nothing_fails_naming_it() -> anyhow::Result<()>
     );
     Ok(())
 }
+
+#[test]
+fn against_an_unreachable_broker_each_command_fails_within_its_timeout_naming_it(
+) -> anyhow::Result<()> {
+    use std::process::Stdio;
+    use std::time::Instant;
+
+    let broker = "127.0.0.1:1";
+    let commands: [&[&str]; 4] = [
+        &[
+            "put", "-b", broker, "--topic", "chat-ops", "--key", "u1", "--json", "{}",
+        ],
+        &["lag", "talk", "-b", broker, "--topic", "chat-ops"],
+        &["dlq", "list", "-b", broker, "--topic", "chat-ops-dlq"],
+        &["tail", "-b", broker, "--topic", "chat-ops"],
+    ];
+    let started = Instant::now();
+    let mut children = Vec::new();
+    for args in commands {
+        let child = Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "warn,librdkafka=off,rdkafka::client=off")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        children.push((args, child));
+    }
+    // The default --timeout is 10 s; allow for a loaded machine, but far less than the
+    // 15 to 30 s the commands used to take.
+    let deadline = started + Duration::from_secs(14);
+    for (args, mut child) in children {
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                anyhow::bail!(
+                    "decaton {args:?} still running after {:?}",
+                    started.elapsed()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut stderr = String::new();
+        if let Some(mut pipe) = child.stderr.take() {
+            std::io::Read::read_to_string(&mut pipe, &mut stderr)?;
+        }
+        assert!(!status.success(), "{args:?}");
+        assert!(
+            stderr.contains(&format!("from {broker}")) && stderr.contains("--timeout"),
+            "{args:?}: {stderr}"
+        );
+    }
+    Ok(())
+}
