@@ -443,7 +443,14 @@ impl StateRuntime {
             if slot.is_fenced() {
                 return Persisted::Released;
             }
-            match self.append(store, offset, mutations.clone()).await {
+            // A slow changelog leader must not hold a released partition: its next
+            // assignment in this process waits for this task.
+            let Some(appended) =
+                unless_closed(partition, self.append(store, offset, mutations.clone())).await
+            else {
+                return Persisted::Released;
+            };
+            match appended {
                 Ok(last) => break last,
                 Err(StateError::Closed(_)) => return Persisted::Released,
                 Err(StateError::Refused {
@@ -468,7 +475,12 @@ impl StateRuntime {
                         offset,
                         "changelog append failed; sending it again in {delay:?}: {e}"
                     );
-                    tokio::time::sleep(delay).await;
+                    if unless_closed(partition, tokio::time::sleep(delay))
+                        .await
+                        .is_none()
+                    {
+                        return Persisted::Released;
+                    }
                 }
             }
         };
@@ -494,7 +506,13 @@ impl StateRuntime {
             if slot.is_fenced() {
                 return Persisted::Released;
             }
-            tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(10))).await;
+            let delay = delays.next().unwrap_or(Duration::from_secs(10));
+            if unless_closed(partition, tokio::time::sleep(delay))
+                .await
+                .is_none()
+            {
+                return Persisted::Released;
+            }
         }
         if let Some(last) = last {
             slot.next_changelog_offset
@@ -541,8 +559,12 @@ impl StateRuntime {
             .await
             .map_err(|e| StateError::Internal(e.to_string()));
             let error = match sent.and_then(|r| r) {
-                Ok(pending) => match pending.wait().await {
-                    Ok(_) => {
+                Ok(pending) => match unless_closed(partition, pending.wait()).await {
+                    None => {
+                        partition.unstall(offset);
+                        return false;
+                    }
+                    Some(Ok(_)) => {
                         partition.unstall(offset);
                         tracing::info!(
                             partition = store.partition(),
@@ -552,7 +574,7 @@ impl StateRuntime {
                         );
                         return true;
                     }
-                    Err(e) => e,
+                    Some(Err(e)) => e,
                 },
                 Err(e) => e,
             };
@@ -582,7 +604,13 @@ impl StateRuntime {
                     {delay:?}: {error}"
                 );
             }
-            tokio::time::sleep(delay).await;
+            if unless_closed(partition, tokio::time::sleep(delay))
+                .await
+                .is_none()
+            {
+                partition.unstall(offset);
+                return false;
+            }
         }
     }
 
@@ -639,6 +667,18 @@ impl StateRuntime {
     }
 }
 
+/// `wait`'s output, or `None` once `partition` is closed (released at a rebalance or a
+/// shutdown) first.
+async fn unless_closed<F: std::future::Future>(
+    partition: &PartitionCore,
+    wait: F,
+) -> Option<F::Output> {
+    tokio::select! {
+        out = wait => Some(out),
+        () = partition.closed() => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -686,6 +726,45 @@ mod tests {
             Some(7),
             "offset 7 must stay unfinished"
         );
+    }
+
+    /// A task waiting for a changelog that does not answer lets its partition go as soon
+    /// as the partition is closed, instead of holding it (as the predecessor of its next
+    /// assignment here) until the append gives up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn closing_the_partition_ends_a_wait_for_the_changelog() {
+        let store = memory_store();
+        let slot = StateSlot::ready_with(store.clone());
+        // Nothing listens there: the append waits, failing transiently, for ever.
+        let runtime = StateRuntime::new(
+            StateConfig::default(),
+            "s",
+            "127.0.0.1:1",
+            &BTreeMap::new(),
+            Handle::current(),
+            Arc::new(SubscriptionRecorder::new(Arc::from("s"), Arc::default())),
+        )
+        .unwrap();
+        let partition = core();
+        let task = slot.task_state().unwrap();
+        task.put(b"k", b"v").unwrap();
+        assert!(partition.try_start_for_test(7));
+        let finishing = tokio::spawn({
+            let partition = partition.clone();
+            async move {
+                runtime
+                    .finish_task(&partition, 7, task, Outcome::Done, None)
+                    .await
+            }
+        });
+        partition.close();
+        tokio::time::timeout(Duration::from_secs(5), finishing)
+            .await
+            .expect("closing ends the wait")
+            .unwrap();
+        assert_eq!(partition.running(), 0);
+        assert_eq!(store.get(b"k").unwrap(), None);
+        assert_eq!(partition.position(), Some(7), "offset 7 stays unfinished");
     }
 
     /// A state value the changelog refuses for good fails the task instead of being sent
