@@ -97,6 +97,16 @@ impl<C: ConsumerContext> PauseControl for ConsumerPause<'_, C> {
 }
 
 impl<T: Send + 'static> RuntimeCore<T> {
+    /// Those of `partitions` this instance neither owns nor holds.
+    fn not_owned(&self, partitions: &[PartitionId]) -> Vec<PartitionId> {
+        let parts = self.partitions.lock();
+        partitions
+            .iter()
+            .copied()
+            .filter(|p| !parts.contains(*p) && !parts.is_held(*p))
+            .collect()
+    }
+
     /// Takes `partitions` on (those not owned already); a partition whose committed
     /// offset cannot be read is held (see the module doc).
     pub(crate) fn assign<C: ConsumerContext>(
@@ -104,14 +114,7 @@ impl<T: Send + 'static> RuntimeCore<T> {
         consumer: &BaseConsumer<C>,
         partitions: &[PartitionId],
     ) {
-        let new: Vec<PartitionId> = {
-            let parts = self.partitions.lock();
-            partitions
-                .iter()
-                .copied()
-                .filter(|p| !parts.contains(*p) && !parts.is_held(*p))
-                .collect()
-        };
+        let new = self.not_owned(partitions);
         if new.is_empty() {
             return;
         }
@@ -130,14 +133,7 @@ impl<T: Send + 'static> RuntimeCore<T> {
         consumer: &BaseConsumer<C>,
         partitions: &[PartitionId],
     ) {
-        let new: Vec<PartitionId> = {
-            let parts = self.partitions.lock();
-            partitions
-                .iter()
-                .copied()
-                .filter(|p| !parts.contains(*p) && !parts.is_held(*p))
-                .collect()
-        };
+        let new = self.not_owned(partitions);
         let mut reads = if new.is_empty() {
             Vec::new()
         } else {
