@@ -684,6 +684,19 @@ mod tests {
     use super::*;
     use crate::runtime::task::tests::core;
 
+    /// A state runtime whose changelog broker never answers.
+    fn unreachable_runtime() -> StateRuntime {
+        StateRuntime::new(
+            StateConfig::default(),
+            "s",
+            "127.0.0.1:1",
+            &BTreeMap::new(),
+            Handle::current(),
+            Arc::new(SubscriptionRecorder::new(Arc::from("s"), Arc::default())),
+        )
+        .unwrap()
+    }
+
     fn memory_store() -> PartitionStore {
         let cfg = StateConfig {
             backend: Backend::Memory,
@@ -699,15 +712,7 @@ mod tests {
         let store = memory_store();
         let slot = StateSlot::ready_with(store.clone());
         // Nothing listens there: the writer must never be reached.
-        let runtime = StateRuntime::new(
-            StateConfig::default(),
-            "s",
-            "127.0.0.1:1",
-            &BTreeMap::new(),
-            Handle::current(),
-            Arc::new(SubscriptionRecorder::new(Arc::from("s"), Arc::default())),
-        )
-        .unwrap();
+        let runtime = unreachable_runtime();
         let partition = core();
         let task = slot.task_state().unwrap();
         task.put(b"k", b"late").unwrap();
@@ -736,15 +741,7 @@ mod tests {
         let store = memory_store();
         let slot = StateSlot::ready_with(store.clone());
         // Nothing listens there: the append waits, failing transiently, for ever.
-        let runtime = StateRuntime::new(
-            StateConfig::default(),
-            "s",
-            "127.0.0.1:1",
-            &BTreeMap::new(),
-            Handle::current(),
-            Arc::new(SubscriptionRecorder::new(Arc::from("s"), Arc::default())),
-        )
-        .unwrap();
+        let runtime = unreachable_runtime();
         let partition = core();
         let task = slot.task_state().unwrap();
         task.put(b"k", b"v").unwrap();
@@ -775,15 +772,7 @@ mod tests {
         let store = memory_store();
         let slot = StateSlot::ready_with(store.clone());
         // Refused before anything is sent: no broker is needed.
-        let runtime = StateRuntime::new(
-            StateConfig::default(),
-            "s",
-            "127.0.0.1:1",
-            &BTreeMap::new(),
-            Handle::current(),
-            Arc::new(SubscriptionRecorder::new(Arc::from("s"), Arc::default())),
-        )
-        .unwrap();
+        let runtime = unreachable_runtime();
         let partition = core();
         let task = slot.task_state().unwrap();
         task.put(b"small", b"fits").unwrap();
